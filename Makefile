@@ -1,0 +1,47 @@
+# vfl: every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+JOB    ?= jobs/smoke.yaml
+
+.PHONY: install test test-all lint demo smoke-test bench bench-prep bench-train clean
+
+install: $(STAMP)
+
+# Re-install only when the project's dependencies change. torch is pinned in pyproject.toml
+# (2.13.0 has a CPU build on this machine's disk; an unpinned torch pulls a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+lint: $(STAMP)
+	$(BIN)/ruff check vfl_cli data_prep tests benchmarks
+	$(BIN)/mypy vfl_cli data_prep
+
+# The essential suite (CI runs this): everything but the tests marked slow.
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh jobs/demo.yaml
+
+smoke-test: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh jobs/smoke.yaml --check
+
+bench: bench-prep bench-train
+
+bench-prep: $(STAMP)
+	$(BIN)/python -m benchmarks.prep
+
+bench-train: $(STAMP)
+	$(BIN)/python -m benchmarks.train
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Data preparation: raw Criteo text -> per-party memory-mappable arrays."""

@@ -1,0 +1,64 @@
+"""The `vfl` command line: one typer command per verb, each a thin shell over the library.
+
+This is the only place that turns a `VflError` into a printed line and an exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+import typer
+
+from vfl_cli import __version__
+from vfl_cli.commands import certs, prep, run
+from vfl_cli.console import console, print_error
+from vfl_cli.errors import VflError
+
+app = typer.Typer(
+    name="vfl",
+    help="Vertical federated learning by split learning: two parties train one Wide&Deep model, "
+    "each on its own columns; only cut-layer tensors cross the wire, over mutually authenticated HTTPS.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(prep.app, name="prep")
+app.command("certs")(certs.certs)
+app.command("train")(run.train)
+app.command("eval")(run.evaluate)
+app.command("infer")(run.infer)
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug detail to stderr."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        console.print(f"vfl {__version__}")
+        raise typer.Exit()
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except VflError as exc:
+        print_error(str(exc))
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print_error("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""The job spec: one YAML file in `jobs/`, validated once at load into typed, frozen objects.
+
+Every later step reads the spec, never the raw YAML. Unknown keys are errors that name the key and file.
+Relative paths in the job are resolved against the current directory (run `vfl` from the project root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vfl_cli.errors import JobError
+
+DENSE_FIELDS = tuple(f"I{i}" for i in range(1, 14))  # Criteo integer fields I1..I13
+CATEGORICAL_FIELDS = tuple(f"C{i}" for i in range(1, 27))  # Criteo categorical fields C1..C26
+ALL_FIELDS = DENSE_FIELDS + CATEGORICAL_FIELDS
+Role = Literal["leader", "follower"]
+ROLES: tuple[Role, ...] = ("leader", "follower")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PartySpec(_Spec):
+    """One party: its columns, where it listens, how it computes and how it proves who it is."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # certificate common name, e.g. "leader"
+    fields: tuple[str, ...]  # Criteo fields this party holds, e.g. [I1, C1]; the leader also holds the label
+    listen: str = "127.0.0.1:8701"  # host:port its HTTPS server binds; the peer connects here
+    threads: PositiveInt | None = None  # torch intra-op threads; None = all cores (set it when parties share a machine)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when this party has one, else cpu
+    cert: Path | None = None  # PEM certificate signed by tls.ca, with CN = name
+    key: Path | None = None  # PEM private key of `cert`
+    key_password_env: str | None = None  # name of the environment variable holding the key's password
+    key_password_file: Path | None = None  # or a file holding it
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, fields: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [f for f in fields if f not in ALL_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}; Criteo has I1..I13 and C1..C26")
+        if len(set(fields)) != len(fields):
+            raise ValueError("a field is listed twice")
+        if not fields:
+            raise ValueError("a party needs at least one field")
+        return fields
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", listen) or not 0 < int(listen.rsplit(":", 1)[1]) < 65536:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:8701")
+        return listen
+
+    @property
+    def host(self) -> str:
+        return self.listen.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rsplit(":", 1)[1])
+
+    @property
+    def dense_fields(self) -> tuple[str, ...]:
+        return tuple(f for f in self.fields if f in DENSE_FIELDS)
+
+    @property
+    def categorical_fields(self) -> tuple[str, ...]:
+        return tuple(f for f in self.fields if f in CATEGORICAL_FIELDS)
+
+
+class DataSpec(_Spec):
+    dir: Path = Path("runs/data")  # where `vfl prep` writes and training reads: <dir>/<role>/{train,test}/
+    threshold: Annotated[int, Field(ge=0)] = 100  # a categorical value seen more than this many times gets an id
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # share of rows in the seeded test split
+
+
+class ModelSpec(_Spec):
+    """Each party's Wide&Deep bottom; the leader's top is Linear(4, 1) over both parties' (wide, deep)."""
+
+    emb_dim: PositiveInt = 80  # deep embedding width per field
+    deep_layers: tuple[PositiveInt, ...] = (1024, 512, 256, 128)  # MLP widths, ReLU between, then Linear -> 1
+
+
+class FtrlSpec(_Spec):
+    lr: PositiveFloat = 5e-2
+    l1: NonNegativeFloat = 1e-8
+    l2: NonNegativeFloat = 1e-8
+    initial_accumulator: PositiveFloat = 1.0
+
+
+class AdamSpec(_Spec):
+    lr: PositiveFloat = 3.5e-4
+    eps: PositiveFloat = 1e-8
+
+
+class TrainSpec(_Spec):
+    epochs: PositiveInt = 15
+    batch_size: PositiveInt = 16000  # samples per step
+    log_every: PositiveInt = 100  # steps between log lines
+    wide_optimizer: FtrlSpec = FtrlSpec()  # FTRL-Proximal for the wide embeddings and bias
+    deep_optimizer: AdamSpec = AdamSpec()  # Adam for deep embeddings, MLPs and the top
+    l2_coef: NonNegativeFloat = 8e-5  # L2 on each party's deep embedding table
+    run_dir: Path = Path("runs/train")  # checkpoints and metrics.jsonl go to <run_dir>/<role>/
+
+
+class TransportSpec(_Spec):
+    timeout_s: PositiveFloat = 120.0  # how long to wait for the peer's next message before giving up
+    connect_timeout_s: PositiveFloat = 120.0  # how long to wait for the peer to come up (handshake)
+    retries: Annotated[int, Field(ge=0)] = 5  # resends on connection errors and 5xx, with backoff
+    max_body_bytes: PositiveInt = 64 * 1024 * 1024  # larger request bodies are refused with 413
+
+
+class TlsSpec(_Spec):
+    enabled: bool = True  # false = plain HTTP (warned about); only for debugging on loopback
+    ca: Path | None = None  # PEM CA certificate that signed both parties' certificates
+
+
+class PrivacySpec(_Spec):
+    """Defences on the cut layer; none are on by default (see the privacy docs for what leaks)."""
+
+
+class JobSpec(_Spec):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # job name, part of the fingerprint
+    seed: int = 0  # shared seed: batch order, test split, initial weights
+    data: DataSpec = DataSpec()
+    parties: dict[Role, PartySpec]  # exactly one leader and one follower
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    transport: TransportSpec = TransportSpec()
+    tls: TlsSpec = TlsSpec()
+    privacy: PrivacySpec = PrivacySpec()
+
+    @model_validator(mode="after")
+    def _two_disjoint_parties(self) -> JobSpec:
+        if set(self.parties) != set(ROLES):
+            raise ValueError("parties: needs exactly one `leader` and one `follower`")
+        shared = set(self.leader.fields) & set(self.follower.fields)
+        if shared:
+            raise ValueError(f"parties: field(s) {', '.join(sorted(shared))} held by both parties")
+        if self.leader.name == self.follower.name:
+            raise ValueError("parties: leader and follower need different names")
+        return self
+
+    @property
+    def leader(self) -> PartySpec:
+        return self.parties["leader"]
+
+    @property
+    def follower(self) -> PartySpec:
+        return self.parties["follower"]
+
+    def party(self, role: Role) -> PartySpec:
+        return self.parties[role]
+
+    def peer_role(self, role: Role) -> Role:
+        return "follower" if role == "leader" else "leader"
+
+    def fingerprint(self) -> str:
+        """Hash of what both parties must agree on; local settings (paths, threads, device, keys) are left out."""
+        shared = {
+            "name": self.name,
+            "seed": self.seed,
+            "fields": {role: list(p.fields) for role, p in sorted(self.parties.items())},
+            "names": {role: p.name for role, p in sorted(self.parties.items())},
+            "data": {"threshold": self.data.threshold, "test_fraction": self.data.test_fraction},
+            "model": self.model.model_dump(mode="json"),
+            "train": self.train.model_dump(mode="json", exclude={"run_dir", "log_every"}),
+            "privacy": self.privacy.model_dump(mode="json"),
+        }
+        return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe(err: dict) -> str:
+    where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    if err["type"] == "missing":
+        return f"{where}: required key is missing"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("greater_than", "int_parsing") and "gt" in (err.get("ctx") or {}):
+        message = "must be a positive number"
+    return f"{where}: {message}"
+
+
+def parse_job(data: object, source: str = "<job>") -> JobSpec:
+    if not isinstance(data, dict):
+        raise JobError(f"{source}: the job must be a YAML mapping")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        first = _describe(exc.errors()[0])
+        more = len(exc.errors()) - 1
+        raise JobError(f"{source}: {first}" + (f" (and {more} more)" if more else "")) from exc
+
+
+def load_job(path: Path) -> JobSpec:
+    """Read and validate a job file; every problem becomes one JobError line naming the file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise JobError(f"{path}: job file not found") from exc
+    except OSError as exc:
+        raise JobError(f"{path}: cannot read job file: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise JobError(f"{path}:{line} malformed YAML: {getattr(exc, 'problem', None) or exc}") from exc
+    return parse_job(data, str(path))

@@ -1,0 +1,152 @@
+"""The `Peer` interface the training loop talks to, the messages it carries, and the in-memory `LocalPeer`.
+
+The loop never knows whether the other party is a thread in this process (`LocalPeer`, used by
+`--role local` and by tests) or a process across the network (`HttpsPeer` in `vfl_cli.transport`).
+
+What crosses per batch, keyed by `BatchKey(phase, epoch, step)`:
+    follower -> leader   kind "embeddings": {"wide": float32 [B, 1], "deep": float32 [B, 1]}
+    leader -> follower   kind "gradients":  {"wide": float32 [B, 1], "deep": float32 [B, 1]}  (train phase only)
+Before any batch both sides exchange a `Hello`; after a failure a side sends `abort(reason)`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from vfl_cli.errors import PeerAborted, PeerTimeout, ProtocolError
+
+PROTOCOL_VERSION = 1
+Kind = Literal["embeddings", "gradients"]
+Phase = Literal["train", "eval", "infer"]
+KINDS: tuple[Kind, ...] = ("embeddings", "gradients")
+PHASES: tuple[Phase, ...] = ("train", "eval", "infer")
+CUT_TENSORS = ("wide", "deep")  # the names of the cut-layer tensors, each float32 [B, 1]
+
+
+@dataclass(frozen=True, order=True)
+class BatchKey:
+    phase: Phase
+    epoch: int
+    step: int
+
+    def __str__(self) -> str:
+        return f"{self.phase} epoch {self.epoch} step {self.step}"
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What each side announces before any work; any difference in the shared parts stops both sides."""
+
+    role: str  # "leader" or "follower"
+    name: str  # the party's name in the job (its certificate's CN)
+    job_fingerprint: str  # JobSpec.fingerprint()
+    data_fingerprint: dict[str, dict[str, int | str]]  # split -> {"rows": N, "sample_ids_digest": hex}
+    command: str  # "train", "eval" or "infer": both sides must be running the same one
+    resume_epoch: int = 0  # the first epoch this side will run (from its checkpoint)
+    protocol: int = PROTOCOL_VERSION
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. the split that eval/infer reads
+
+    def mismatch(self, other: Hello) -> str | None:
+        """Describe the first shared setting on which the two sides differ, or None when they agree."""
+        checks = [
+            ("protocol version", self.protocol, other.protocol),
+            ("job fingerprint (the jobs differ in a shared setting)", self.job_fingerprint, other.job_fingerprint),
+            ("command", self.command, other.command),
+            ("resume epoch", self.resume_epoch, other.resume_epoch),
+            ("options", self.extra, other.extra),
+        ]
+        for split in sorted(set(self.data_fingerprint) & set(other.data_fingerprint)):
+            mine, theirs = self.data_fingerprint[split], other.data_fingerprint[split]
+            checks.append((f"{split} rows", mine.get("rows"), theirs.get("rows")))
+            checks.append((f"{split} sample ids", mine.get("sample_ids_digest"), theirs.get("sample_ids_digest")))
+        for what, mine_value, their_value in checks:
+            if mine_value != their_value:
+                return f"{what}: here {mine_value}, peer {their_value}"
+        return None
+
+
+class Peer(ABC):
+    """The other party, as the training loop sees it."""
+
+    @abstractmethod
+    def handshake(self, mine: Hello) -> Hello:
+        """Send our Hello and return the peer's; waits (bounded) for the peer to come up."""
+
+    @abstractmethod
+    def send(self, kind: Kind, key: BatchKey, tensors: dict[str, torch.Tensor]) -> None:
+        """Deliver the tensors of one batch exactly once; raises PeerError when that is impossible."""
+
+    @abstractmethod
+    def receive(self, kind: Kind, key: BatchKey) -> dict[str, torch.Tensor]:
+        """Wait (bounded) for the peer's tensors of this batch; raises PeerError or ProtocolError."""
+
+    @abstractmethod
+    def abort(self, reason: str) -> None:
+        """Tell the peer we stopped (best effort, never raises)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most peers have nothing to release
+        """Release connections and servers."""
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Aborted:
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class LocalPeer(Peer):
+    """One end of an in-memory pipe between two parties running in one process (two threads)."""
+
+    def __init__(self, inbox: queue.Queue, outbox: queue.Queue, timeout_s: float = 120.0) -> None:
+        self._inbox = inbox
+        self._outbox = outbox
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+
+    @classmethod
+    def pair(cls, timeout_s: float = 120.0) -> tuple[LocalPeer, LocalPeer]:
+        """Two connected ends: give one to the leader, the other to the follower."""
+        a_to_b: queue.Queue = queue.Queue()
+        b_to_a: queue.Queue = queue.Queue()
+        return cls(b_to_a, a_to_b, timeout_s), cls(a_to_b, b_to_a, timeout_s)
+
+    def _get(self, what: str) -> object:
+        try:
+            item = self._inbox.get(timeout=self._timeout_s)
+        except queue.Empty as exc:
+            raise PeerTimeout(f"no {what} from the peer within {self._timeout_s:g} s") from exc
+        if isinstance(item, _Aborted):
+            raise PeerAborted(f"the peer stopped: {item.reason}")
+        return item
+
+    def handshake(self, mine: Hello) -> Hello:
+        self._outbox.put(("hello", mine))
+        item = self._get("hello")
+        if not (isinstance(item, tuple) and item[0] == "hello"):
+            raise ProtocolError(f"expected the peer's hello, got {item!r:.80}")
+        return item[1]
+
+    def send(self, kind: Kind, key: BatchKey, tensors: dict[str, torch.Tensor]) -> None:
+        # Copies, so that the receiver's autograd graph never reaches into the sender's.
+        self._outbox.put((kind, key, {name: t.detach().clone() for name, t in tensors.items()}))
+
+    def receive(self, kind: Kind, key: BatchKey) -> dict[str, torch.Tensor]:
+        item = self._get(f"{kind} for {key}")
+        if not (isinstance(item, tuple) and item[:2] == (kind, key)):
+            got = f"{item[0]} for {item[1]}" if isinstance(item, tuple) else repr(item)
+            raise ProtocolError(f"expected {kind} for {key}, got {got}")
+        return item[2]
+
+    def abort(self, reason: str) -> None:
+        self._outbox.put(_Aborted(reason))
