@@ -17,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 # Progress and logs go to stderr so that stdout carries only results (AUC lines, file paths).
@@ -57,3 +58,38 @@ def make_progress(unit: str) -> Progress:
         disable=bool(os.environ.get("VFL_NO_PROGRESS")),
         transient=False,
     )
+
+
+class RichReporter:
+    """Draws the training loop's progress: a bar per phase with samples/s and ETA, and the seed's log lines."""
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+
+    def begin(self, description: str, total_samples: int) -> None:
+        self._progress = make_progress("samples")
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total_samples)
+
+    def advance(self, samples: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, samples)
+
+    def log(self, line: str) -> None:
+        console.print(line)
+
+    def end(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def epoch_table(rows: list[tuple[int, float, float | None, float | None]], title: str) -> Table:
+    """Epoch, train samples/s, test AUC, test log loss."""
+    table = Table(title=title, title_justify="left")
+    for name in ("epoch", "samples/s", "test AUC", "test log loss"):
+        table.add_column(name, justify="right")
+    for epoch, speed, auc, loss in rows:
+        table.add_row(str(epoch), f"{speed:,.0f}", "-" if auc is None else f"{auc:.6f}",
+                      "-" if loss is None else f"{loss:.6f}")
+    return table

@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -162,10 +162,12 @@ class JobSpec(_Spec):
     def follower(self) -> PartySpec:
         return self.parties["follower"]
 
-    def party(self, role: Role) -> PartySpec:
+    def party(self, role: str) -> PartySpec:
+        if role not in ROLES:
+            raise JobError(f"unknown party role {role!r}; a job has a leader and a follower")
         return self.parties[role]
 
-    def peer_role(self, role: Role) -> Role:
+    def peer_role(self, role: str) -> Role:
         return "follower" if role == "leader" else "leader"
 
     def fingerprint(self) -> str:
@@ -183,7 +185,7 @@ class JobSpec(_Spec):
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _describe(err: dict) -> str:
+def _describe(err: Any) -> str:
     where = ".".join(str(part) for part in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{where}: unknown key"

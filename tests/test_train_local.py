@@ -1,0 +1,135 @@
+"""The split-learning core in one process: split == joint, learning, checkpoints, resume, failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_prep.store import open_party
+from tests.conftest import job_dict, write_planted_data
+from vfl_cli.errors import CheckpointError, DataError, PeerAborted, ProtocolError
+from vfl_cli.job import JobSpec, parse_job
+from vfl_cli.model.wide_deep import JointWideDeep, build_optimizers
+from vfl_cli.peer import BatchKey, Hello, LocalPeer
+from vfl_cli.train.batches import iterate
+from vfl_cli.train.parties import build_party
+from vfl_cli.train.session import eval_session, open_run, run_local, train_session
+
+
+def leader_losses(job: JobSpec) -> list[float]:
+    lines = (job.train.run_dir / "leader" / "metrics.jsonl").read_text().splitlines()
+    return [r["wide_loss"] for r in map(json.loads, lines) if r["event"] == "step"]
+
+
+def joint_losses(job: JobSpec, steps: int) -> list[float]:
+    """The same model as one module, trained on the same batches: the oracle split training must equal."""
+    device = torch.device("cpu")
+    leader_data, follower_data = open_party(job.data.dir, "leader"), open_party(job.data.dir, "follower")
+    leader = build_party(job, "leader", leader_data.meta, device)
+    follower = build_party(job, "follower", follower_data.meta, device)
+    assert leader.top is not None
+    model = JointWideDeep(leader.bottom, follower.bottom, leader.top)
+    optimizers = build_optimizers(model.wide_parameters(), model.deep_parameters(),
+                                  job.train.wide_optimizer, job.train.deep_optimizer)
+    losses: list[float] = []
+    for epoch in range(job.train.epochs):
+        leader_batches = iterate(leader_data.split("train"), job.train.batch_size, job.seed, epoch, True)
+        follower_batches = iterate(follower_data.split("train"), job.train.batch_size, job.seed, epoch, True)
+        for lb, fb in zip(leader_batches, follower_batches, strict=True):
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(model(lb.ids, lb.vals, fb.ids, fb.vals), lb.labels)
+            (loss + model.l2_penalty(job.train.l2_coef)).backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            losses.append(loss.item())
+    return losses[:steps]
+
+
+def test_split_training_equals_joint_training(tmp_path: Path) -> None:
+    # 960 train rows / batch 48 = 20 steps in one epoch; a large l2_coef makes the L2 path count.
+    spec = job_dict(tmp_path, epochs=1, batch_size=48, l2_coef=1e-3)
+    write_planted_data(Path(spec["data"]["dir"]), rows=1200)
+    job = parse_job(spec)
+    run_local(job, train_session)
+    split = leader_losses(job)
+    joint = joint_losses(job, len(split))
+    assert len(split) == 20
+    assert np.allclose(split, joint, atol=1e-6, rtol=0)
+    assert split[-1] < split[0]  # it learns, so the comparison is not between two constant sequences
+
+
+def test_local_training_learns_the_planted_signal(planted_job: JobSpec) -> None:
+    results = run_local(planted_job, train_session)
+    epochs = results["leader"]
+    assert [e for e, _, _ in epochs] == [0, 1]
+    assert epochs[-1][2] is not None and epochs[-1][2].auc > 0.75
+    assert results["follower"][-1][2] is None  # the follower never sees labels or metrics
+    for role in ("leader", "follower"):
+        assert (planted_job.train.run_dir / role / "checkpoint.pt").exists()
+
+
+def test_eval_of_checkpoint_reproduces_last_epoch_auc(planted_job: JobSpec) -> None:
+    trained = run_local(planted_job, train_session)["leader"][-1][2]
+    evaluated = run_local(planted_job, lambda run: eval_session(run, planted_job.train.run_dir, "test"))["leader"]
+    assert evaluated.auc == pytest.approx(trained.auc, abs=1e-9)
+    assert evaluated.rows == 240
+
+
+def test_rerun_resumes_after_the_last_checkpoint(tmp_path: Path) -> None:
+    spec = job_dict(tmp_path, epochs=1)
+    write_planted_data(Path(spec["data"]["dir"]))
+    run_local(parse_job(spec), train_session)
+    spec["train"]["epochs"] = 2
+    # More epochs is another job (its fingerprint covers train settings): the checkpoint is refused.
+    with pytest.raises(CheckpointError, match="another job"):
+        run_local(parse_job(spec), train_session)
+    spec["train"]["epochs"] = 1
+    assert run_local(parse_job(spec), train_session)["leader"] == []  # all epochs done: nothing to redo
+    assert len(run_local(parse_job(spec), lambda run: train_session(run, restart=True))["leader"]) == 1
+
+
+def test_corrupt_checkpoint_is_refused(planted_job: JobSpec) -> None:
+    run_local(planted_job, train_session)
+    (planted_job.train.run_dir / "follower" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable vfl checkpoint"):
+        run_local(planted_job, lambda run: eval_session(run, planted_job.train.run_dir, "test"))
+
+
+def test_misaligned_data_stops_both_parties_at_handshake(tmp_path: Path) -> None:
+    spec = job_dict(tmp_path)
+    write_planted_data(Path(spec["data"]["dir"]), seed=0)
+    other = tmp_path / "other"
+    write_planted_data(other, seed=1)  # a different split: other sample ids
+    (Path(spec["data"]["dir"]) / "follower").rename(tmp_path / "unused")
+    (other / "follower").rename(Path(spec["data"]["dir"]) / "follower")
+    with pytest.raises(ProtocolError, match="sample ids"):
+        run_local(parse_job(spec), train_session)
+
+
+def test_data_prepared_for_other_fields_is_refused(tmp_path: Path) -> None:
+    spec = job_dict(tmp_path)
+    write_planted_data(Path(spec["data"]["dir"]))
+    spec["parties"]["leader"]["fields"] = spec["parties"]["leader"]["fields"][:-1]
+    with pytest.raises(DataError, match="run `vfl prep criteo` again"):
+        open_run(parse_job(spec), "leader", LocalPeer.pair()[0])
+
+
+def test_local_peer_abort_wakes_the_receiver() -> None:
+    leader, follower = LocalPeer.pair(timeout_s=5)
+    follower.abort("disk full")
+    with pytest.raises(PeerAborted, match="disk full"):
+        leader.receive("embeddings", BatchKey("train", 0, 0))
+
+
+def test_hello_mismatch_names_what_differs() -> None:
+    mine = Hello("leader", "a", "f1", {"train": {"rows": 10, "sample_ids_digest": "x"}}, "train")
+    theirs = Hello("follower", "b", "f1", {"train": {"rows": 11, "sample_ids_digest": "x"}}, "train")
+    assert mine.mismatch(theirs) == "train rows: here 10, peer 11"
+    assert mine.mismatch(Hello("follower", "b", "f2", mine.data_fingerprint, "train")).startswith("job fingerprint")
+    assert mine.mismatch(Hello("follower", "b", "f1", mine.data_fingerprint, "train")) is None

@@ -1,0 +1,172 @@
+"""`vfl train`, `vfl eval`, `vfl infer`: pick the role, wire the peer and the console, run the session."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from vfl_cli.console import RichReporter, console, epoch_table, print_warning
+from vfl_cli.errors import JobError
+from vfl_cli.job import JobSpec, load_job
+from vfl_cli.peer import Peer
+from vfl_cli.train.baseline import evaluate_baseline_checkpoint, train_baseline
+from vfl_cli.train.loop import EvalResult, PartyRun, SilentReporter
+from vfl_cli.train.session import (
+    eval_session,
+    infer_session,
+    open_run,
+    run_local,
+    set_threads,
+    train_session,
+)
+
+T = TypeVar("T")
+
+
+class RunRole(str, Enum):
+    leader = "leader"
+    follower = "follower"
+    local = "local"
+    central = "central"
+    leader_only = "leader-only"
+
+
+class PartyRole(str, Enum):
+    leader = "leader"
+    follower = "follower"
+    local = "local"
+
+
+ROLE_HELP = (
+    "leader | follower: this party, talking to the other over HTTPS. "
+    "local: both parties in this process. central | leader-only: baselines without federation."
+)
+JobOption = Annotated[Path, typer.Option("--job", help="Job spec YAML, e.g. jobs/criteo.yaml.", show_default=False)]
+CheckpointOption = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", help="Run directory written by `vfl train` (default: the job's train.run_dir)."),
+]
+SplitOption = Annotated[str, typer.Option("--split", help="Prepared split to read: test or train.")]
+
+
+@contextmanager
+def connected(job: JobSpec, role: str) -> Iterator[Peer]:
+    """The HTTPS peer for a two-process run; on any failure here, tell the peer before leaving."""
+    from vfl_cli.transport.https_peer import HttpsPeer  # the transport loads only where it is used
+
+    set_threads(job.party(role).threads)
+    if not job.tls.enabled:
+        print_warning("tls.enabled is false: tensors cross the network unencrypted and unauthenticated")
+    peer_role = job.peer_role(role)
+    peer = HttpsPeer(job, role)
+    console.print(f"{role} listening on {job.party(role).listen}; waiting for the {peer_role} at "
+                  f"{job.party(peer_role).listen} (up to {job.transport.connect_timeout_s:g} s)")
+    try:
+        yield peer
+    except BaseException as exc:
+        peer.abort(f"{role} stopped: {exc}" if str(exc) else f"{role} stopped")
+        raise
+    finally:
+        peer.close()
+
+
+def _two_party(job: JobSpec, role: str, session: Callable[[PartyRun], T]) -> tuple[T, Peer]:
+    with connected(job, role) as peer:
+        return session(open_run(job, role, peer, RichReporter())), peer
+
+
+def _print_result(label: str, result: EvalResult) -> None:
+    typer.echo(f"{label}: AUC {result.auc:.6f}  log loss {result.log_loss:.6f}  rows {result.rows}")
+
+
+def _traffic(peer: Peer, role: str) -> str:
+    sent, received = getattr(peer, "bytes_sent", 0), getattr(peer, "bytes_received", 0)
+    return f"{role} sent {sent / 1e6:,.2f} MB, received {received / 1e6:,.2f} MB"
+
+
+def train(
+    role: Annotated[RunRole, typer.Option("--role", help=ROLE_HELP, show_default=False)],
+    job: JobOption,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Ignore an existing checkpoint and start at epoch 0.")
+    ] = False,
+) -> None:
+    """Train the job's model. Each epoch ends with a test evaluation and a checkpoint; a rerun resumes
+    from the last completed epoch unless --restart is given."""
+    spec = load_job(job)
+    started = time.perf_counter()
+    if role in (RunRole.central, RunRole.leader_only):
+        results = train_baseline(spec, role.value, RichReporter())
+        peer = None
+    elif role == RunRole.local:
+        set_threads(sum(p.threads or 0 for p in spec.parties.values()) or None)
+        results = run_local(spec, lambda run: train_session(run, restart), {"leader": RichReporter()})["leader"]
+        peer = None
+    else:
+        results, peer = _two_party(spec, role.value, lambda run: train_session(run, restart))
+    rows = [(e, speed, r.auc if r else None, r.log_loss if r else None) for e, speed, r in results]
+    if rows:
+        console.print(epoch_table(rows, f"{spec.name}: {role.value}"))
+    final = results[-1][2] if results else None
+    if final is not None:
+        _print_result(f"{role.value} test", final)
+    elif not results:
+        typer.echo("nothing to train: the checkpoint has all epochs (use --restart to train again)")
+    if peer is not None:
+        typer.echo(_traffic(peer, role.value))
+    typer.echo(f"checkpoint: {spec.train.run_dir}  ({time.perf_counter() - started:,.1f} s)")
+
+
+def evaluate(
+    role: Annotated[RunRole, typer.Option("--role", help=ROLE_HELP, show_default=False)],
+    job: JobOption,
+    checkpoint: CheckpointOption = None,
+    split: SplitOption = "test",
+) -> None:
+    """Evaluate a trained checkpoint: AUC and log loss at the leader (the follower only contributes)."""
+    spec = load_job(job)
+    run_dir = checkpoint or spec.train.run_dir
+    if role in (RunRole.central, RunRole.leader_only):
+        result: EvalResult | None = evaluate_baseline_checkpoint(spec, role.value, run_dir, split)
+    elif role == RunRole.local:
+        result = run_local(spec, lambda run: eval_session(run, run_dir, split))["leader"]
+    else:
+        result, _ = _two_party(spec, role.value, lambda run: eval_session(run, run_dir, split))
+    if result is not None:
+        _print_result(f"{role.value} {split}", result)
+    else:
+        typer.echo(f"follower: sent its part of the {split} split to the leader")
+
+
+def infer(
+    role: Annotated[PartyRole, typer.Option("--role", help="leader | follower | local.", show_default=False)],
+    job: JobOption,
+    checkpoint: CheckpointOption = None,
+    split: SplitOption = "test",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="CSV of sample_id,probability (leader and local only).")
+    ] = None,
+) -> None:
+    """Predict click probabilities for a prepared split. The leader writes sample_id,probability to --out;
+    the follower only computes and sends its part."""
+    spec = load_job(job)
+    run_dir = checkpoint or spec.train.run_dir
+    if role == PartyRole.follower and out is not None:
+        raise JobError("--out: the follower has no predictions to write; only the leader sees them")
+    if role != PartyRole.follower and out is None:
+        raise JobError("--out: name the CSV file the predictions go to")
+    if role == PartyRole.local:
+        result = run_local(spec, lambda run: infer_session(run, run_dir, split, out),
+                           {"leader": SilentReporter()})["leader"]
+    else:
+        result, _ = _two_party(spec, role.value, lambda run: infer_session(run, run_dir, split, out))
+    if result is not None:
+        typer.echo(f"wrote {result.rows} predictions to {out}")
+    else:
+        typer.echo(f"follower: sent its part of the {split} split to the leader")

@@ -1,0 +1,70 @@
+"""Batches: which rows go into which step, and the `Batch` a party feeds its bottom model.
+
+Both parties compute the same batch order from the shared seed alone, so no row index ever crosses the
+wire: with aligned data (same sample ids in the same order) step s means the same rows on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_prep.store import SplitArrays
+
+
+@dataclass(frozen=True)
+class Batch:
+    ids: torch.Tensor  # int64 [B, F]
+    vals: torch.Tensor  # float32 [B, F]
+    labels: torch.Tensor | None  # float32 [B], leader only
+    sample_ids: torch.Tensor  # int64 [B]
+
+    def __len__(self) -> int:
+        return int(self.sample_ids.shape[0])
+
+    def to(self, device: torch.device) -> Batch:
+        if device.type == "cpu":
+            return self
+        return Batch(
+            ids=self.ids.to(device, non_blocking=True),
+            vals=self.vals.to(device, non_blocking=True),
+            labels=None if self.labels is None else self.labels.to(device, non_blocking=True),
+            sample_ids=self.sample_ids,
+        )
+
+
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    return -(-rows // batch_size)
+
+
+def batch_rows(rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[np.ndarray]:
+    """Row indices of each step. Shuffled from (seed, epoch) for training; in order for eval and infer.
+
+    Indices inside a batch are sorted: the batch's loss does not depend on row order, and sorted reads
+    from the memory-mapped arrays are much faster.
+    """
+    if shuffle:
+        order = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(rows)
+    else:
+        order = np.arange(rows)
+    batches = [order[start : start + batch_size] for start in range(0, rows, batch_size)]
+    return [np.sort(b) for b in batches] if shuffle else batches
+
+
+def take_batch(split: SplitArrays, rows: np.ndarray) -> Batch:
+    contiguous = rows.size > 0 and rows[-1] - rows[0] + 1 == rows.size
+    index: slice | np.ndarray = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
+    return Batch(
+        ids=torch.from_numpy(np.asarray(split.ids[index], dtype=np.int64)),
+        vals=torch.from_numpy(np.array(split.vals[index], dtype=np.float32)),
+        labels=None if split.labels is None else torch.from_numpy(np.array(split.labels[index], dtype=np.float32)),
+        sample_ids=torch.from_numpy(np.array(split.sample_ids[index], dtype=np.int64)),
+    )
+
+
+def iterate(split: SplitArrays, batch_size: int, seed: int, epoch: int, shuffle: bool) -> Iterator[Batch]:
+    for rows in batch_rows(len(split), batch_size, seed, epoch, shuffle):
+        yield take_batch(split, rows)

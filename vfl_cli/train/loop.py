@@ -1,0 +1,207 @@
+"""The split-learning loop of one party, written against `Peer` (in-memory or HTTPS, it cannot tell).
+
+    follower: out = bottom(x_b); send(embeddings, out); g = receive(gradients); out.backward(g); step
+    leader:   own = bottom(x_b); theirs = receive(embeddings); loss = top(own, theirs, y_b)
+              backward through the top; send(gradients, d loss / d theirs); backward own bottom; step
+
+The leader sends the follower's gradients before it backpropagates through its own bottom, so the two
+bottoms' backward passes run at the same time on the two sides.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_prep.store import PartyData, SplitArrays
+from vfl_cli.checkpoint import checkpoint_path, save_checkpoint
+from vfl_cli.errors import ProtocolError
+from vfl_cli.job import JobSpec
+from vfl_cli.metrics import log_loss, roc_auc
+from vfl_cli.peer import BatchKey, Peer, Phase
+from vfl_cli.train.batches import Batch, iterate, steps_per_epoch
+from vfl_cli.train.parties import PartyModel
+
+
+class Reporter(Protocol):
+    """How the loop tells the outside world what it is doing (the CLI draws it with rich)."""
+
+    def begin(self, description: str, total_samples: int) -> None: ...
+    def advance(self, samples: int) -> None: ...
+    def log(self, line: str) -> None: ...
+    def end(self) -> None: ...
+
+
+class SilentReporter:
+    def begin(self, description: str, total_samples: int) -> None:
+        pass
+
+    def advance(self, samples: int) -> None:
+        pass
+
+    def log(self, line: str) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    auc: float
+    log_loss: float
+    rows: int
+    sample_ids: np.ndarray = field(repr=False)
+    probabilities: np.ndarray = field(repr=False)
+
+
+@dataclass
+class PartyRun:
+    """Everything one party needs to run: spec, data, model, the other party, and where to write."""
+
+    job: JobSpec
+    role: str  # "leader" or "follower"
+    data: PartyData
+    party: PartyModel
+    peer: Peer
+    reporter: Reporter
+    run_dir: Path  # <train.run_dir>/<role>
+
+    @property
+    def is_leader(self) -> bool:
+        return self.role == "leader"
+
+    def write_metrics(self, record: dict) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps({"time": round(time.time(), 3), "role": self.role, **record}) + "\n")
+
+
+def _cut_tensors(wide: torch.Tensor, deep: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"wide": wide.detach().cpu(), "deep": deep.detach().cpu()}
+
+
+def _received(tensors: dict[str, torch.Tensor], key: BatchKey, rows: int, device: torch.device) -> list[torch.Tensor]:
+    wide, deep = tensors["wide"], tensors["deep"]
+    if wide.shape != (rows, 1) or deep.shape != (rows, 1):
+        raise ProtocolError(f"{key}: peer sent shapes {tuple(wide.shape)}/{tuple(deep.shape)}, expected ({rows}, 1)")
+    return [wide.to(device), deep.to(device)]
+
+
+def follower_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> None:
+    party = run.party
+    wide, deep = party.bottom(batch.ids, batch.vals)  # (B, 1), (B, 1)
+    run.peer.send("embeddings", key, _cut_tensors(wide, deep))
+    grad_wide, grad_deep = _received(run.peer.receive("gradients", key), key, len(batch), party.device)
+    party.zero_grad()
+    l2 = party.bottom.l2_penalty(run.job.train.l2_coef)
+    torch.autograd.backward([wide, deep, l2], [grad_wide, grad_deep, torch.ones_like(l2)])
+    party.step()
+
+
+def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> tuple[float, float]:
+    """One step at the leader; returns (wide_loss, deep_loss) as in the seed's log."""
+    party = run.party
+    assert party.top is not None and batch.labels is not None
+    own_wide, own_deep = party.bottom(batch.ids, batch.vals)  # (B, 1), (B, 1)
+    theirs = _received(run.peer.receive("embeddings", key), key, len(batch), party.device)
+    # Cut the graph at both parties' outputs: the top's backward yields the follower's gradients first.
+    cut = [own_wide.detach().requires_grad_(), own_deep.detach().requires_grad_()]
+    cut += [t.requires_grad_() for t in theirs]
+    party.zero_grad()
+    logits = party.top(*cut)  # (B,)
+    loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+    loss.backward()
+    run.peer.send("gradients", key, {"wide": cut[2].grad.cpu(), "deep": cut[3].grad.cpu()})
+    l2 = party.bottom.l2_penalty(run.job.train.l2_coef)
+    torch.autograd.backward([own_wide, own_deep, l2], [cut[0].grad, cut[1].grad, torch.ones_like(l2)])
+    party.step()
+    log_loss_value = loss.item()
+    return log_loss_value, log_loss_value + l2.item()
+
+
+def train_epoch(run: PartyRun, epoch: int) -> float:
+    """One pass over the training split; returns samples per second."""
+    job, split = run.job, run.data.split("train")
+    total = steps_per_epoch(len(split), job.train.batch_size)
+    run.party.train(True)
+    run.reporter.begin(f"{run.role} epoch {epoch}", len(split))
+    started, samples = time.perf_counter(), 0
+    for step, batch in enumerate(iterate(split, job.train.batch_size, job.seed, epoch, shuffle=True)):
+        key = BatchKey("train", epoch, step)
+        batch = batch.to(run.party.device)
+        if run.is_leader:
+            wide_loss, deep_loss = leader_train_step(run, batch, key)
+        else:
+            follower_train_step(run, batch, key)
+        samples += len(batch)
+        run.reporter.advance(len(batch))
+        if run.is_leader and ((step + 1) % job.train.log_every == 0 or step + 1 == total):
+            run.reporter.log(
+                f"epoch {epoch} step {step + 1}/{total} wide_loss: {wide_loss:.6f} deep_loss: {deep_loss:.6f}"
+            )
+            run.write_metrics(
+                {"event": "step", "epoch": epoch, "step": step + 1, "wide_loss": wide_loss, "deep_loss": deep_loss}
+            )
+    run.reporter.end()
+    return samples / max(time.perf_counter() - started, 1e-9)
+
+
+@torch.no_grad()
+def forward_split(run: PartyRun, split_name: str, phase: Phase, epoch: int) -> EvalResult | None:
+    """Predict a whole split together: the follower sends embeddings, the leader scores.
+    Returns the leader's result (AUC and log loss where it has labels); None at the follower."""
+    split: SplitArrays = run.data.split(split_name)
+    batch_size = run.job.train.batch_size
+    run.party.train(False)
+    run.reporter.begin(f"{run.role} {phase} {split_name}", len(split))
+    probabilities: list[torch.Tensor] = []
+    for step, batch in enumerate(iterate(split, batch_size, run.job.seed, epoch, shuffle=False)):
+        key = BatchKey(phase, epoch, step)
+        batch = batch.to(run.party.device)
+        wide, deep = run.party.bottom(batch.ids, batch.vals)
+        if run.is_leader:
+            assert run.party.top is not None
+            theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.party.device)
+            probabilities.append(torch.sigmoid(run.party.top(wide, deep, *theirs)).cpu())
+        else:
+            run.peer.send("embeddings", key, _cut_tensors(wide, deep))
+        run.reporter.advance(len(batch))
+    run.reporter.end()
+    if not run.is_leader:
+        return None
+    probs = torch.cat(probabilities).numpy() if probabilities else np.zeros(0, dtype=np.float32)
+    labels = split.labels
+    has_both_classes = labels is not None and len(labels) > 0 and 0 < float(np.sum(labels)) < len(labels)
+    return EvalResult(
+        auc=roc_auc(np.asarray(labels), probs) if has_both_classes else float("nan"),
+        log_loss=log_loss(np.asarray(labels), probs) if labels is not None and len(labels) else float("nan"),
+        rows=len(split),
+        sample_ids=np.asarray(split.sample_ids),
+        probabilities=probs,
+    )
+
+
+def train(run: PartyRun, start_epoch: int = 0) -> Iterator[tuple[int, float, EvalResult | None]]:
+    """Train the remaining epochs; after each, evaluate on the test split and checkpoint.
+    Yields (epoch, train samples/s, test result at the leader) as each epoch ends."""
+    fingerprint = run.job.fingerprint()
+    for epoch in range(start_epoch, run.job.train.epochs):
+        started = time.perf_counter()
+        samples_per_s = train_epoch(run, epoch)
+        result = forward_split(run, "test", "eval", epoch)
+        save_checkpoint(checkpoint_path(run.run_dir.parent, run.role), run.party.state_dict(), fingerprint, epoch + 1)
+        record = {"event": "epoch", "epoch": epoch, "train_samples_per_s": samples_per_s,
+                  "seconds": time.perf_counter() - started}
+        if result is not None:
+            record |= {"test_auc": result.auc, "test_log_loss": result.log_loss}
+        run.write_metrics(record)
+        yield epoch, samples_per_s, result
