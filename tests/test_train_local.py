@@ -133,3 +133,15 @@ def test_hello_mismatch_names_what_differs() -> None:
     assert mine.mismatch(theirs) == "train rows: here 10, peer 11"
     assert mine.mismatch(Hello("follower", "b", "f2", mine.data_fingerprint, "train")).startswith("job fingerprint")
     assert mine.mismatch(Hello("follower", "b", "f1", mine.data_fingerprint, "train")) is None
+
+
+def test_central_beats_leader_only_on_a_signal_split_across_parties(planted_job: JobSpec) -> None:
+    from vfl_cli.train.baseline import evaluate_baseline_checkpoint, train_baseline
+    from vfl_cli.train.loop import SilentReporter
+
+    central = train_baseline(planted_job, "central", SilentReporter())[-1][2]
+    leader_only = train_baseline(planted_job, "leader-only", SilentReporter())[-1][2]
+    assert central is not None and leader_only is not None
+    assert central.auc > leader_only.auc + 0.05
+    reloaded = evaluate_baseline_checkpoint(planted_job, "central", planted_job.train.run_dir, "test")
+    assert reloaded.auc == pytest.approx(central.auc, abs=1e-9)

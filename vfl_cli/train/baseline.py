@@ -3,7 +3,7 @@
     central      one Wide&Deep over both parties' fields (pooled data: the ceiling)
     leader-only  one Wide&Deep over the leader's fields alone (what the leader has without a partner)
 
-logit = wide + deep of a single bottom. They show what vertical federation gains and what it costs.
+logit = wide + deep of a single bottom (`CentralWideDeep`). They show what vertical federation gains and what it costs.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from vfl_cli.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from vfl_cli.errors import DataError
 from vfl_cli.job import JobSpec
 from vfl_cli.metrics import log_loss, roc_auc
-from vfl_cli.model.wide_deep import WideDeepBottom, build_optimizers
+from vfl_cli.model.wide_deep import CentralWideDeep, build_optimizers, part_generator
 from vfl_cli.train.batches import Batch, batch_rows, steps_per_epoch, take_batch
 from vfl_cli.train.loop import EvalResult, Reporter
-from vfl_cli.train.parties import build_bottom
 
 BASELINES = ("central", "leader-only")
 
@@ -72,13 +71,17 @@ def open_baseline_data(job: JobSpec, kind: str) -> BaselineData:
     return BaselineData(parties, offsets)
 
 
+def build_model(job: JobSpec, data: BaselineData) -> CentralWideDeep:
+    generator = part_generator(job.seed, "central")
+    return CentralWideDeep(data.vocab_size, data.num_fields, job.model.emb_dim, job.model.deep_layers, generator)
+
+
 @torch.no_grad()
-def evaluate_baseline(model: WideDeepBottom, data: BaselineData, job: JobSpec, split: str) -> EvalResult:
+def evaluate_baseline(model: CentralWideDeep, data: BaselineData, job: JobSpec, split: str) -> EvalResult:
     model.eval()
     probabilities = []
     for batch in data.batches(split, job.train.batch_size, job.seed, 0, shuffle=False):
-        wide, deep = model(batch.ids, batch.vals)
-        probabilities.append(torch.sigmoid((wide + deep).squeeze(-1)))
+        probabilities.append(torch.sigmoid(model(batch.ids, batch.vals)))
     probs = torch.cat(probabilities).numpy()
     arrays = data.parties[0].split(split)
     labels = np.asarray(arrays.labels)
@@ -88,7 +91,7 @@ def evaluate_baseline(model: WideDeepBottom, data: BaselineData, job: JobSpec, s
 
 def train_baseline(job: JobSpec, kind: str, reporter: Reporter) -> list[tuple[int, float, EvalResult | None]]:
     data = open_baseline_data(job, kind)
-    model = build_bottom(job, data.vocab_size, data.num_fields, "central")
+    model = build_model(job, data)
     optimizers = build_optimizers(
         model.wide_parameters(), model.deep_parameters(), job.train.wide_optimizer, job.train.deep_optimizer
     )
@@ -102,9 +105,8 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter) -> list[tuple[in
         for step, batch in enumerate(data.batches("train", job.train.batch_size, job.seed, epoch, shuffle=True)):
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            wide, deep = model(batch.ids, batch.vals)
             assert batch.labels is not None  # the leader's split always has labels
-            loss = F.binary_cross_entropy_with_logits((wide + deep).squeeze(-1), batch.labels)
+            loss = F.binary_cross_entropy_with_logits(model(batch.ids, batch.vals), batch.labels)
             l2 = model.l2_penalty(job.train.l2_coef)
             (loss + l2).backward()
             for optimizer in optimizers:
@@ -123,7 +125,7 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter) -> list[tuple[in
 
 def evaluate_baseline_checkpoint(job: JobSpec, kind: str, run_dir: Path, split: str) -> EvalResult:
     data = open_baseline_data(job, kind)
-    model = build_bottom(job, data.vocab_size, data.num_fields, "central")
+    model = build_model(job, data)
     payload = load_checkpoint(checkpoint_path(run_dir, kind), job.fingerprint())
     model.load_state_dict(payload["state"]["model"])
     return evaluate_baseline(model, data, job, split)
