@@ -1,4 +1,4 @@
-"""The on-disk format of one party's prepared data, and its reader.
+"""The on-disk format of one party's prepared data, its reader, and its writer (`SplitWriter`, `publish`).
 
     <data.dir>/<role>/meta.json              PartyMeta as JSON
     <data.dir>/<role>/<split>/ids.npy         int32   [N, F]  embedding ids, one column per field
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,3 +145,106 @@ class PartyData:
 
 def open_party(data_dir: Path, role: str) -> PartyData:
     return PartyData(data_dir / role)
+
+
+# --- writing -------------------------------------------------------------------------------------------
+# The writer below produces exactly the layout documented at the top of this module. Output first goes to a
+# staging directory beside the target and is renamed into place only when complete, so a crash or an error
+# never leaves a directory that looks like finished data.
+
+
+class _ArrayWriter:
+    """One preallocated .npy file filled in row order; hashes the file's bytes as they are written."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        # open_memmap writes the header and sizes the file; we then write rows with pwrite rather than
+        # through the mapping, because every touched page of a live mapping counts in the process's RSS,
+        # which would make peak memory grow with the number of rows.
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        self.offset = int(array.offset)
+        del array
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+        self.dtype = np.dtype(dtype)
+        self.fd = os.open(path, os.O_RDWR)
+        self.file_hash = hashlib.sha256(os.pread(self.fd, self.offset, 0))
+        self.data_hash = hashlib.sha256()
+        self.rows = 0
+
+    def append(self, chunk: np.ndarray) -> None:
+        data = np.ascontiguousarray(chunk, dtype=self.dtype)
+        view = data.reshape(-1).view(np.uint8).data  # the raw bytes, no copy
+        self.file_hash.update(view)
+        self.data_hash.update(view)
+        position = self.offset + self.rows * self.row_bytes
+        while view:  # pwrite may write less than asked for
+            written = os.pwrite(self.fd, view, position)
+            view, position = view[written:], position + written
+        self.rows += len(data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class SplitWriter:
+    """Writes one split's arrays (`ids`, `vals`, `labels` if any, `sample_ids`), appended chunk by chunk."""
+
+    def __init__(self, folder: Path, rows: int, fields: int, with_labels: bool) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.rows = rows
+        self.folder = folder
+        self.arrays = {
+            "ids.npy": _ArrayWriter(folder / "ids.npy", np.dtype("<i4"), (rows, fields)),
+            "vals.npy": _ArrayWriter(folder / "vals.npy", np.dtype("<f4"), (rows, fields)),
+            "sample_ids.npy": _ArrayWriter(folder / "sample_ids.npy", np.dtype("<i8"), (rows,)),
+        }
+        if with_labels:
+            self.arrays["labels.npy"] = _ArrayWriter(folder / "labels.npy", np.dtype("<f4"), (rows,))
+
+    def append(
+        self, ids: np.ndarray, vals: np.ndarray, labels: np.ndarray | None, sample_ids: np.ndarray
+    ) -> None:
+        self.arrays["ids.npy"].append(ids)
+        self.arrays["vals.npy"].append(vals)
+        self.arrays["sample_ids.npy"].append(sample_ids)
+        if "labels.npy" in self.arrays:
+            assert labels is not None, "a split with labels needs labels in every chunk"
+            self.arrays["labels.npy"].append(labels)
+
+    def close(self) -> SplitMeta:
+        for writer in self.arrays.values():
+            writer.close()
+            if writer.rows != self.rows:
+                raise DataError(f"{self.folder}: wrote {writer.rows} rows, expected {self.rows}")
+        return SplitMeta(
+            rows=self.rows,
+            sha256={name: writer.file_hash.hexdigest() for name, writer in self.arrays.items()},
+            sample_ids_digest=self.arrays["sample_ids.npy"].data_hash.hexdigest(),
+        )
+
+
+def write_meta(directory: Path, meta: PartyMeta) -> None:
+    (directory / "meta.json").write_text(meta.to_json() + "\n")
+
+
+def staging_dir(out: Path, role: str) -> Path:
+    """A fresh `<out>/.<role>.tmp-*` directory beside the final `<out>/<role>`."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{role}.tmp-", dir=out))
+    staging.chmod(0o755)  # mkdtemp makes it private; the published data is an ordinary directory
+    return staging
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Move a complete staging directory to `target`, replacing a previous output only at the last step."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+    try:
+        staging.rename(target)
+    except OSError:
+        if old is not None:
+            old.rename(target)  # put the previous complete output back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

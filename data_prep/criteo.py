@@ -1,0 +1,443 @@
+"""Raw Criteo text -> each party's prepared arrays, in two streaming passes (count, then encode).
+
+Owns the reading of raw lines (plain or gzip, as Arrow record batches, errors naming file and line) and the
+preparation semantics; the on-disk format and its writer live in `data_prep.store`.
+
+- Columns of ids/vals follow the order of the party's `fields` in the job.
+- Ids per party: fields in that order get consecutive ranges. A dense field has one id; a categorical field
+  has its OOV id first, then one id per frequent value in lexicographic order of the raw string.
+- Dense val = value / column max over all input rows (1.0 if that max <= 0); missing -> 0.0, same id.
+- A categorical value counted more than `threshold` times gets its own id; rarer values and missing ones
+  get the field's OOV id; categorical val = 1.0.
+- Row r (0-based line number) is in the test split iff u(seed, r) < test_fraction, where u is the
+  (r+1)-th output of a splitmix64 generator seeded with `seed`, scaled to [0, 1). It depends on nothing
+  else, so leader and follower prepared separately stay row-aligned. sample_ids = r.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import queue
+import resource
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+
+from data_prep.store import SPLITS, PartyMeta, SplitWriter, publish, staging_dir, write_meta
+from vfl_cli.errors import DataError
+from vfl_cli.job import ALL_FIELDS, DENSE_FIELDS, JobSpec, PartySpec, Role
+
+LABEL = "label"
+COLUMNS = (LABEL, *ALL_FIELDS)  # the layout of a raw line
+BLOCK_SIZE = 1 << 22  # bytes per parsed block, ~17k Criteo rows: big enough to amortise, small for memory
+ProgressFn = Callable[[str, int, int], None]  # (phase, rows done, rows total or an estimate from bytes read)
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def split_uniform(seed: int, rows: np.ndarray) -> np.ndarray:
+    """u(seed, r) in [0, 1) for each row number r: splitmix64's (r+1)-th output for `seed`, top 53 bits."""
+    z = np.uint64(seed % 2**64) + (rows.astype(np.uint64) + np.uint64(1)) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+def test_mask(seed: int, first_row: int, count: int, test_fraction: float) -> np.ndarray:
+    """True where row first_row + i belongs to the test split."""
+    return split_uniform(seed, np.arange(first_row, first_row + count, dtype=np.int64)) < test_fraction
+
+
+# --- reading raw lines ----------------------------------------------------------------------------------
+
+
+class BatchReader:
+    """Streams raw Criteo text as Arrow record batches holding only the requested columns.
+
+    Categorical columns come dictionary-encoded per batch, so later steps hash each distinct value of a
+    batch once instead of once per row. Bad input becomes a DataError naming the file and line.
+    """
+
+    def __init__(self, path: Path, fields: Sequence[str], with_label: bool, on_progress: ProgressFn | None) -> None:
+        if not path.is_file():
+            raise DataError(f"{path}: input file not found")
+        self.path = path
+        self.with_label = with_label
+        self.columns = ([LABEL] if with_label else []) + list(fields)
+        self.dense = [f for f in fields if f in DENSE_FIELDS]
+        self.on_progress = on_progress
+        with path.open("rb") as handle:
+            self.gzipped = handle.read(2) == b"\x1f\x8b"
+        categorical = pa.dictionary(pa.int32(), pa.string())
+        types = {f: pa.float64() if f in DENSE_FIELDS else categorical for f in fields}
+        self.convert = pa_csv.ConvertOptions(
+            column_types={LABEL: pa.int8(), **types},
+            include_columns=self.columns,
+            null_values=[""],  # only an empty field is missing; "NA" or "null" are values (or bad numbers)
+            strings_can_be_null=True,
+        )
+
+    def batches(self, phase: str, total_rows: int | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """Yield (row number of the batch's first line, batch) through the whole file."""
+        size = max(self.path.stat().st_size, 1)
+        raw = pa.OSFile(str(self.path), "rb")
+        stream = pa.CompressedInputStream(raw, "gzip") if self.gzipped else raw
+        first_row = 0
+        try:
+            reader = pa_csv.open_csv(
+                stream,
+                read_options=pa_csv.ReadOptions(column_names=list(COLUMNS), block_size=BLOCK_SIZE, use_threads=False),
+                parse_options=pa_csv.ParseOptions(delimiter="\t", quote_char=False, ignore_empty_lines=False),
+                convert_options=self.convert,
+            )
+            for batch in _prefetch(reader):
+                self._check(first_row, batch)
+                done = first_row + batch.num_rows
+                if self.on_progress is not None:
+                    # Before pass 1 has counted the rows, extrapolate from the share of input bytes read.
+                    estimate = total_rows or max(done, int(done * size / max(raw.tell(), 1)))
+                    self.on_progress(phase, done, estimate)
+                yield first_row, batch
+                first_row = done
+        except pa.ArrowInvalid as exc:
+            if "Empty CSV file" in str(exc):
+                raise DataError(f"{self.path}: empty input, no rows") from exc
+            raise DataError(self._locate(first_row) or f"{self.path}: unreadable input ({exc})") from exc
+        except OSError as exc:  # e.g. a corrupt or truncated gzip stream
+            raise DataError(f"{self.path}: cannot read input ({exc})") from exc
+        finally:
+            stream.close()
+            raw.close()
+
+    def _check(self, first_row: int, batch: pa.RecordBatch) -> None:
+        """Vectorised checks the parser cannot do: labels are 0/1, dense values are finite."""
+        if self.with_label:
+            label = batch.column(LABEL)
+            bad = pc.invert(pc.is_in(label, value_set=pa.array([0, 1], pa.int8()))).fill_null(True)
+            if pc.any(bad).as_py():
+                row = first_row + int(np.argmax(bad.to_numpy(zero_copy_only=False)))
+                raise DataError(f"{self.path}:{row + 1}: label must be 0 or 1, found {label[row - first_row]}")
+        for field in self.dense:
+            bad = pc.invert(pc.is_finite(batch.column(field))).fill_null(False)
+            if pc.any(bad).as_py():
+                row = first_row + int(np.argmax(bad.to_numpy(zero_copy_only=False)))
+                raise DataError(f"{self.path}:{row + 1}: {field} must be a finite number")
+
+    def _locate(self, first_row: int) -> str | None:
+        """Find the first bad line at or after `first_row` (a slow scan, on the error path only)."""
+        wanted = {COLUMNS.index(f): f for f in self.dense}
+        opener = gzip.open if self.gzipped else open
+        with opener(self.path, "rt", encoding="utf-8", errors="replace", newline="\n") as handle:
+            for row, line in enumerate(handle):
+                if row < first_row:
+                    continue
+                parts = line.rstrip("\n").split("\t")
+                where = f"{self.path}:{row + 1}"
+                if len(parts) != len(COLUMNS):
+                    return f"{where}: expected {len(COLUMNS)} tab-separated columns, found {len(parts)}"
+                if self.with_label and parts[0] not in ("0", "1"):
+                    return f"{where}: label must be 0 or 1, found {parts[0]!r}"
+                for index, field in wanted.items():
+                    if parts[index] and not _is_number(parts[index]):
+                        return f"{where}: {field} must be a number, found {parts[index]!r}"
+        return None
+
+
+def _prefetch(reader: pa.RecordBatchReader, depth: int = 2) -> Iterator[pa.RecordBatch]:
+    """Parse the next batches in a background thread while the caller works on the current one.
+
+    Arrow parses without holding the GIL, so on two cores reading and counting/encoding overlap.
+    """
+    ready: queue.Queue[pa.RecordBatch | BaseException | None] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        item: pa.RecordBatch | BaseException | None
+        while not stop.is_set():
+            try:
+                item = reader.read_next_batch()
+            except StopIteration:
+                item = None
+            except BaseException as exc:  # handed to the consumer, which raises it
+                item = exc
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(item, pa.RecordBatch):
+                return
+
+    worker = threading.Thread(target=produce, name="csv-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# --- pass 1: counting ----------------------------------------------------------------------------------
+
+
+class _ValueCounter:
+    """Occurrences of each value of one categorical field; memory grows with distinct values, not rows."""
+
+    def __init__(self) -> None:
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.compacted_rows = 0
+
+    def add(self, column: pa.DictionaryArray) -> None:
+        # The reader dictionary-encodes each batch, so counting is a bincount over the indices.
+        size = len(column.dictionary)
+        counts = np.bincount(column.indices.fill_null(size).to_numpy(), minlength=size + 1)[:size]
+        seen = np.flatnonzero(counts)
+        self.pending.append(pa.table({"v": column.dictionary.take(pa.array(seen)), "c": counts[seen]}))
+        self.pending_rows += len(seen)
+        # Merge when the pending pieces double the merged size: amortised linear work overall.
+        if self.pending_rows > 2 * self.compacted_rows + 100_000:
+            self._compact()
+
+    def _compact(self) -> None:
+        merged = pa.concat_tables(self.pending).group_by("v").aggregate([("c", "sum")])
+        self.pending = [merged.rename_columns(["v", "c"])]
+        self.pending_rows = self.compacted_rows = merged.num_rows
+
+    def frequent(self, threshold: int) -> pa.Array:
+        """Values counted more than `threshold` times, sorted by their raw string (UTF-8 byte order)."""
+        if not self.pending:
+            return pa.array([], pa.string())
+        self._compact()
+        table = self.pending[0]
+        values = table.column("v").filter(pc.greater(table.column("c"), threshold)).combine_chunks()
+        return values.take(pc.sort_indices(values))
+
+
+@dataclass
+class Counts:
+    """What pass 1 learns about the input: sizes, dense column maxima, frequent categorical values."""
+
+    rows: int
+    test_rows: int
+    positives: int | None  # label-1 rows, when the label was read
+    dense_max: dict[str, float]
+    frequent: dict[str, pa.Array]
+
+
+def count_pass(reader: BatchReader, fields: Sequence[str], threshold: int, seed: int, test_fraction: float) -> Counts:
+    dense = [f for f in fields if f in DENSE_FIELDS]
+    counters = {f: _ValueCounter() for f in fields if f not in DENSE_FIELDS}
+    maxima: dict[str, float] = {}
+    rows = test_rows = 0
+    positives: int | None = 0 if reader.with_label else None
+    for first_row, batch in reader.batches("count"):
+        rows = first_row + batch.num_rows
+        test_rows += int(test_mask(seed, first_row, batch.num_rows, test_fraction).sum())
+        if positives is not None:
+            positives += int(pc.sum(batch.column(LABEL)).as_py() or 0)
+        for field in dense:
+            top = pc.max(batch.column(field)).as_py()
+            if top is not None:
+                maxima[field] = max(maxima.get(field, top), top)
+        for field, counter in counters.items():
+            counter.add(batch.column(field))
+    if rows == 0:
+        raise DataError(f"{reader.path}: empty input, no rows")
+    return Counts(
+        rows=rows,
+        test_rows=test_rows,
+        positives=positives,
+        dense_max={f: maxima[f] if maxima.get(f, 0.0) > 0 else 1.0 for f in dense},
+        frequent={f: counter.frequent(threshold) for f, counter in counters.items()},
+    )
+
+
+# --- the per-party vocabulary ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartyVocab:
+    """One party's id layout: consecutive id ranges per field, in the party's field order."""
+
+    role: Role
+    fields: tuple[str, ...]
+    offsets: dict[str, int]  # first id of each field's range (a categorical field's OOV id)
+    size: int  # total ids
+    frequent: dict[str, pa.Array]  # categorical field -> its frequent values in id order
+    dense_max: dict[str, float]  # dense field -> divisor
+
+    @classmethod
+    def build(cls, role: Role, party: PartySpec, counts: Counts) -> PartyVocab:
+        offsets: dict[str, int] = {}
+        next_id = 0
+        for field in party.fields:
+            offsets[field] = next_id
+            next_id += 1 if field in DENSE_FIELDS else 1 + len(counts.frequent[field])
+        return cls(
+            role=role,
+            fields=party.fields,
+            offsets=offsets,
+            size=next_id,
+            frequent={f: counts.frequent[f] for f in party.categorical_fields},
+            dense_max={f: counts.dense_max[f] for f in party.dense_fields},
+        )
+
+    def to_json(self) -> str:
+        """vocab.json: categorical field -> frequent values in id order, enough to encode new rows."""
+        return json.dumps({f: values.to_pylist() for f, values in self.frequent.items()}, indent=1)
+
+    def encode(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        """One batch -> (ids int32 [N, F], vals float32 [N, F]), vectorised per column."""
+        ids = np.empty((batch.num_rows, len(self.fields)), dtype=np.int32)
+        vals = np.ones((batch.num_rows, len(self.fields)), dtype=np.float32)
+        for j, field in enumerate(self.fields):
+            offset = self.offsets[field]
+            column = batch.column(field)
+            if field in self.dense_max:
+                ids[:, j] = offset
+                values = column.to_numpy(zero_copy_only=False) / self.dense_max[field]  # NaN where missing
+                vals[:, j] = np.where(np.isnan(values), 0.0, values)
+            else:
+                # Look up each distinct value of the batch once, then map every row through that table.
+                found = pc.index_in(column.dictionary, value_set=self.frequent[field]).fill_null(-1).to_numpy()
+                table = np.append(np.where(found >= 0, offset + 1 + found, offset), offset).astype(np.int32)
+                ids[:, j] = table[column.indices.fill_null(len(column.dictionary)).to_numpy()]
+        return ids, vals
+
+
+# --- pass 2: encoding, and the whole run ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PassStats:
+    phase: str
+    rows: int
+    seconds: float
+    peak_rss_mb: float  # the process's peak resident set size so far
+
+
+@dataclass(frozen=True)
+class PrepResult:
+    out: Path
+    split_rows: dict[str, int]
+    vocab_sizes: dict[str, int]
+    label_rate: float | None
+    passes: tuple[PassStats, ...]
+
+    @property
+    def rows_per_s(self) -> float:
+        """Input rows per second over the whole preparation (both passes)."""
+        return sum(self.split_rows.values()) / max(sum(p.seconds for p in self.passes), 1e-9)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _encode_pass(
+    reader: BatchReader, vocabs: list[PartyVocab], staging: dict[str, Path], counts: Counts, job: JobSpec
+) -> dict[str, dict[str, SplitWriter]]:
+    sizes = {"train": counts.rows - counts.test_rows, "test": counts.test_rows}
+    writers: dict[str, dict[str, SplitWriter]] = {
+        v.role: {
+            split: SplitWriter(staging[v.role] / split, sizes[split], len(v.fields), v.role == "leader")
+            for split in SPLITS
+        }
+        for v in vocabs
+    }
+    for first_row, batch in reader.batches("encode", total_rows=counts.rows):
+        in_test = test_mask(job.seed, first_row, batch.num_rows, job.data.test_fraction)
+        sample_ids = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
+        labels = batch.column(LABEL).to_numpy().astype(np.float32) if reader.with_label else None
+        for vocab in vocabs:
+            ids, vals = vocab.encode(batch)
+            for split, rows in (("train", ~in_test), ("test", in_test)):
+                split_labels = labels[rows] if labels is not None and vocab.role == "leader" else None
+                writers[vocab.role][split].append(ids[rows], vals[rows], split_labels, sample_ids[rows])
+    return writers
+
+
+def prepare_criteo(
+    path: Path,
+    job: JobSpec,
+    out: Path,
+    threshold: int,
+    roles: Sequence[Role],
+    on_progress: ProgressFn | None = None,
+) -> PrepResult:
+    """Prepare `roles` from raw Criteo text at `path` into `<out>/<role>/`, replacing it only when complete."""
+    fields = [f for role in roles for f in job.party(role).fields]
+    reader = BatchReader(path, fields, with_label="leader" in roles, on_progress=on_progress)
+    staging: dict[str, Path] = {}
+    try:
+        for role in roles:
+            staging[role] = staging_dir(out, role)
+    except OSError as exc:
+        _remove(staging.values())
+        raise DataError(f"{out}: cannot write the output directory: {exc.strerror or exc}") from exc
+    try:
+        started = time.perf_counter()
+        counts = count_pass(reader, fields, threshold, job.seed, job.data.test_fraction)
+        passes = [PassStats("count", counts.rows, time.perf_counter() - started, _peak_rss_mb())]
+        vocabs = [PartyVocab.build(role, job.party(role), counts) for role in roles]
+        started = time.perf_counter()
+        writers = _encode_pass(reader, vocabs, staging, counts, job)
+        for vocab in vocabs:
+            meta = PartyMeta(
+                role=vocab.role,
+                fields=vocab.fields,
+                has_labels=vocab.role == "leader",
+                vocab_size=vocab.size,
+                field_offsets=vocab.offsets,
+                threshold=threshold,
+                source=path.name,
+                splits={split: writer.close() for split, writer in writers[vocab.role].items()},
+            )
+            write_meta(staging[vocab.role], meta)
+            (staging[vocab.role] / "vocab.json").write_text(vocab.to_json() + "\n")
+            scales = json.dumps(vocab.dense_max, indent=1)  # dense divisors, also needed to encode new rows
+            (staging[vocab.role] / "dense_max.json").write_text(scales + "\n")
+        passes.append(PassStats("encode", counts.rows, time.perf_counter() - started, _peak_rss_mb()))
+        for role in roles:
+            publish(staging[role], out / role)
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write the prepared data: {exc.strerror or exc}") from exc
+    finally:
+        _remove(p for p in staging.values() if p.exists())
+    return PrepResult(
+        out=out,
+        split_rows={"train": counts.rows - counts.test_rows, "test": counts.test_rows},
+        vocab_sizes={v.role: v.size for v in vocabs},
+        label_rate=counts.positives / counts.rows if counts.positives is not None else None,
+        passes=tuple(passes),
+    )
+
+
+def _remove(paths: Iterable[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
