@@ -55,7 +55,7 @@ def split_uniform(seed: int, rows: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
 
 
-def test_mask(seed: int, first_row: int, count: int, test_fraction: float) -> np.ndarray:
+def in_test_split(seed: int, first_row: int, count: int, test_fraction: float) -> np.ndarray:
     """True where row first_row + i belongs to the test split."""
     return split_uniform(seed, np.arange(first_row, first_row + count, dtype=np.int64)) < test_fraction
 
@@ -70,7 +70,14 @@ class BatchReader:
     batch once instead of once per row. Bad input becomes a DataError naming the file and line.
     """
 
-    def __init__(self, path: Path, fields: Sequence[str], with_label: bool, on_progress: ProgressFn | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fields: Sequence[str],
+        with_label: bool,
+        on_progress: ProgressFn | None = None,
+        block_size: int = BLOCK_SIZE,
+    ) -> None:
         if not path.is_file():
             raise DataError(f"{path}: input file not found")
         self.path = path
@@ -78,6 +85,7 @@ class BatchReader:
         self.columns = ([LABEL] if with_label else []) + list(fields)
         self.dense = [f for f in fields if f in DENSE_FIELDS]
         self.on_progress = on_progress
+        self.block_size = block_size
         with path.open("rb") as handle:
             self.gzipped = handle.read(2) == b"\x1f\x8b"
         categorical = pa.dictionary(pa.int32(), pa.string())
@@ -98,7 +106,9 @@ class BatchReader:
         try:
             reader = pa_csv.open_csv(
                 stream,
-                read_options=pa_csv.ReadOptions(column_names=list(COLUMNS), block_size=BLOCK_SIZE, use_threads=False),
+                read_options=pa_csv.ReadOptions(
+                    column_names=list(COLUMNS), block_size=self.block_size, use_threads=False
+                ),
                 parse_options=pa_csv.ParseOptions(delimiter="\t", quote_char=False, ignore_empty_lines=False),
                 convert_options=self.convert,
             )
@@ -257,7 +267,7 @@ def count_pass(reader: BatchReader, fields: Sequence[str], threshold: int, seed:
     positives: int | None = 0 if reader.with_label else None
     for first_row, batch in reader.batches("count"):
         rows = first_row + batch.num_rows
-        test_rows += int(test_mask(seed, first_row, batch.num_rows, test_fraction).sum())
+        test_rows += int(in_test_split(seed, first_row, batch.num_rows, test_fraction).sum())
         if positives is not None:
             positives += int(pc.sum(batch.column(LABEL)).as_py() or 0)
         for field in dense:
@@ -371,7 +381,7 @@ def _encode_pass(
         for v in vocabs
     }
     for first_row, batch in reader.batches("encode", total_rows=counts.rows):
-        in_test = test_mask(job.seed, first_row, batch.num_rows, job.data.test_fraction)
+        in_test = in_test_split(job.seed, first_row, batch.num_rows, job.data.test_fraction)
         sample_ids = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
         labels = batch.column(LABEL).to_numpy().astype(np.float32) if reader.with_label else None
         for vocab in vocabs:
@@ -389,10 +399,11 @@ def prepare_criteo(
     threshold: int,
     roles: Sequence[Role],
     on_progress: ProgressFn | None = None,
+    block_size: int = BLOCK_SIZE,
 ) -> PrepResult:
     """Prepare `roles` from raw Criteo text at `path` into `<out>/<role>/`, replacing it only when complete."""
     fields = [f for role in roles for f in job.party(role).fields]
-    reader = BatchReader(path, fields, with_label="leader" in roles, on_progress=on_progress)
+    reader = BatchReader(path, fields, "leader" in roles, on_progress, block_size)
     staging: dict[str, Path] = {}
     try:
         for role in roles:

@@ -200,9 +200,7 @@ class SplitWriter:
         if with_labels:
             self.arrays["labels.npy"] = _ArrayWriter(folder / "labels.npy", np.dtype("<f4"), (rows,))
 
-    def append(
-        self, ids: np.ndarray, vals: np.ndarray, labels: np.ndarray | None, sample_ids: np.ndarray
-    ) -> None:
+    def append(self, ids: np.ndarray, vals: np.ndarray, labels: np.ndarray | None, sample_ids: np.ndarray) -> None:
         self.arrays["ids.npy"].append(ids)
         self.arrays["vals.npy"].append(vals)
         self.arrays["sample_ids.npy"].append(sample_ids)

@@ -72,14 +72,24 @@ def _hex_strings(codes: np.ndarray) -> pa.Array:
     return pa.StringArray.from_buffers(len(codes), pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))
 
 
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser: an invertible mix, so distinct inputs give distinct outputs."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
 def _make_plan(seed: int) -> _Plan:
     rng = np.random.default_rng([seed, 1])
-    spellings = []
-    for size, _, _ in _CATEGORICAL:
-        # Distinct random codes per field: draw a few extra and keep the first `size` unique ones in order.
-        codes = rng.integers(0, 2**32, size=size + size // 8 + 16, dtype=np.uint64).astype(np.uint32)
-        _, first = np.unique(codes, return_index=True)
-        spellings.append(_hex_strings(codes[np.sort(first)][:size]))
+    # Spell rank r of a field as fmix32(r + salt): fmix32 is a bijection on 32-bit ints, so distinct ranks
+    # get distinct, random-looking codes without a uniqueness check.
+    salts = rng.integers(0, 2**32, size=len(_CATEGORICAL), dtype=np.uint64)
+    spellings = [
+        _hex_strings(_fmix32((np.arange(size, dtype=np.uint64) + salt).astype(np.uint32)))
+        for (size, _, _), salt in zip(_CATEGORICAL, salts, strict=True)
+    ]
     effects = {
         field: rng.normal(0.0, std, size=min(_CATEGORICAL[field][0], _SIGNAL_TOP_RANKS))
         for field, std in _SIGNAL_CATEGORICAL.items()
@@ -131,9 +141,7 @@ def _chunk_table(rng: np.random.Generator, rows: int, plan: _Plan) -> pa.Table:
     return pa.table(columns)
 
 
-def write_synth(
-    path: Path, rows: int, seed: int = 0, on_rows: Callable[[int], None] | None = None
-) -> None:
+def write_synth(path: Path, rows: int, seed: int = 0, on_rows: Callable[[int], None] | None = None) -> None:
     """Write `rows` synthetic Criteo lines to `path` (gzip when it ends in .gz); `on_rows(n)` after each chunk."""
     if rows <= 0:
         raise DataError(f"{path}: --rows must be positive, got {rows}")
