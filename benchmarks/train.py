@@ -1,0 +1,498 @@
+"""Training throughput at the reference configuration: plain torch vs `--role local` vs two parties over HTTPS.
+
+What it measures (one run, one table, figures also in runs/bench/train.json):
+
+1. `plain torch`: `JointWideDeep` (both bottoms + top in one module) with the job's optimisers (FTRL on the
+   wide parameters, Adam on the rest, L2 on both deep tables), a plain loop, `torch.set_num_threads(2)`,
+   batches read from the same prepared arrays with the trainer's own `iterate`.
+2. `local`: `run_local(job, train_session)`: both parties in one process, two threads joined by `LocalPeer`,
+   2 torch threads as `vfl train --role local` sets for two 1-thread parties. Speed from the step timestamps
+   the leader writes to metrics.jsonl (log_every 1).
+3. `two-party HTTPS`: two real processes, `python -m vfl_cli.app train --role leader|follower`, on 127.0.0.1
+   with mutual TLS (certificates from `vfl certs`), `threads: 1` each. Speed from the leader's metrics.jsonl;
+   bytes per step from the processes' final `... sent X MB, received Y MB` lines.
+
+Every row runs in its own child process, so each peak RSS (`os.wait4` rusage `ru_maxrss`) is that row's alone.
+Samples/s count only the timed steps: the clock starts at the end of the last warm-up step and stops at the
+end of the last timed step, so warm-up, the checkpoint and the end-of-epoch eval are excluded in every row.
+
+Data: synthetic prepared arrays written straight in the store format (`data_prep.store`) under a temp dir
+in runs/bench/: per field, ids drawn Zipf-like within the field's slice of a 200,000-id vocabulary per
+party, vals 1.0 for categorical fields and uniform for dense ones, labels from a planted rule on both
+parties' fields. The test split is one small batch, because each epoch ends with an eval.
+
+    python -m benchmarks.train [--steps 8] [--warmup 2] [--skip-two-party] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from data_prep.store import PartyMeta, SplitMeta, file_sha256
+from vfl_cli.job import DENSE_FIELDS, JobSpec, load_job
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO / "runs" / "bench"
+REFERENCE_JOB = REPO / "jobs" / "criteo.yaml"
+VOCAB_PER_PARTY = 200_000
+TEST_ROWS = 2_000  # one small eval batch: every epoch ends with an eval, which is not what we time
+ZIPF_A = 1.2  # Criteo's categorical value counts fall off roughly like this
+ROLES = ("leader", "follower")
+GIB = 1 << 30
+
+TARGET_RATIO = 0.9  # two-party HTTPS vs plain torch
+TARGET_SAMPLES_PER_S = 5_000
+TARGET_RSS_BYTES = 2 * GIB  # per party
+MINDSPORE_SAMPLES_PER_S = 4_300  # MindSpore Federated splitnn_criteo anchor
+MINDSPORE_RSS_GIB = 4.1  # per party
+TWO_PARTY_DEADLINE_S = 600.0  # both processes must be done by then, or they are killed
+
+
+@dataclass
+class Row:
+    """One line of the table; RSS in bytes per process (the local row's one process holds both parties)."""
+
+    name: str
+    samples_per_s: float | None = None  # timed samples / timed wall time
+    median_samples_per_s: float | None = None  # batch / median step time: robust to a busy neighbour
+    peak_rss: dict[str, int] = field(default_factory=dict)
+    bytes_per_step: dict[str, float] = field(default_factory=dict)  # "follower->leader", "leader->follower"
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def zipf_ids(rng: np.random.Generator, rows: int, size: int) -> np.ndarray:
+    """Ranks 0..size-1, heavy-headed like real categorical values; the tail past `size` folds back in."""
+    return ((rng.zipf(ZIPF_A, rows) - 1) % size).astype(np.int32)
+
+
+def party_columns(
+    rng: np.random.Generator, fields: tuple[str, ...], rows: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """ids int32 [rows, F] (each field in its own id slice), vals float32 [rows, F], field offsets."""
+    width = VOCAB_PER_PARTY // len(fields)
+    offsets = {name: i * width for i, name in enumerate(fields)}
+    ids = np.empty((rows, len(fields)), dtype=np.int32)
+    vals = np.ones((rows, len(fields)), dtype=np.float32)
+    for column, name in enumerate(fields):
+        ids[:, column] = offsets[name] + zipf_ids(rng, rows, width)
+        if name in DENSE_FIELDS:
+            vals[:, column] = rng.random(rows, dtype=np.float32)
+    return ids, vals, offsets
+
+
+def planted_labels(rng: np.random.Generator, leader: np.ndarray, follower: np.ndarray) -> np.ndarray:
+    """Clicks from a rule that needs both parties: head values of one categorical field each, plus noise."""
+    # Column 7 is C1 at the leader and C14 at the follower; rank 0..2 of a field is its commonest values.
+    logit = 1.2 * (leader[:, 7] % 7 < 2) - 1.2 * (follower[:, 6] % 5 < 2) - 1.0
+    return (rng.random(len(logit)) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+
+
+def write_split(folder: Path, arrays: dict[str, np.ndarray]) -> SplitMeta:
+    folder.mkdir(parents=True)
+    for name, array in arrays.items():
+        np.save(folder / f"{name}.npy", array, allow_pickle=False)
+    return SplitMeta(
+        rows=len(arrays["sample_ids"]),
+        sha256={f"{name}.npy": file_sha256(folder / f"{name}.npy") for name in arrays},
+        sample_ids_digest=hashlib.sha256(arrays["sample_ids"].tobytes()).hexdigest(),
+    )
+
+
+def write_data(job: JobSpec, train_rows: int, seed: int = 0) -> None:
+    """Both parties' prepared data, aligned (same sample ids, same order), in the job's data.dir."""
+    rng = np.random.default_rng(seed)
+    rows = train_rows + TEST_ROWS
+    columns = {role: party_columns(rng, job.party(role).fields, rows) for role in ROLES}
+    labels = planted_labels(rng, columns["leader"][0], columns["follower"][0])
+    sample_ids = np.arange(rows, dtype=np.int64)
+    for role in ROLES:
+        ids, vals, offsets = columns[role]
+        splits = {}
+        for split, part in (("train", slice(0, train_rows)), ("test", slice(train_rows, rows))):
+            arrays = {"ids": ids[part], "vals": vals[part], "sample_ids": sample_ids[part]}
+            if role == "leader":
+                arrays["labels"] = labels[part]
+            splits[split] = write_split(job.data.dir / role / split, arrays)
+        meta = PartyMeta(
+            role=role, fields=job.party(role).fields, has_labels=role == "leader", vocab_size=VOCAB_PER_PARTY,
+            field_offsets=offsets, threshold=job.data.threshold, source="benchmarks.train synthetic",
+            splits=splits,
+        )
+        (job.data.dir / role / "meta.json").write_text(meta.to_json() + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_job(workdir: Path, row: str, certs: Path | None) -> Path:
+    """jobs/criteo.yaml with this run's paths: one epoch, a step record every step, fresh loopback ports."""
+    spec: dict[str, Any] = yaml.safe_load(REFERENCE_JOB.read_text())
+    spec["data"]["dir"] = str(workdir / "data")
+    spec["train"] |= {"epochs": 1, "log_every": 1, "run_dir": str(workdir / f"run-{row}")}
+    spec["transport"] |= {"timeout_s": 300, "connect_timeout_s": 120}
+    for role in ROLES:
+        party = spec["parties"][role]
+        party["listen"] = f"127.0.0.1:{free_port()}"
+        party.pop("key_password_env", None)  # dev keys without a password: nothing secret in a benchmark
+        party["cert"], party["key"] = str((certs or workdir) / f"{role}.pem"), str((certs or workdir) / f"{role}.key")
+    spec["tls"]["ca"] = str((certs or workdir) / "ca.pem")
+    path = workdir / f"job-{row}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------------------- in-process rows
+
+
+def timed_rate(step_ends: list[float], warmup: int, batch_size: int) -> float:
+    """Samples/s between the end of the last warm-up step and the end of the last step."""
+    timed = len(step_ends) - warmup
+    return timed * batch_size / (step_ends[-1] - step_ends[warmup - 1])
+
+
+def median_rate(step_ends: list[float], warmup: int, batch_size: int) -> float:
+    """Samples/s of the median timed step; other engineers' jobs on the same 2 cores inflate single steps."""
+    durations = np.diff(step_ends[warmup - 1 :])
+    return batch_size / float(np.median(durations))
+
+
+def rates(step_ends: list[float], warmup: int, steps: int, batch_size: int) -> tuple[float, float]:
+    ends = step_ends[: warmup + steps]
+    if len(ends) < warmup + 1:
+        raise RuntimeError(f"only {len(ends)} step records, need more than {warmup} warm-up steps")
+    return timed_rate(ends, warmup, batch_size), median_rate(ends, warmup, batch_size)
+
+
+def plain_torch(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
+    """The whole model in one module and one loop: the speed split learning should approach."""
+    import torch
+    import torch.nn.functional as F
+
+    from data_prep.store import open_party
+    from vfl_cli.model.wide_deep import JointWideDeep, build_optimizers
+    from vfl_cli.train.batches import iterate
+
+    torch.set_num_threads(2)
+    data = {role: open_party(job.data.dir, role) for role in ROLES}
+    model = JointWideDeep.build(
+        data["leader"].meta.vocab_size, len(job.leader.fields),
+        data["follower"].meta.vocab_size, len(job.follower.fields), job.model, job.seed,
+    )
+    optimizers = build_optimizers(
+        model.wide_parameters(), model.deep_parameters(), job.train.wide_optimizer, job.train.deep_optimizer
+    )
+    batches = [iterate(data[role].split("train"), job.train.batch_size, job.seed, 0, shuffle=True) for role in ROLES]
+    step_ends: list[float] = []
+    for leader, follower in zip(*batches, strict=True):
+        assert leader.labels is not None
+        logits = model(leader.ids, leader.vals, follower.ids, follower.vals)  # (B,)
+        loss = F.binary_cross_entropy_with_logits(logits, leader.labels) + model.l2_penalty(job.train.l2_coef)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        loss.item()  # what the split loop does for its log line
+        step_ends.append(time.perf_counter())
+        if len(step_ends) == warmup + steps:
+            break
+    return {"step_ends": step_ends}
+
+
+def step_times(metrics: Path) -> list[float]:
+    """Wall-clock times of the leader's step records, in step order (one per step with log_every 1)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = sorted((r["step"], r["time"]) for r in records if r.get("event") == "step")
+    return [t for _, t in steps]
+
+
+def local_mode(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
+    """`vfl train --role local` without the console: both parties in this process, joined by LocalPeer."""
+    import torch
+
+    from vfl_cli.train.session import run_local, train_session
+
+    torch.set_num_threads(sum(p.threads or 0 for p in job.parties.values()) or 2)  # as the CLI does
+    run_local(job, train_session)
+    return {"step_ends": step_times(job.train.run_dir / "leader" / "metrics.jsonl")}
+
+
+WORKERS = {"plain": plain_torch, "local": local_mode}
+
+
+def run_worker(kind: str, job_path: Path, warmup: int, steps: int, workdir: Path) -> tuple[dict[str, Any], int]:
+    """Run one in-process row in a child process; returns its result and its peak RSS in bytes."""
+    result = workdir / f"result-{kind}.json"
+    command = [sys.executable, "-m", "benchmarks.train", "--worker", kind, "--job", str(job_path),
+               "--warmup", str(warmup), "--steps", str(steps), "--result", str(result)]
+    process = subprocess.Popen(command, cwd=REPO)
+    try:
+        _, status, usage = os.wait4(process.pid, 0)
+    except BaseException:
+        process.kill()  # never leave a child behind (Ctrl-C included)
+        os.waitpid(process.pid, 0)
+        raise
+    process.returncode = os.waitstatus_to_exitcode(status)  # wait4 reaped it; tell Popen
+    if process.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed with exit code {process.returncode}")
+    return json.loads(result.read_text()), usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+
+
+# --------------------------------------------------------------------------------------- two-party row
+
+
+def transport_ready() -> str | None:
+    """Why the two-party row cannot run yet (another engineer is finishing certs and the transport), or None."""
+    for module in ("vfl_cli.commands.certs", "vfl_cli.commands.prep", "vfl_cli.transport.https_peer"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} does not exist yet"
+    return None
+
+
+def make_certs(job_path: Path, out: Path) -> None:
+    command = [sys.executable, "-m", "vfl_cli.app", "certs", "--job", str(job_path), "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"vfl certs failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
+
+
+def start_party(role: str, job_path: Path, workdir: Path) -> subprocess.Popen[bytes]:
+    log = (workdir / f"{role}.out").open("wb")
+    # A wide terminal for rich, so the final traffic line is never wrapped.
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "vfl_cli.app", "train", "--role", role, "--job", str(job_path)]
+    return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_all(processes: dict[str, subprocess.Popen[bytes]], deadline: float) -> dict[str, int]:
+    """Reap both parties with wait4; the first failure or the deadline kills the other. Returns peak RSS."""
+    rss: dict[str, int] = {}
+    while len(rss) < len(processes):
+        for role, process in processes.items():
+            if role in rss:
+                continue
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid == 0:
+                continue
+            process.returncode = os.waitstatus_to_exitcode(status)
+            rss[role] = usage.ru_maxrss * 1024
+            if process.returncode != 0:
+                raise RuntimeError(f"the {role} exited with code {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"two-party run still going after {TWO_PARTY_DEADLINE_S:g} s")
+        time.sleep(0.2)
+    return rss
+
+
+def kill_all(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+    for process in processes.values():
+        if process.returncode is None:
+            process.kill()
+            os.waitpid(process.pid, 0)
+            process.returncode = -9
+
+
+TRAFFIC = re.compile(r"(leader|follower) sent ([\d,.]+) MB, received ([\d,.]+) MB")
+
+
+def traffic_per_step(workdir: Path, train_steps: int, batch_size: int) -> tuple[dict[str, float], str]:
+    """Bytes per training step each way, from the final output lines; computed from the shapes if absent."""
+    sent: dict[str, float] = {}
+    for role in ROLES:
+        match = TRAFFIC.search((workdir / f"{role}.out").read_text(errors="replace"))
+        if match:
+            sent[role] = float(match.group(2).replace(",", "")) * 1e6
+    if len(sent) == len(ROLES):
+        per_step = {"follower->leader": sent["follower"] / train_steps,
+                    "leader->follower": sent["leader"] / train_steps}
+        return per_step, "bytes/step measured (whole run incl. handshake and eval, / train steps)"
+    payload = 2 * batch_size * 4.0  # two float32 [B, 1] tensors; headers not counted
+    return {"follower->leader": payload, "leader->follower": payload}, "bytes/step computed (2 x B x 4, no overhead)"
+
+
+def two_party(workdir: Path, warmup: int, steps: int, batch_size: int) -> Row:
+    certs = workdir / "certs"
+    job_path = write_job(workdir, "two-party", certs)
+    make_certs(job_path, certs)
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for role in ROLES:
+            processes[role] = start_party(role, job_path, workdir)
+        rss = wait_all(processes, time.monotonic() + TWO_PARTY_DEADLINE_S)
+    except BaseException:
+        kill_all(processes)
+        for role in processes:
+            tail = (workdir / f"{role}.out").read_text(errors="replace")[-1500:]
+            print(f"--- {role} output (tail) ---\n{tail}", file=sys.stderr)
+        raise
+    job = load_job(job_path)
+    times = step_times(job.train.run_dir / "leader" / "metrics.jsonl")
+    per_step, note = traffic_per_step(workdir, len(times), batch_size)
+    rate, median = rates(times, warmup, steps, batch_size)
+    return Row("two-party HTTPS", rate, median, rss, per_step, note)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def fmt_rss(rss: dict[str, int]) -> str:
+    return " / ".join(f"{role[0]} {value / GIB:.2f}" for role, value in rss.items()) if rss else "-"
+
+
+def print_table(rows: list[Row], batch_size: int) -> None:
+    base = rows[0].samples_per_s
+    header = f"{'row':<16} {'samples/s':>9} {'x plain':>7} {'s/step':>6} {'median/s':>8}  {'peak RSS GiB':<16} note"
+    print("\n" + header + "\n" + "-" * len(header))
+    for row in rows:
+        if row.samples_per_s is None:
+            print(f"{row.name:<16} {'-':>9} {'-':>7} {'-':>6} {'-':>8}  {'-':<16} {row.note}")
+            continue
+        ratio = f"{row.samples_per_s / base:.2f}x" if base else "-"
+        step = batch_size / row.samples_per_s
+        median = f"{row.median_samples_per_s:,.0f}" if row.median_samples_per_s else "-"
+        print(f"{row.name:<16} {row.samples_per_s:>9,.0f} {ratio:>7} {step:>6.2f} {median:>8}  "
+              f"{fmt_rss(row.peak_rss):<16} {row.note}")
+    anchor_ratio = f"{MINDSPORE_SAMPLES_PER_S / base:.2f}x" if base else "-"
+    print(f"{'MindSpore anchor':<16} {MINDSPORE_SAMPLES_PER_S:>9,} {anchor_ratio:>7} {'':>6} {'':>8}  "
+          f"{f'{MINDSPORE_RSS_GIB} per party':<16} splitnn_criteo, as reported")
+    for row in rows:
+        for direction, value in row.bytes_per_step.items():
+            print(f"{row.name}: {direction} {value / 1e3:,.1f} kB/step")
+
+
+def target_checks(rows: list[Row]) -> dict[str, bool | None]:
+    """The targets, judged on the two-party row (None when it did not run)."""
+    plain, two = rows[0], next((r for r in rows if r.name == "two-party HTTPS"), None)
+    if two is None or two.samples_per_s is None or plain.samples_per_s is None:
+        return {"two-party >= 0.9x plain torch": None, "two-party >= 5,000 samples/s": None,
+                "RSS < 2 GiB per party": None}
+    return {
+        "two-party >= 0.9x plain torch": two.samples_per_s >= TARGET_RATIO * plain.samples_per_s,
+        "two-party >= 5,000 samples/s": two.samples_per_s >= TARGET_SAMPLES_PER_S,
+        "RSS < 2 GiB per party": all(v < TARGET_RSS_BYTES for v in two.peak_rss.values()),
+    }
+
+
+def print_targets(checks: dict[str, bool | None]) -> None:
+    marks = {True: "met", False: "MISSED", None: "not measured"}
+    print("\ntargets: " + "; ".join(f"{name}: {marks[ok]}" for name, ok in checks.items()))
+    print(f"anchor: MindSpore Federated ~{MINDSPORE_SAMPLES_PER_S:,} samples/s at {MINDSPORE_RSS_GIB} GiB per party")
+
+
+def write_json(rows: list[Row], checks: dict[str, bool | None], config: dict[str, Any]) -> Path:
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    base = rows[0].samples_per_s
+    out = BENCH_DIR / "train.json"
+    body = {
+        "config": config,
+        "rows": [asdict(r) | {"ratio_to_plain": r.samples_per_s / base if r.samples_per_s and base else None}
+                 for r in rows],
+        "targets": checks,
+        "anchor": {"name": "MindSpore Federated splitnn_criteo", "samples_per_s": MINDSPORE_SAMPLES_PER_S,
+                   "rss_gib_per_party": MINDSPORE_RSS_GIB},
+    }
+    out.write_text(json.dumps(body, indent=2) + "\n")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps per row (default 8)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2, at least 1)")
+    parser.add_argument("--skip-two-party", action="store_true", help="skip the two-process HTTPS row")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (data, jobs, logs) in runs/bench/")
+    # Internal: one in-process row in a child process, so that its peak RSS is its own.
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be at least 1")
+    return args
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    result = WORKERS[args.worker](load_job(args.job), args.warmup, args.steps)
+    args.result.write_text(json.dumps(result))
+
+
+def bench(args: argparse.Namespace, workdir: Path) -> list[Row]:
+    local_job_path = write_job(workdir, "local", None)
+    job = load_job(local_job_path)
+    batch = job.train.batch_size
+    write_data(job, train_rows=(args.warmup + args.steps) * batch)
+    rows: list[Row] = []
+    for kind, name in (("plain", "plain torch"), ("local", "local")):
+        job_path = local_job_path if kind == "local" else write_job(workdir, kind, None)
+        result, rss = run_worker(kind, job_path, args.warmup, args.steps, workdir)
+        rate, median = rates(result["step_ends"], args.warmup, args.steps, batch)
+        note = "1 process, both parties, 2 threads" if kind == "local" else "1 process, 2 threads"
+        rows.append(Row(name, rate, median, {"process": rss}, note=note))
+        print(f"{name}: {rate:,.0f} samples/s, peak RSS {rss / GIB:.2f} GiB", flush=True)
+    if args.skip_two_party:
+        rows.append(Row("two-party HTTPS", note="skipped (--skip-two-party)"))
+    elif (missing := transport_ready()) is not None:
+        rows.append(Row("two-party HTTPS", note=f"not run: {missing}"))
+    else:
+        rows.append(two_party(workdir, args.warmup, args.steps, batch))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()  # the machine is shared: a busy one makes every row slower and noisier
+    if load_before[0] > 0.5:
+        print(f"warning: 1-min load average {load_before[0]:.2f} before the run; figures may be low", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="train-", dir=BENCH_DIR))
+    try:
+        rows = bench(args, workdir)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    job = load_job(REFERENCE_JOB)
+    config = {"batch_size": job.train.batch_size, "emb_dim": job.model.emb_dim,
+              "deep_layers": list(job.model.deep_layers), "vocab_per_party": VOCAB_PER_PARTY,
+              "fields": {role: len(job.party(role).fields) for role in ROLES},
+              "warmup_steps": args.warmup, "timed_steps": args.steps, "cores": os.cpu_count(),
+              "load_average_before": load_before, "load_average_after": os.getloadavg()}
+    print_table(rows, job.train.batch_size)
+    checks = target_checks(rows)
+    print_targets(checks)
+    print(f"\nwrote {write_json(rows, checks, config).relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
