@@ -116,11 +116,14 @@ class BatchReader:
                 self._check(first_row, batch)
                 done = first_row + batch.num_rows
                 if self.on_progress is not None:
-                    # Before pass 1 has counted the rows, extrapolate from the share of input bytes read.
-                    estimate = total_rows or max(done, int(done * size / max(raw.tell(), 1)))
+                    # Before pass 1 has counted the rows, extrapolate from the share of input bytes read
+                    # (the parser reads a little ahead); never report done before the end.
+                    estimate = total_rows or max(done + 1, int(done * size / max(raw.tell(), 1)))
                     self.on_progress(phase, done, estimate)
                 yield first_row, batch
                 first_row = done
+            if self.on_progress is not None:
+                self.on_progress(phase, first_row, first_row)
         except pa.ArrowInvalid as exc:
             if "Empty CSV file" in str(exc):
                 raise DataError(f"{self.path}: empty input, no rows") from exc

@@ -40,7 +40,12 @@ class _Bars:
     def __call__(self, phase: str, done: int, total: int) -> None:
         if phase not in self.tasks:
             self.tasks[phase] = self.progress.add_task(self.labels.get(phase, phase), total=total)
-        self.progress.update(self.tasks[phase], completed=done, total=total)
+        task_id = self.tasks[phase]
+        # Pass 1's total is an estimate that moves with every batch, and Progress.update(total=...) clears the
+        # samples behind the rows/s column whenever the total changes; so set the total on the task itself.
+        task = next(task for task in self.progress.tasks if task.id == task_id)
+        task.total = total
+        self.progress.update(task_id, completed=done)
 
 
 def _summary(result: PrepResult, bench: bool) -> None:
