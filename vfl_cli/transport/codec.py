@@ -1,0 +1,236 @@
+"""The wire format: named messages <-> msgpack bodies. Every msgpack call of vfl lives in this module.
+
+A body is one msgpack map:
+
+    {"v": 1, "job": <job fingerprint>, "type": "hello" | "tensors" | "abort", ...type-specific keys}
+
+    hello    {"hello": {role, name, job_fingerprint, data_fingerprint, command, resume_epoch, protocol,
+                        extra}}
+    tensors  {"kind": "embeddings", "key": {"phase", "epoch", "step"}, "seq": 1,
+              "tensors": {name: {"dtype": "float32", "shape": [B, 1], "data": <raw little-endian bytes>}}}
+    abort    {"reason": "..."}
+
+Tensors travel as raw bytes, never pickled. `decode` trusts nothing: every type is checked, and anything
+malformed raises ProtocolError with a reason the server sends back to the sender.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from vfl_cli.errors import ProtocolError
+from vfl_cli.peer import KINDS, PHASES, PROTOCOL_VERSION, BatchKey, Hello, Kind
+
+WIRE_VERSION = PROTOCOL_VERSION
+MAX_DIMS = 4  # cut-layer tensors are [B, 1]; anything deeper is not ours
+MAX_TENSORS = 16
+MAX_REASON_CHARS = 1000  # an abort reason is shown to a human: keep it to a line or so
+
+# Wire dtype name -> (numpy little-endian dtype, torch dtype). Floats are checked for finiteness.
+DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "float32": (np.dtype("<f4"), torch.float32),
+    "float64": (np.dtype("<f8"), torch.float64),
+    "float16": (np.dtype("<f2"), torch.float16),
+    "int64": (np.dtype("<i8"), torch.int64),
+    "int32": (np.dtype("<i4"), torch.int32),
+    "int8": (np.dtype("i1"), torch.int8),
+    "uint8": (np.dtype("u1"), torch.uint8),
+}
+_TORCH_TO_WIRE = {torch_dtype: name for name, (_, torch_dtype) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class HelloMessage:
+    hello: Hello
+
+
+@dataclass(frozen=True)
+class TensorMessage:
+    kind: Kind
+    key: BatchKey
+    seq: int  # 1, 2, 3, ... per kind per run: lets the receiver drop retried duplicates
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AbortMessage:
+    reason: str
+
+
+Message = HelloMessage | TensorMessage | AbortMessage
+
+
+# --------------------------------------------------------------------------------------------------- encode
+
+
+def encode(message: Message, job_fingerprint: str) -> bytes:
+    """The msgpack body of one message."""
+    body: dict[str, Any] = {"v": WIRE_VERSION, "job": job_fingerprint}
+    if isinstance(message, HelloMessage):
+        h = message.hello
+        body["type"] = "hello"
+        body["hello"] = {
+            "role": h.role,
+            "name": h.name,
+            "job_fingerprint": h.job_fingerprint,
+            "data_fingerprint": h.data_fingerprint,
+            "command": h.command,
+            "resume_epoch": h.resume_epoch,
+            "protocol": h.protocol,
+            "extra": h.extra,
+        }
+    elif isinstance(message, TensorMessage):
+        body["type"] = "tensors"
+        body["kind"] = message.kind
+        body["key"] = {"phase": message.key.phase, "epoch": message.key.epoch, "step": message.key.step}
+        body["seq"] = message.seq
+        body["tensors"] = {name: _encode_tensor(name, t) for name, t in message.tensors.items()}
+    else:
+        body["type"] = "abort"
+        body["reason"] = message.reason
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _encode_tensor(name: str, tensor: torch.Tensor) -> dict[str, Any]:
+    wire_dtype = _TORCH_TO_WIRE.get(tensor.dtype)
+    if wire_dtype is None:
+        raise ProtocolError(f"tensor {name!r}: dtype {tensor.dtype} cannot be sent")
+    array = tensor.detach().to("cpu").contiguous().numpy()
+    # astype is a no-op on little-endian machines; it fixes the byte order elsewhere.
+    data = array.astype(DTYPES[wire_dtype][0], copy=False).tobytes()
+    return {"dtype": wire_dtype, "shape": list(array.shape), "data": data}
+
+
+# --------------------------------------------------------------------------------------------------- decode
+
+
+def decode(body: bytes) -> tuple[str, Message]:
+    """(job fingerprint, message) of one body; ProtocolError with a reason when anything is off."""
+    try:
+        raw = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"body is not valid msgpack ({type(exc).__name__})") from exc
+    top = _map(raw, "body")
+    version = _int(top.get("v"), "v")
+    if version != WIRE_VERSION:
+        raise ProtocolError(f"wire version {version}, this side speaks {WIRE_VERSION}")
+    job = _str(top.get("job"), "job")
+    kind = _str(top.get("type"), "type")
+    if kind == "hello":
+        return job, HelloMessage(_decode_hello(_map(top.get("hello"), "hello")))
+    if kind == "tensors":
+        return job, _decode_tensors(top)
+    if kind == "abort":
+        return job, AbortMessage(printable(_str(top.get("reason"), "reason"))[:MAX_REASON_CHARS])
+    raise ProtocolError(f"unknown message type {kind[:40]!r}")
+
+
+def _decode_hello(raw: dict[str, Any]) -> Hello:
+    data_fingerprint: dict[str, dict[str, int | str]] = {}
+    for split, info in _map(raw.get("data_fingerprint"), "hello.data_fingerprint").items():
+        entries = _map(info, f"hello.data_fingerprint.{split}")
+        for name, value in entries.items():
+            if isinstance(value, bool) or not isinstance(value, int | str):
+                raise ProtocolError(f"hello.data_fingerprint.{split}.{name}: expected int or string")
+        data_fingerprint[split] = entries
+    extra = _map(raw.get("extra"), "hello.extra")
+    for name, value in extra.items():
+        _str(value, f"hello.extra.{name}")
+    return Hello(
+        role=_str(raw.get("role"), "hello.role"),
+        name=_str(raw.get("name"), "hello.name"),
+        job_fingerprint=_str(raw.get("job_fingerprint"), "hello.job_fingerprint"),
+        data_fingerprint=data_fingerprint,
+        command=_str(raw.get("command"), "hello.command"),
+        resume_epoch=_int(raw.get("resume_epoch"), "hello.resume_epoch"),
+        protocol=_int(raw.get("protocol"), "hello.protocol"),
+        extra=extra,
+    )
+
+
+def _decode_tensors(top: dict[str, Any]) -> TensorMessage:
+    kind = _str(top.get("kind"), "kind")
+    if kind not in KINDS:
+        raise ProtocolError(f"kind: unknown {kind[:40]!r}, expected one of {', '.join(KINDS)}")
+    raw_key = _map(top.get("key"), "key")
+    phase = _str(raw_key.get("phase"), "key.phase")
+    if phase not in PHASES:
+        raise ProtocolError(f"key.phase: unknown {phase[:40]!r}, expected one of {', '.join(PHASES)}")
+    key = BatchKey(phase, _int(raw_key.get("epoch"), "key.epoch"), _int(raw_key.get("step"), "key.step"))
+    seq = _int(top.get("seq"), "seq")
+    if seq < 1:
+        raise ProtocolError(f"seq: must be >= 1, got {seq}")
+    raw_tensors = _map(top.get("tensors"), "tensors")
+    if len(raw_tensors) > MAX_TENSORS:
+        raise ProtocolError(f"tensors: {len(raw_tensors)} tensors, at most {MAX_TENSORS}")
+    tensors = {name: _decode_tensor(name, value) for name, value in raw_tensors.items()}
+    return TensorMessage(kind, key, seq, tensors)
+
+
+def _decode_tensor(name: str, raw: object) -> torch.Tensor:
+    where = f"tensors.{name[:40]}"
+    spec = _map(raw, where)
+    dtype_name = _str(spec.get("dtype"), f"{where}.dtype")
+    if dtype_name not in DTYPES:
+        raise ProtocolError(
+            f"{where}.dtype: unknown {dtype_name[:40]!r}, expected one of {', '.join(DTYPES)}"
+        )
+    np_dtype, _ = DTYPES[dtype_name]
+    raw_shape = spec.get("shape")
+    if not isinstance(raw_shape, list):
+        raise ProtocolError(f"{where}.shape: expected a list of ints")
+    if len(raw_shape) > MAX_DIMS:
+        raise ProtocolError(f"{where}.shape: {len(raw_shape)} dims, at most {MAX_DIMS}")
+    shape = [_int(d, f"{where}.shape") for d in raw_shape]
+    if any(d < 0 for d in shape):
+        raise ProtocolError(f"{where}.shape: negative dimension in {shape}")
+    data = spec.get("data")
+    if not isinstance(data, bytes):
+        raise ProtocolError(f"{where}.data: expected bytes")
+    expected = math.prod(shape) * np_dtype.itemsize
+    if len(data) != expected:
+        raise ProtocolError(
+            f"{where}.data: {len(data)} bytes, shape {shape} of {dtype_name} needs {expected}"
+        )
+    # astype copies into native byte order: the tensor must own writable memory, not the request body.
+    array = np.frombuffer(data, dtype=np_dtype).reshape(shape).astype(np_dtype.newbyteorder("="))
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ProtocolError(f"{where}: contains NaN or infinity")
+    return torch.from_numpy(array)
+
+
+# ---------------------------------------------------------------------------------------------- type checks
+
+
+def _map(value: object, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}: expected a map, got {_type_name(value)}")
+    return value
+
+
+def _str(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{where}: expected a string, got {_type_name(value)}")
+    return value
+
+
+def _int(value: object, where: str) -> int:
+    # bool is an int in Python; on the wire it is a different type and never a valid number here.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{where}: expected an integer, got {_type_name(value)}")
+    return value
+
+
+def _type_name(value: object) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def printable(text: str) -> str:
+    """Text from the peer ends up on our terminal: no control characters (escape sequences)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
