@@ -23,7 +23,7 @@ import resource
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +103,7 @@ class BatchReader:
         raw = pa.OSFile(str(self.path), "rb")
         stream = pa.CompressedInputStream(raw, "gzip") if self.gzipped else raw
         first_row = 0
+        parsed: Generator[pa.RecordBatch, None, None] | None = None
         try:
             reader = pa_csv.open_csv(
                 stream,
@@ -112,7 +113,8 @@ class BatchReader:
                 parse_options=pa_csv.ParseOptions(delimiter="\t", quote_char=False, ignore_empty_lines=False),
                 convert_options=self.convert,
             )
-            for batch in _prefetch(reader):
+            parsed = _prefetch(reader)
+            for batch in parsed:
                 self._check(first_row, batch)
                 done = first_row + batch.num_rows
                 if self.on_progress is not None:
@@ -131,6 +133,8 @@ class BatchReader:
         except OSError as exc:  # e.g. a corrupt or truncated gzip stream
             raise DataError(f"{self.path}: cannot read input ({exc})") from exc
         finally:
+            if parsed is not None:
+                parsed.close()  # stops the parsing thread before the file closes
             stream.close()
             raw.close()
 
@@ -170,7 +174,7 @@ class BatchReader:
         return None
 
 
-def _prefetch(reader: pa.RecordBatchReader, depth: int = 2) -> Iterator[pa.RecordBatch]:
+def _prefetch(reader: pa.RecordBatchReader, depth: int = 2) -> Generator[pa.RecordBatch, None, None]:
     """Parse the next batches in a background thread while the caller works on the current one.
 
     Arrow parses without holding the GIL, so on two cores reading and counting/encoding overlap.
@@ -240,7 +244,7 @@ class _ValueCounter:
 
     def _compact(self) -> None:
         merged = pa.concat_tables(self.pending).group_by("v").aggregate([("c", "sum")])
-        self.pending = [merged.rename_columns(["v", "c"])]
+        self.pending = [pa.table({"v": merged["v"], "c": merged["c_sum"]})]  # by name: column order varies
         self.pending_rows = self.compacted_rows = merged.num_rows
 
     def frequent(self, threshold: int) -> pa.Array:
@@ -265,6 +269,7 @@ class Counts:
 
 
 def count_pass(reader: BatchReader, fields: Sequence[str], threshold: int, seed: int, test_fraction: float) -> Counts:
+    """Pass 1: rows, test rows, label-1 rows, dense maxima and categorical counts over the whole input."""
     dense = [f for f in fields if f in DENSE_FIELDS]
     counters = {f: _ValueCounter() for f in fields if f not in DENSE_FIELDS}
     maxima: dict[str, float] = {}
