@@ -29,6 +29,7 @@ class Run:
     wall_s: float  # the whole subprocess, including interpreter start and imports
     prep_rows_per_s: float  # the two passes alone, as `vfl prep` reports it
     peak_rss_mb: float
+    cpu_s: float  # the child's user + system CPU time: comparable even when other work shares the cores
 
 
 def run_prep(raw: Path, out: Path, rows: int) -> Run:
@@ -47,7 +48,7 @@ def run_prep(raw: Path, out: Path, rows: int) -> Run:
     print(report.rstrip(), flush=True)
     match = re.search(r"([\d,]+) rows/s over both passes", report)
     rate = float(match.group(1).replace(",", "")) if match else float("nan")
-    return Run(rows, wall, rate, usage.ru_maxrss / 1024)
+    return Run(rows, wall, rate, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
 
 
 def main() -> None:
@@ -64,10 +65,15 @@ def main() -> None:
             print(f"synth {rows:,} rows ({size_mb:,.0f} MB) in {time.perf_counter() - started:.1f} s", flush=True)
             runs.append(run_prep(raw, Path(tmp) / f"out-{rows}", rows))
             raw.unlink()  # keep at most one input on disk
-    print("\nrows        prep rows/s   wall rows/s   peak RSS")
+    load = os.getloadavg()[0]
+    print(f"\n{os.cpu_count()} cores, load average {load:.1f} (other work on the machine slows the figures)")
+    print("rows        prep rows/s   wall rows/s   CPU s   peak RSS")
     for run in runs:
         wall_rate = run.rows / run.wall_s
-        print(f"{run.rows:>9,}   {run.prep_rows_per_s:>11,.0f}   {wall_rate:>11,.0f}   {run.peak_rss_mb:>6,.0f} MB")
+        print(
+            f"{run.rows:>9,}   {run.prep_rows_per_s:>11,.0f}   {wall_rate:>11,.0f}   {run.cpu_s:>5.1f}"
+            f"   {run.peak_rss_mb:>6,.0f} MB"
+        )
     if len(runs) >= 2:
         ratio = runs[-1].peak_rss_mb / runs[0].peak_rss_mb
         print(f"peak RSS ratio {runs[-1].rows:,}/{runs[0].rows:,} rows: {ratio:.2f}")
