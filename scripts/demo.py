@@ -116,7 +116,7 @@ def main() -> None:
     print(f"training speed, last epoch:        {speeds[-1]:,.0f} samples/s")
     if traffic:
         print(f"leader received {traffic.group(2)} MB of follower embeddings, sent {traffic.group(1)} MB of gradients")
-    print(f"predictions:                       {predictions} ({sum(1 for _ in predictions.open()) - 1:,} rows)")
+    print(f"predictions:                       {predictions} ({len(predictions.read_text().splitlines()) - 1:,} rows)")
     print(f"total time:                        {time.perf_counter() - started:,.0f} s")
     if args.check:
         print(f"local (one process) test AUC:      {local_auc:.6f}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import sys
 
-import click
 import typer
 
 from vfl_cli import __version__
@@ -46,16 +45,11 @@ def _root(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app()  # standalone: typer prints usage errors itself and exits 2
     except VflError as exc:
         print_error(str(exc))
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except KeyboardInterrupt:
         print_error("interrupted")
         sys.exit(130)
 

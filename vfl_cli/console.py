@@ -25,11 +25,11 @@ console = Console(stderr=True, highlight=False)
 
 
 def print_error(message: str) -> None:
-    console.print(Text("error: ", style="bold red") + Text(message))
+    console.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
 
 
 def print_warning(message: str) -> None:
-    console.print(Text("warning: ", style="bold yellow") + Text(message))
+    console.print(Text("warning: ", style="bold yellow") + Text(message), soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):
@@ -76,7 +76,7 @@ class RichReporter:
             self._progress.advance(self._task, samples)
 
     def log(self, line: str) -> None:
-        console.print(line)
+        console.print(line, soft_wrap=True)
 
     def end(self) -> None:
         if self._progress is not None:
