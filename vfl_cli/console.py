@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 # Progress and logs go to stderr so that stdout carries only results (AUC lines, file paths).
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_error(message: str) -> None:
