@@ -83,7 +83,8 @@ class Inbox:
         """The peer's Hello, or None when none came within the timeout; raises PeerAborted."""
         with self._cond:
             self._cond.wait_for(lambda: self._hello is not None or self._abort_reason is not None, timeout_s)
-            self._raise_if_aborted()
+            if self._hello is None:  # a Hello that came before an abort still lets us say what differs
+                self._raise_if_aborted()
             return self._hello
 
     def next_tensors(self, kind: Kind, timeout_s: float) -> TensorMessage | None:
