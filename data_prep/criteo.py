@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import queue
 import resource
 import shutil
@@ -39,6 +40,7 @@ from vfl_cli.job import ALL_FIELDS, DENSE_FIELDS, JobSpec, PartySpec, Role
 LABEL = "label"
 COLUMNS = (LABEL, *ALL_FIELDS)  # the layout of a raw line
 BLOCK_SIZE = 1 << 20  # bytes per parsed block (~4k Criteo rows); the reader holds ~40 MB at this size
+COMPACT_MIN_VALUES = 100_000  # pending distinct values per field before a first merge (~2 MB)
 ProgressFn = Callable[[str, int, int], None]  # (phase, rows done, rows total or an estimate from bytes read)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -139,18 +141,26 @@ class BatchReader:
             raw.close()
 
     def _check(self, first_row: int, batch: pa.RecordBatch) -> None:
-        """Vectorised checks the parser cannot do: labels are 0/1, dense values are finite."""
+        """Vectorised checks the parser cannot do: labels are 0/1, dense values are finite.
+
+        Cheap aggregates first (min/max of the label, the sum of each dense column, which is not finite if
+        any value is inf or NaN); the row-level search runs only when one of them looks wrong.
+        """
         if self.with_label:
             label = batch.column(LABEL)
-            bad = pc.invert(pc.is_in(label, value_set=pa.array([0, 1], pa.int8()))).fill_null(True)
-            if pc.any(bad).as_py():
+            low_high = pc.min_max(label)
+            if label.null_count or low_high["min"].as_py() < 0 or low_high["max"].as_py() > 1:
+                bad = pc.invert(pc.is_in(label, value_set=pa.array([0, 1], pa.int8()))).fill_null(True)
                 row = first_row + int(np.argmax(bad.to_numpy(zero_copy_only=False)))
                 value = label[row - first_row].as_py()
                 found = "it is missing" if value is None else f"found {value}"
                 raise DataError(f"{self.path}:{row + 1}: label must be 0 or 1, {found}")
         for field in self.dense:
-            bad = pc.invert(pc.is_finite(batch.column(field))).fill_null(False)
-            if pc.any(bad).as_py():
+            column = batch.column(field)
+            if math.isfinite(pc.sum(column).as_py() or 0.0):
+                continue
+            bad = pc.invert(pc.is_finite(column)).fill_null(False)
+            if pc.any(bad).as_py():  # else the sum merely overflowed
                 row = first_row + int(np.argmax(bad.to_numpy(zero_copy_only=False)))
                 raise DataError(f"{self.path}:{row + 1}: {field} must be a finite number")
 
@@ -212,6 +222,14 @@ def _prefetch(reader: pa.RecordBatchReader, depth: int = 2) -> Generator[pa.Reco
         worker.join()
 
 
+def _indices(column: pa.DictionaryArray) -> np.ndarray:
+    """A dictionary column's indices, with missing values pointing one past the dictionary's end."""
+    indices = column.indices
+    if indices.null_count:
+        indices = indices.fill_null(len(column.dictionary))
+    return indices.to_numpy()
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -227,33 +245,36 @@ class _ValueCounter:
     """Occurrences of each value of one categorical field; memory grows with distinct values, not rows."""
 
     def __init__(self) -> None:
-        self.pending: list[pa.Table] = []
+        self.values: list[pa.Array] = []  # distinct per piece; the first piece is the merged total so far
+        self.counts: list[np.ndarray] = []
         self.pending_rows = 0
         self.compacted_rows = 0
 
     def add(self, column: pa.DictionaryArray) -> None:
         # The reader dictionary-encodes each batch, so counting is a bincount over the indices.
         size = len(column.dictionary)
-        counts = np.bincount(column.indices.fill_null(size).to_numpy(), minlength=size + 1)[:size]
+        counts = np.bincount(_indices(column), minlength=size + 1)[:size]
         seen = np.flatnonzero(counts)
-        self.pending.append(pa.table({"v": column.dictionary.take(pa.array(seen)), "c": counts[seen]}))
+        self.values.append(column.dictionary.take(pa.array(seen)))
+        self.counts.append(counts[seen])
         self.pending_rows += len(seen)
-        # Merge when the pending pieces double the merged size: amortised linear work overall.
-        if self.pending_rows > 2 * self.compacted_rows + 100_000:
+        # Merge when the pieces hold twice the merged size: amortised linear work overall.
+        if self.pending_rows > 2 * self.compacted_rows + COMPACT_MIN_VALUES:
             self._compact()
 
     def _compact(self) -> None:
-        merged = pa.concat_tables(self.pending).group_by("v").aggregate([("c", "sum")])
-        self.pending = [pa.table({"v": merged["v"], "c": merged["c_sum"]})]  # by name: column order varies
-        self.pending_rows = self.compacted_rows = merged.num_rows
+        # Hash the pieces' values together once, then add up their counts per distinct value.
+        encoded = pc.dictionary_encode(pa.concat_arrays(self.values))
+        total = np.bincount(encoded.indices.to_numpy(), weights=np.concatenate(self.counts))
+        self.values, self.counts = [encoded.dictionary], [total.astype(np.int64)]
+        self.pending_rows = self.compacted_rows = len(encoded.dictionary)
 
     def frequent(self, threshold: int) -> pa.Array:
         """Values counted more than `threshold` times, sorted by their raw string (UTF-8 byte order)."""
-        if not self.pending:
+        if not self.values:
             return pa.array([], pa.string())
         self._compact()
-        table = self.pending[0]
-        values = table.column("v").filter(pc.greater(table.column("c"), threshold)).combine_chunks()
+        values = self.values[0].filter(pa.array(self.counts[0] > threshold))
         return values.take(pc.sort_indices(values))
 
 
@@ -346,7 +367,7 @@ class PartyVocab:
                 # Look up each distinct value of the batch once, then map every row through that table.
                 found = pc.index_in(column.dictionary, value_set=self.frequent[field]).fill_null(-1).to_numpy()
                 table = np.append(np.where(found >= 0, offset + 1 + found, offset), offset).astype(np.int32)
-                ids[:, j] = table[column.indices.fill_null(len(column.dictionary)).to_numpy()]
+                ids[:, j] = table[_indices(column)]
         return ids, vals
 
 
