@@ -244,7 +244,8 @@ def _is_number(text: str) -> bool:
 class _ValueCounter:
     """Occurrences of each value of one categorical field; memory grows with distinct values, not rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, merge_floor: int = COMPACT_MIN_VALUES) -> None:
+        self.merge_floor = merge_floor
         self.values: list[pa.Array] = []  # distinct per piece; the first piece is the merged total so far
         self.counts: list[np.ndarray] = []
         self.pending_rows = 0
@@ -259,7 +260,7 @@ class _ValueCounter:
         self.counts.append(counts[seen])
         self.pending_rows += len(seen)
         # Merge when the pieces hold twice the merged size: amortised linear work overall.
-        if self.pending_rows > 2 * self.compacted_rows + COMPACT_MIN_VALUES:
+        if self.pending_rows > 2 * self.compacted_rows + self.merge_floor:
             self._compact()
 
     def _compact(self) -> None:

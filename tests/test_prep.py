@@ -5,13 +5,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
 
-from data_prep.criteo import COLUMNS, in_test_split, prepare_criteo, split_uniform
+from data_prep.criteo import COLUMNS, _ValueCounter, in_test_split, prepare_criteo, split_uniform
 from data_prep.store import open_party
 from data_prep.synth import write_synth
 from vfl_cli.errors import DataError
@@ -142,6 +144,18 @@ def test_split_uniform_is_elementwise_and_matches_reference() -> None:
     assert [float(u) for u in whole[:20]] == [splitmix_uniform(5, r) for r in range(20)]
     assert np.array_equal(in_test_split(5, 300, 400, 0.1), whole[300:700] < 0.1)
     assert abs(float((whole < 0.1).mean()) - 0.1) < 0.03
+
+
+def test_value_counter_merges_exactly_across_many_batches() -> None:
+    rng = np.random.default_rng(0)
+    words = np.array([f"v{int(k):05d}" for k in rng.zipf(1.3, 20_000) % 3000], dtype=object)
+    words[rng.random(len(words)) < 0.1] = None  # missing values are not counted
+    counter = _ValueCounter(merge_floor=50)  # forces many intermediate merges
+    for start in range(0, len(words), 700):
+        counter.add(pa.array(words[start : start + 700], pa.string()).dictionary_encode())
+    expected = Counter(w for w in words if w is not None)
+    assert counter.frequent(3).to_pylist() == sorted(w for w, n in expected.items() if n > 3)
+    assert counter.compacted_rows == len(expected)
 
 
 def test_threshold_boundary_count_equal_to_threshold_is_oov(tmp_path: Path) -> None:
