@@ -48,24 +48,26 @@ class _Bars:
         self.progress.update(task_id, completed=done)
 
 
+def _say(line: str) -> None:
+    console.print(line, soft_wrap=True)  # long paths stay on one line
+
+
 def _summary(result: PrepResult, bench: bool) -> None:
     rows = result.split_rows
-    console.print(
+    _say(
         f"prepared {rows['train'] + rows['test']:,} rows into {result.out}: "
         f"train {rows['train']:,}, test {rows['test']:,}"
     )
     for role, size in result.vocab_sizes.items():
-        console.print(f"  {role}: vocabulary {size:,} ids")
+        _say(f"  {role}: vocabulary {size:,} ids")
     if result.label_rate is not None:
-        console.print(f"  label rate {result.label_rate:.4f}")
-    console.print(f"  {result.rows_per_s:,.0f} rows/s over both passes")
+        _say(f"  label rate {result.label_rate:.4f}")
+    _say(f"  {result.rows_per_s:,.0f} rows/s over both passes")
     if bench:
         for stats in result.passes:
             rate = stats.rows / max(stats.seconds, 1e-9)
-            console.print(
-                f"  bench {stats.phase}: {rate:,.0f} rows/s, {stats.seconds:.2f} s, "
-                f"peak RSS {stats.peak_rss_mb:,.0f} MB"
-            )
+            rss = stats.peak_rss_mb
+            _say(f"  bench {stats.phase}: {rate:,.0f} rows/s, {stats.seconds:.2f} s, peak RSS {rss:,.0f} MB")
 
 
 @app.command()
@@ -119,4 +121,4 @@ def synth(
     with make_progress("rows") as progress:
         task = progress.add_task("synth", total=rows)
         write_synth(out, rows, seed, on_rows=lambda count: progress.advance(task, count))
-    console.print(f"wrote {rows:,} synthetic rows to {out}")
+    _say(f"wrote {rows:,} synthetic rows to {out}")
