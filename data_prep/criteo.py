@@ -404,6 +404,7 @@ def _peak_rss_mb() -> float:
 def _encode_pass(
     reader: BatchReader, vocabs: list[PartyVocab], staging: dict[str, Path], counts: Counts, job: JobSpec
 ) -> dict[str, dict[str, SplitWriter]]:
+    """Pass 2: encode every batch for each party and append its rows to that party's train or test arrays."""
     sizes = {"train": counts.rows - counts.test_rows, "test": counts.test_rows}
     writers: dict[str, dict[str, SplitWriter]] = {
         v.role: {
@@ -412,15 +413,21 @@ def _encode_pass(
         }
         for v in vocabs
     }
-    for first_row, batch in reader.batches("encode", total_rows=counts.rows):
-        in_test = in_test_split(job.seed, first_row, batch.num_rows, job.data.test_fraction)
-        sample_ids = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
-        labels = batch.column(LABEL).to_numpy().astype(np.float32) if reader.with_label else None
-        for vocab in vocabs:
-            ids, vals = vocab.encode(batch)
-            for split, rows in (("train", ~in_test), ("test", in_test)):
-                split_labels = labels[rows] if labels is not None and vocab.role == "leader" else None
-                writers[vocab.role][split].append(ids[rows], vals[rows], split_labels, sample_ids[rows])
+    try:
+        for first_row, batch in reader.batches("encode", total_rows=counts.rows):
+            in_test = in_test_split(job.seed, first_row, batch.num_rows, job.data.test_fraction)
+            sample_ids = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
+            labels = batch.column(LABEL).to_numpy().astype(np.float32) if reader.with_label else None
+            for vocab in vocabs:
+                ids, vals = vocab.encode(batch)
+                for split, rows in (("train", ~in_test), ("test", in_test)):
+                    split_labels = labels[rows] if labels is not None and vocab.role == "leader" else None
+                    writers[vocab.role][split].append(ids[rows], vals[rows], split_labels, sample_ids[rows])
+    except BaseException:
+        for split_writers in writers.values():
+            for writer in split_writers.values():
+                writer.abort()
+        raise
     return writers
 
 

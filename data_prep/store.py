@@ -182,7 +182,9 @@ class _ArrayWriter:
         self.rows += len(data)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class SplitWriter:
@@ -207,6 +209,11 @@ class SplitWriter:
         if "labels.npy" in self.arrays:
             assert labels is not None, "a split with labels needs labels in every chunk"
             self.arrays["labels.npy"].append(labels)
+
+    def abort(self) -> None:
+        """Close the files after a failure; the caller removes the staging directory."""
+        for writer in self.arrays.values():
+            writer.close()
 
     def close(self) -> SplitMeta:
         for writer in self.arrays.values():
