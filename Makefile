@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= jobs/smoke.yaml
 
-.PHONY: install test test-all lint demo smoke-test bench bench-prep bench-train clean
+.PHONY: install test test-all lint demo smoke-test bench bench-prep bench-train sample-auc clean
 
 install: $(STAMP)
 
@@ -44,6 +44,14 @@ bench-prep: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python -m benchmarks.train
+
+# Local (split), central (pooled) and leader-only test AUC on the real 8,000-row Criteo sample.
+SAMPLE ?= ../shared/data/criteo-sample/train.txt
+sample-auc: $(STAMP)
+	$(BIN)/vfl prep criteo --input $(SAMPLE) --job jobs/sample.yaml
+	for role in local central leader-only; do \
+		VFL_NO_PROGRESS=1 $(BIN)/vfl train --role $$role --job jobs/sample.yaml --restart | grep "test: AUC" || exit 1; \
+	done
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache
