@@ -7,13 +7,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, TypeVar, cast
 
 import typer
 
-from vfl_cli.console import RichReporter, console, epoch_table, print_warning
+from vfl_cli.console import RichReporter, console, epoch_table
 from vfl_cli.errors import JobError
-from vfl_cli.job import JobSpec, load_job
+from vfl_cli.job import JobSpec, Role, load_job
 from vfl_cli.peer import Peer
 from vfl_cli.train.baseline import evaluate_baseline_checkpoint, train_baseline
 from vfl_cli.train.loop import EvalResult, PartyRun, SilentReporter
@@ -56,13 +56,11 @@ SplitOption = Annotated[str, typer.Option("--split", help="Prepared split to rea
 
 
 @contextmanager
-def connected(job: JobSpec, role: str) -> Iterator[Peer]:
+def connected(job: JobSpec, role: Role) -> Iterator[Peer]:
     """The HTTPS peer for a two-process run; on any failure here, tell the peer before leaving."""
     from vfl_cli.transport.https_peer import HttpsPeer  # the transport loads only where it is used
 
     set_threads(job.party(role).threads)
-    if not job.tls.enabled:
-        print_warning("tls.enabled is false: tensors cross the network unencrypted and unauthenticated")
     peer_role = job.peer_role(role)
     peer = HttpsPeer(job, role)
     console.print(f"{role} listening on {job.party(role).listen}; waiting for the {peer_role} at "
@@ -77,7 +75,7 @@ def connected(job: JobSpec, role: str) -> Iterator[Peer]:
 
 
 def _two_party(job: JobSpec, role: str, session: Callable[[PartyRun], T]) -> tuple[T, Peer]:
-    with connected(job, role) as peer:
+    with connected(job, cast(Role, role)) as peer:
         return session(open_run(job, role, peer, RichReporter())), peer
 
 
