@@ -74,6 +74,7 @@ class Row:
     median_samples_per_s: float | None = None  # batch / median step time: robust to a busy neighbour
     peak_rss: dict[str, int] = field(default_factory=dict)
     bytes_per_step: dict[str, float] = field(default_factory=dict)  # "follower->leader", "leader->follower"
+    bytes_note: str = ""  # measured or computed, and what the count includes
     note: str = ""
 
 
@@ -331,9 +332,9 @@ def traffic_per_step(workdir: Path, train_steps: int, batch_size: int) -> tuple[
     if len(sent) == len(ROLES):
         per_step = {"follower->leader": sent["follower"] / train_steps,
                     "leader->follower": sent["leader"] / train_steps}
-        return per_step, "bytes/step measured (whole run incl. handshake and eval, / train steps)"
+        return per_step, "measured: msgpack request bodies of the whole run (handshake, eval too) / train steps"
     payload = 2 * batch_size * 4.0  # two float32 [B, 1] tensors; headers not counted
-    return {"follower->leader": payload, "leader->follower": payload}, "bytes/step computed (2 x B x 4, no overhead)"
+    return {"follower->leader": payload, "leader->follower": payload}, "computed: 2 x B x 4 bytes, no overhead"
 
 
 def two_party(workdir: Path, warmup: int, steps: int, batch_size: int) -> Row:
@@ -355,7 +356,8 @@ def two_party(workdir: Path, warmup: int, steps: int, batch_size: int) -> Row:
     times = step_times(job.train.run_dir / "leader" / "metrics.jsonl")
     per_step, note = traffic_per_step(workdir, len(times), batch_size)
     rate, median = rates(times, warmup, steps, batch_size)
-    return Row("two-party HTTPS", rate, median, rss, per_step, note)
+    return Row("two-party HTTPS", rate, median, rss, per_step, bytes_note=note,
+               note="2 processes, 1 thread each, mutual TLS")
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -382,8 +384,10 @@ def print_table(rows: list[Row], batch_size: int) -> None:
     print(f"{'MindSpore anchor':<16} {MINDSPORE_SAMPLES_PER_S:>9,} {anchor_ratio:>7} {'':>6} {'':>8}  "
           f"{f'{MINDSPORE_RSS_GIB} per party':<16} splitnn_criteo, as reported")
     for row in rows:
-        for direction, value in row.bytes_per_step.items():
-            print(f"{row.name}: {direction} {value / 1e3:,.1f} kB/step")
+        if row.bytes_per_step:
+            each_way = ", ".join(f"{way} {value / 1e3:,.1f} kB" for way, value in row.bytes_per_step.items())
+            print(f"{row.name} per step: {each_way} ({row.bytes_note}; payload 2 x B x 4 = "
+                  f"{8 * batch_size / 1e3:,.1f} kB)")
 
 
 def target_checks(rows: list[Row]) -> dict[str, bool | None]:
@@ -456,14 +460,18 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[Row]:
         result, rss = run_worker(kind, job_path, args.warmup, args.steps, workdir)
         rate, median = rates(result["step_ends"], args.warmup, args.steps, batch)
         note = "1 process, both parties, 2 threads" if kind == "local" else "1 process, 2 threads"
-        rows.append(Row(name, rate, median, {"process": rss}, note=note))
+        rows.append(Row(name, rate, median, peak_rss={"process": rss}, note=note))
         print(f"{name}: {rate:,.0f} samples/s, peak RSS {rss / GIB:.2f} GiB", flush=True)
     if args.skip_two_party:
         rows.append(Row("two-party HTTPS", note="skipped (--skip-two-party)"))
     elif (missing := transport_ready()) is not None:
         rows.append(Row("two-party HTTPS", note=f"not run: {missing}"))
     else:
-        rows.append(two_party(workdir, args.warmup, args.steps, batch))
+        try:
+            rows.append(two_party(workdir, args.warmup, args.steps, batch))
+        except Exception as exc:  # still print and save the rows we have; main exits non-zero
+            print(f"two-party HTTPS failed: {exc}", file=sys.stderr)
+            rows.append(Row("two-party HTTPS", note=f"FAILED: {exc}"))
     return rows
 
 
@@ -492,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     checks = target_checks(rows)
     print_targets(checks)
     print(f"\nwrote {write_json(rows, checks, config).relative_to(REPO)}")
+    if any(row.note.startswith("FAILED") for row in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
