@@ -5,6 +5,11 @@
     <data.dir>/<role>/<split>/vals.npy        float32 [N, F]  value multiplying each id's embedding
     <data.dir>/<role>/<split>/labels.npy      float32 [N]     0/1 click labels, leader only
     <data.dir>/<role>/<split>/sample_ids.npy  int64   [N]     row number in the raw input (the join key)
+    <data.dir>/<role>/vocab.json              categorical field -> its frequent raw values in id order
+    <data.dir>/<role>/dense_max.json          dense field -> the divisor of its values (column max)
+
+The two JSON files are what `vfl prep` used to encode; a later step needs them to encode new rows the
+same way. The reader below does not need them.
 
 Arrays are little-endian .npy files (a fixed header, then raw data) so the trainer memory-maps them;
 they are loaded with allow_pickle=False. `split` is `train` or `test`.
