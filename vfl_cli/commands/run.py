@@ -7,24 +7,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, TypeVar, cast
 
 import typer
 
 from vfl_cli.console import RichReporter, console, epoch_table
 from vfl_cli.errors import JobError
 from vfl_cli.job import JobSpec, Role, load_job
-from vfl_cli.peer import Peer
-from vfl_cli.train.baseline import evaluate_baseline_checkpoint, train_baseline
-from vfl_cli.train.loop import EvalResult, PartyRun, SilentReporter
-from vfl_cli.train.session import (
-    eval_session,
-    infer_session,
-    open_run,
-    run_local,
-    set_threads,
-    train_session,
-)
+
+if TYPE_CHECKING:
+    from vfl_cli.peer import Peer
+    from vfl_cli.train.loop import EvalResult, PartyRun
+
+# torch, the model and the transport load inside the commands that use them, so that `vfl prep`,
+# `vfl certs` and `--help` start in a fraction of a second and without torch's memory.
 
 T = TypeVar("T")
 
@@ -58,7 +54,8 @@ SplitOption = Annotated[str, typer.Option("--split", help="Prepared split to rea
 @contextmanager
 def connected(job: JobSpec, role: Role) -> Iterator[Peer]:
     """The HTTPS peer for a two-process run; on any failure here, tell the peer before leaving."""
-    from vfl_cli.transport.https_peer import HttpsPeer  # the transport loads only where it is used
+    from vfl_cli.train.session import set_threads
+    from vfl_cli.transport.https_peer import HttpsPeer
 
     set_threads(job.party(role).threads)
     peer_role = job.peer_role(role)
@@ -75,6 +72,8 @@ def connected(job: JobSpec, role: Role) -> Iterator[Peer]:
 
 
 def _two_party(job: JobSpec, role: str, session: Callable[[PartyRun], T]) -> tuple[T, Peer]:
+    from vfl_cli.train.session import open_run
+
     with connected(job, cast(Role, role)) as peer:
         return session(open_run(job, role, peer, RichReporter())), peer
 
@@ -97,6 +96,9 @@ def train(
 ) -> None:
     """Train the job's model. Each epoch ends with a test evaluation and a checkpoint; a rerun resumes
     from the last completed epoch unless --restart is given."""
+    from vfl_cli.train.baseline import train_baseline
+    from vfl_cli.train.session import run_local, set_threads, train_session
+
     spec = load_job(job)
     started = time.perf_counter()
     if role in (RunRole.central, RunRole.leader_only):
@@ -128,6 +130,9 @@ def evaluate(
     split: SplitOption = "test",
 ) -> None:
     """Evaluate a trained checkpoint: AUC and log loss at the leader (the follower only contributes)."""
+    from vfl_cli.train.baseline import evaluate_baseline_checkpoint
+    from vfl_cli.train.session import eval_session, run_local
+
     spec = load_job(job)
     run_dir = checkpoint or spec.train.run_dir
     if role in (RunRole.central, RunRole.leader_only):
@@ -153,6 +158,9 @@ def infer(
 ) -> None:
     """Predict click probabilities for a prepared split. The leader writes sample_id,probability to --out;
     the follower only computes and sends its part."""
+    from vfl_cli.train.loop import SilentReporter
+    from vfl_cli.train.session import infer_session, run_local
+
     spec = load_job(job)
     run_dir = checkpoint or spec.train.run_dir
     if role == PartyRole.follower and out is not None:
