@@ -13,7 +13,8 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from data_prep.criteo import COLUMNS, _ValueCounter, in_test_split, prepare_criteo, split_uniform
+from data_prep.criteo import _ValueCounter, in_test_split, prepare_criteo, split_uniform
+from data_prep.reader import COLUMNS
 from data_prep.store import open_party
 from data_prep.synth import write_synth
 from vfl_cli.errors import DataError

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_prep.criteo import COLUMNS
+from data_prep.reader import COLUMNS
 from data_prep.store import open_party
 from vfl_cli.app import main
 
