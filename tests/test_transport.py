@@ -481,3 +481,26 @@ def test_oversized_bodies_are_413(leader_server: tuple[JobSpec, Inbox]) -> None:
         response = client.post("/v1/tensors", content=chunks())
         assert response.status_code == 413
     assert_nothing_applied(job, inbox)
+
+
+def test_client_that_disconnects_mid_body_applies_nothing_and_logs_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A peer killed while uploading: the half message is dropped without a traceback in the log."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from vfl_cli.transport.server import Refusal, read_body
+
+    async def receive() -> dict[str, object]:
+        if not sent:
+            sent.append(1)
+            return {"type": "http.request", "body": b"\x81", "more_body": True}
+        return {"type": "http.disconnect"}
+
+    sent: list[int] = []
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(Refusal, match="disconnected before the body was complete"):
+        asyncio.run(read_body(request, 1000))
+    assert "Traceback" not in caplog.text

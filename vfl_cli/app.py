@@ -15,6 +15,16 @@ from vfl_cli.commands import certs, prep, run
 from vfl_cli.console import console, print_error
 from vfl_cli.errors import VflError
 
+
+class OneLineFormatter(logging.Formatter):
+    """Log records as one line each: tracebacks (from uvicorn, say) only with --verbose."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord(record.__dict__)
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return super().format(record)
+
+
 app = typer.Typer(
     name="vfl",
     help="Vertical federated learning by split learning: two parties train one Wide&Deep model, "
@@ -38,9 +48,9 @@ def _root(
     if version:
         console.print(f"vfl {__version__}")
         raise typer.Exit()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter((logging.Formatter if verbose else OneLineFormatter)("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
 
 
 def main() -> None:

@@ -58,10 +58,8 @@ def connected(job: JobSpec, role: Role) -> Iterator[Peer]:
     from vfl_cli.transport.https_peer import HttpsPeer
 
     set_threads(job.party(role).threads)
-    peer_role = job.peer_role(role)
     peer = HttpsPeer(job, role)
-    console.print(f"{role} listening on {job.party(role).listen}; waiting for the {peer_role} at "
-                  f"{job.party(peer_role).listen} (up to {job.transport.connect_timeout_s:g} s)")
+    console.print(f"{role} listening on {job.party(role).listen}")
     try:
         yield peer
     except BaseException as exc:
@@ -74,8 +72,12 @@ def connected(job: JobSpec, role: Role) -> Iterator[Peer]:
 def _two_party(job: JobSpec, role: str, session: Callable[[PartyRun], T]) -> tuple[T, Peer]:
     from vfl_cli.train.session import open_run
 
-    with connected(job, cast(Role, role)) as peer:
-        return session(open_run(job, role, peer, RichReporter())), peer
+    peer_role = job.peer_role(role)
+    waiting = console.status(f"waiting for the {peer_role} at {job.party(peer_role).listen} "
+                             f"(up to {job.transport.connect_timeout_s:g} s)")
+    with connected(job, cast(Role, role)) as peer, waiting:
+        # The spinner runs through the handshake; the reporter stops it when the first batch starts.
+        return session(open_run(job, role, peer, RichReporter(waiting=waiting))), peer
 
 
 def _print_result(label: str, result: EvalResult) -> None:

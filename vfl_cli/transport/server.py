@@ -31,6 +31,7 @@ from cryptography import x509
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vfl_cli.errors import PeerError, ProtocolError
@@ -148,10 +149,13 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise Refusal(413, f"body of {int(declared)} bytes exceeds transport.max_body_bytes = {limit}")
     body = bytearray()
-    async for chunk in request.stream():  # counted as it streams: chunked bodies declare no length
-        body += chunk
-        if len(body) > limit:
-            raise Refusal(413, f"body exceeds transport.max_body_bytes = {limit}")
+    try:
+        async for chunk in request.stream():  # counted as it streams: chunked bodies declare no length
+            body += chunk
+            if len(body) > limit:
+                raise Refusal(413, f"body exceeds transport.max_body_bytes = {limit}")
+    except ClientDisconnect as exc:  # the peer died mid-upload: drop the half message, no traceback
+        raise Refusal(400, "the peer disconnected before the body was complete") from exc
     return bytes(body)
 
 
