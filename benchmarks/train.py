@@ -27,7 +27,6 @@ parties' fields. The test split is one small batch, because each epoch ends with
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from data_prep.store import PartyMeta, SplitMeta, file_sha256
+from data_prep.store import PartyMeta, write_meta, write_split
 from vfl_cli.job import DENSE_FIELDS, JobSpec, load_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,17 +107,6 @@ def planted_labels(rng: np.random.Generator, leader: np.ndarray, follower: np.nd
     return (rng.random(len(logit)) < 1 / (1 + np.exp(-logit))).astype(np.float32)
 
 
-def write_split(folder: Path, arrays: dict[str, np.ndarray]) -> SplitMeta:
-    folder.mkdir(parents=True)
-    for name, array in arrays.items():
-        np.save(folder / f"{name}.npy", array, allow_pickle=False)
-    return SplitMeta(
-        rows=len(arrays["sample_ids"]),
-        sha256={f"{name}.npy": file_sha256(folder / f"{name}.npy") for name in arrays},
-        sample_ids_digest=hashlib.sha256(arrays["sample_ids"].tobytes()).hexdigest(),
-    )
-
-
 def write_data(job: JobSpec, train_rows: int, seed: int = 0) -> None:
     """Both parties' prepared data, aligned (same sample ids, same order), in the job's data.dir."""
     rng = np.random.default_rng(seed)
@@ -133,13 +121,15 @@ def write_data(job: JobSpec, train_rows: int, seed: int = 0) -> None:
             arrays = {"ids": ids[part], "vals": vals[part], "sample_ids": sample_ids[part]}
             if role == "leader":
                 arrays["labels"] = labels[part]
-            splits[split] = write_split(job.data.dir / role / split, arrays)
+            splits[split] = write_split(
+                job.data.dir / role / split, arrays["ids"], arrays["vals"], arrays.get("labels"), arrays["sample_ids"]
+            )
         meta = PartyMeta(
             role=role, fields=job.party(role).fields, has_labels=role == "leader", vocab_size=VOCAB_PER_PARTY,
             field_offsets=offsets, threshold=job.data.threshold, source="benchmarks.train synthetic",
             splits=splits,
         )
-        (job.data.dir / role / "meta.json").write_text(meta.to_json() + "\n")
+        write_meta(job.data.dir / role, meta)
 
 
 # ------------------------------------------------------------------------------------------------ jobs

@@ -232,6 +232,15 @@ class SplitWriter:
         )
 
 
+def write_split(
+    folder: Path, ids: np.ndarray, vals: np.ndarray, labels: np.ndarray | None, sample_ids: np.ndarray
+) -> SplitMeta:
+    """A whole split held in memory, written in one go by the same writer prep uses (tests, benchmarks)."""
+    writer = SplitWriter(folder, len(sample_ids), ids.shape[1], labels is not None)
+    writer.append(ids, vals, labels, sample_ids)
+    return writer.close()
+
+
 def write_meta(directory: Path, meta: PartyMeta) -> None:
     (directory / "meta.json").write_text(meta.to_json() + "\n")
 

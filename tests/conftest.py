@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import socket
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from data_prep.store import PartyMeta, SplitMeta, file_sha256
+from data_prep.store import PartyMeta, write_meta, write_split
 from vfl_cli.job import JobSpec, parse_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,22 +52,16 @@ def write_job(tmp_path: Path, spec: dict[str, Any]) -> Path:
 
 
 def _write_party(directory: Path, role: str, fields: list[str], splits: dict[str, dict[str, np.ndarray]]) -> None:
-    split_meta = {}
-    for name, arrays in splits.items():
-        (directory / name).mkdir(parents=True)
-        for array_name, array in arrays.items():
-            np.save(directory / name / f"{array_name}.npy", array, allow_pickle=False)
-        split_meta[name] = SplitMeta(
-            rows=len(arrays["sample_ids"]),
-            sha256={f"{n}.npy": file_sha256(directory / name / f"{n}.npy") for n in arrays},
-            sample_ids_digest=hashlib.sha256(arrays["sample_ids"].tobytes()).hexdigest(),
-        )
+    split_meta = {
+        name: write_split(directory / name, a["ids"], a["vals"], a.get("labels"), a["sample_ids"])
+        for name, a in splits.items()
+    }
     meta = PartyMeta(
         role=role, fields=tuple(fields), has_labels=role == "leader", vocab_size=len(fields) * VALUES_PER_FIELD,
         field_offsets={f: i * VALUES_PER_FIELD for i, f in enumerate(fields)}, threshold=1, source="synthetic",
         splits=split_meta,
     )
-    (directory / "meta.json").write_text(meta.to_json())
+    write_meta(directory, meta)
 
 
 def write_planted_data(data_dir: Path, rows: int = 1200, seed: int = 0) -> None:

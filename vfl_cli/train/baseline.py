@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,12 +20,9 @@ from data_prep.store import PartyData, SplitArrays, open_party
 from vfl_cli.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from vfl_cli.errors import DataError
 from vfl_cli.job import JobSpec
-from vfl_cli.metrics import log_loss, roc_auc
 from vfl_cli.model.wide_deep import CentralWideDeep, build_optimizers, part_generator
 from vfl_cli.train.batches import Batch, batch_rows, steps_per_epoch, take_batch
-from vfl_cli.train.loop import EvalResult, Reporter
-
-BASELINES = ("central", "leader-only")
+from vfl_cli.train.loop import EvalResult, Reporter, log_line, score
 
 
 @dataclass(frozen=True)
@@ -82,11 +78,7 @@ def evaluate_baseline(model: CentralWideDeep, data: BaselineData, job: JobSpec, 
     probabilities = []
     for batch in data.batches(split, job.train.batch_size, job.seed, 0, shuffle=False):
         probabilities.append(torch.sigmoid(model(batch.ids, batch.vals)))
-    probs = torch.cat(probabilities).numpy()
-    arrays = data.parties[0].split(split)
-    labels = np.asarray(arrays.labels)
-    sample_ids = np.asarray(arrays.sample_ids)
-    return EvalResult(roc_auc(labels, probs), log_loss(labels, probs), len(labels), sample_ids, probs)
+    return score(data.parties[0].split(split), torch.cat(probabilities).numpy())
 
 
 def train_baseline(job: JobSpec, kind: str, reporter: Reporter) -> list[tuple[int, float, EvalResult | None]]:
@@ -113,8 +105,7 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter) -> list[tuple[in
                 optimizer.step()
             reporter.advance(len(batch))
             if (step + 1) % job.train.log_every == 0 or step + 1 == total:
-                reporter.log(f"epoch {epoch} step {step + 1}/{total} wide_loss: {loss.item():.6f} "
-                             f"deep_loss: {loss.item() + l2.item():.6f}")
+                reporter.log(log_line(epoch, step + 1, total, loss.item(), loss.item() + l2.item()))
         reporter.end()
         samples_per_s = rows / max(time.perf_counter() - started, 1e-9)
         results.append((epoch, samples_per_s, evaluate_baseline(model, data, job, "test")))

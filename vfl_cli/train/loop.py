@@ -145,9 +145,7 @@ def train_epoch(run: PartyRun, epoch: int) -> float:
         samples += len(batch)
         run.reporter.advance(len(batch))
         if run.is_leader and ((step + 1) % job.train.log_every == 0 or step + 1 == total):
-            run.reporter.log(
-                f"epoch {epoch} step {step + 1}/{total} wide_loss: {wide_loss:.6f} deep_loss: {deep_loss:.6f}"
-            )
+            run.reporter.log(log_line(epoch, step + 1, total, wide_loss, deep_loss))
             run.write_metrics(
                 {"event": "step", "epoch": epoch, "step": step + 1, "wide_loss": wide_loss, "deep_loss": deep_loss}
             )
@@ -179,6 +177,11 @@ def forward_split(run: PartyRun, split_name: str, phase: Phase, epoch: int) -> E
     if not run.is_leader:
         return None
     probs = torch.cat(probabilities).numpy() if probabilities else np.zeros(0, dtype=np.float32)
+    return score(split, probs)
+
+
+def score(split: SplitArrays, probs: np.ndarray) -> EvalResult:
+    """AUC and log loss of `probs` against the split's labels (NaN where they are undefined)."""
     labels = split.labels
     has_both_classes = labels is not None and len(labels) > 0 and 0 < float(np.sum(labels)) < len(labels)
     return EvalResult(
@@ -188,6 +191,11 @@ def forward_split(run: PartyRun, split_name: str, phase: Phase, epoch: int) -> E
         sample_ids=np.asarray(split.sample_ids),
         probabilities=probs,
     )
+
+
+def log_line(epoch: int, step: int, total: int, wide_loss: float, deep_loss: float) -> str:
+    """The seed's log line: `epoch 0 step 100/2582 wide_loss: 0.528141 deep_loss: 0.528339`."""
+    return f"epoch {epoch} step {step}/{total} wide_loss: {wide_loss:.6f} deep_loss: {deep_loss:.6f}"
 
 
 def train(run: PartyRun, start_epoch: int = 0) -> Iterator[tuple[int, float, EvalResult | None]]:
