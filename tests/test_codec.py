@@ -22,6 +22,7 @@ from vfl_cli.transport.codec import (
 )
 
 JOB = "0123456789abcdef"
+SESSION = "a1b2c3d4e5f60718"
 KEY = BatchKey("train", 2, 17)
 
 
@@ -32,7 +33,9 @@ def hello() -> Hello:
         job_fingerprint=JOB,
         data_fingerprint={"train": {"rows": 1000, "sample_ids_digest": "ab" * 32}},
         command="train",
-        resume_epoch=3,
+        run_id="4f1c2a9be0d3",
+        checkpoint_steps=(500, 1000),
+        nonce="feedbeef00112233",
         extra={"split": "test"},
     )
 
@@ -43,7 +46,7 @@ def tensors(batch: int = 5) -> dict[str, torch.Tensor]:
 
 def tensor_body(**overrides: Any) -> dict[str, Any]:
     """A valid raw tensors body as a dict, with top-level keys replaced by `overrides`."""
-    body = msgpack.unpackb(encode(TensorMessage("embeddings", KEY, 1, tensors()), JOB), raw=False)
+    body = msgpack.unpackb(encode(TensorMessage(SESSION, "embeddings", KEY, 1, tensors()), JOB), raw=False)
     body.update(overrides)
     return body
 
@@ -62,7 +65,7 @@ def test_hello_round_trip() -> None:
 
 def test_tensor_round_trip_is_bit_exact() -> None:
     sent = tensors(7)
-    job, message = decode(encode(TensorMessage("gradients", KEY, 42, sent), JOB))
+    job, message = decode(encode(TensorMessage(SESSION, "gradients", KEY, 42, sent), JOB))
     assert job == JOB
     assert isinstance(message, TensorMessage)
     assert (message.kind, message.key, message.seq) == ("gradients", KEY, 42)
@@ -80,21 +83,21 @@ def test_tensor_round_trip_other_dtypes_and_views() -> None:
         "t": torch.randn(2, 3).t(),
         "g": grad_tracking,
     }
-    _, message = decode(encode(TensorMessage("embeddings", KEY, 1, sent), JOB))
+    _, message = decode(encode(TensorMessage(SESSION, "embeddings", KEY, 1, sent), JOB))
     assert isinstance(message, TensorMessage)
     for name, tensor in sent.items():
         assert torch.equal(message.tensors[name], tensor.detach())
 
 
 def test_abort_round_trip_and_control_characters() -> None:
-    assert decode(encode(AbortMessage("out of memory"), JOB)) == (JOB, AbortMessage("out of memory"))
-    _, message = decode(encode(AbortMessage("bad\x1b[31m\nthing"), JOB))
-    assert message == AbortMessage("bad?[31m?thing")
+    assert decode(encode(AbortMessage(SESSION, "out of memory"), JOB)) == (JOB, AbortMessage(SESSION, "out of memory"))
+    _, message = decode(encode(AbortMessage(SESSION, "bad\x1b[31m\nthing"), JOB))
+    assert message == AbortMessage(SESSION, "bad?[31m?thing")
 
 
 def test_body_is_plain_msgpack_with_raw_little_endian_tensors() -> None:
     sent = {"wide": torch.tensor([[1.5], [-2.0]]), "deep": torch.zeros(2, 1)}
-    raw = msgpack.unpackb(encode(TensorMessage("embeddings", KEY, 3, sent), JOB), raw=False)
+    raw = msgpack.unpackb(encode(TensorMessage(SESSION, "embeddings", KEY, 3, sent), JOB), raw=False)
     assert raw["v"] == WIRE_VERSION and raw["job"] == JOB and raw["type"] == "tensors"
     assert raw["key"] == {"phase": "train", "epoch": 2, "step": 17} and raw["seq"] == 3
     assert raw["tensors"]["wide"] == {
@@ -120,8 +123,8 @@ def test_envelope_errors() -> None:
     assert "v: expected an integer, got bool" in refused(tensor_body(v=True))
     assert "job: expected a string" in refused(tensor_body(job=5))
     assert "unknown message type" in refused(tensor_body(type="pickle"))
-    assert "hello: expected a map" in refused({"v": 1, "job": JOB, "type": "hello"})
-    assert "reason: expected a string" in refused({"v": 1, "job": JOB, "type": "abort", "reason": b"x"})
+    assert "hello: expected a map" in refused({"v": WIRE_VERSION, "job": JOB, "type": "hello"})
+    assert "reason: expected a string" in refused({"v": WIRE_VERSION, "job": JOB, "type": "abort", "reason": b"x"})
 
 
 def test_tensor_message_field_errors() -> None:
@@ -133,6 +136,8 @@ def test_tensor_message_field_errors() -> None:
         tensor_body(key={"phase": "train", "epoch": 0, "step": 1.0})
     )
     assert "tensors: expected a map" in refused(tensor_body(tensors=[]))
+    assert "session: expected a string" in refused(tensor_body(session=None))
+    assert "tensors: keys must be strings" in refused(tensor_body(tensors={b"wide": tensor_spec()}))
 
 
 def tensor_spec(**overrides: Any) -> dict[str, Any]:
@@ -150,7 +155,9 @@ def tensor_spec(**overrides: Any) -> dict[str, Any]:
         (tensor_spec(data=np.zeros(3, "<f4").tobytes()[:-1]), "11 bytes"),
         (tensor_spec(data="text"), "data: expected bytes"),
         (tensor_spec(shape=[1] * (MAX_DIMS + 1), data=b"\0" * 4), f"at most {MAX_DIMS}"),
-        (tensor_spec(shape=[-2, -1]), "negative dimension"),
+        (tensor_spec(shape=[-2, -1]), "dimensions must lie in 1.."),
+        (tensor_spec(shape=[0, 2**40], data=b""), "dimensions must lie in 1.."),
+        (tensor_spec(shape=[0, 1], data=b""), "dimensions must lie in 1.."),
         (tensor_spec(shape="2x1"), "shape: expected a list"),
         (tensor_spec(shape=[2.0, 1]), "shape: expected an integer"),
         (tensor_spec(data=np.array([0.0, np.nan], "<f4").tobytes()), "NaN or infinity"),
@@ -165,6 +172,8 @@ def tensor_spec(**overrides: Any) -> dict[str, Any]:
         "data-type",
         "dims",
         "negative",
+        "zero-size-huge",
+        "zero-size",
         "shape-type",
         "float-dim",
         "nan",
@@ -178,8 +187,10 @@ def test_malformed_tensor(spec: object, needle: str) -> None:
 
 def test_malformed_hello() -> None:
     raw = msgpack.unpackb(encode(HelloMessage(hello()), JOB), raw=False)
-    raw["hello"]["resume_epoch"] = "3"
-    assert "hello.resume_epoch: expected an integer" in refused(raw)
+    raw["hello"]["checkpoint_steps"] = ["3"]
+    assert "hello.checkpoint_steps: expected an integer" in refused(raw)
+    raw["hello"]["checkpoint_steps"] = list(range(100))
+    assert "hello.checkpoint_steps: expected a list of at most" in refused(raw)
     raw = msgpack.unpackb(encode(HelloMessage(hello()), JOB), raw=False)
     raw["hello"]["data_fingerprint"]["train"]["rows"] = [1]
     assert "expected int or string" in refused(raw)
@@ -190,4 +201,4 @@ def test_malformed_hello() -> None:
 
 def test_unsendable_dtype_is_refused_before_the_wire() -> None:
     with pytest.raises(ProtocolError, match="cannot be sent"):
-        encode(TensorMessage("embeddings", KEY, 1, {"c": torch.zeros(2, dtype=torch.complex64)}), JOB)
+        encode(TensorMessage(SESSION, "embeddings", KEY, 1, {"c": torch.zeros(2, dtype=torch.complex64)}), JOB)

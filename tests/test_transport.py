@@ -27,11 +27,12 @@ from vfl_cli.errors import (
     TlsError,
 )
 from vfl_cli.job import JobSpec, TlsSpec, parse_job
-from vfl_cli.peer import BatchKey, Hello
-from vfl_cli.transport.codec import HelloMessage, TensorMessage, encode
+from vfl_cli.peer import BatchKey, Hello, session_id
+from vfl_cli.transport.codec import AbortMessage, HelloMessage, TensorMessage, encode
 from vfl_cli.transport.https_peer import HttpsPeer
 from vfl_cli.transport.inbox import Inbox
-from vfl_cli.transport.server import ServerThread, create_app
+from vfl_cli.transport.listener import ServerThread
+from vfl_cli.transport.server import create_app
 from vfl_cli.transport.tls import make_dev_certs, server_ssl_context
 
 LEADER_ENV = "VFL_TEST_TRANSPORT_LEADER_PASSWORD"
@@ -95,7 +96,12 @@ def hello(job: JobSpec, role: str) -> Hello:
         job_fingerprint=job.fingerprint(),  # type: ignore[arg-type]
         data_fingerprint={"train": {"rows": 10, "sample_ids_digest": "00"}},
         command="train",
+        nonce=f"{role}-nonce",  # fixed, so that the tests know the session id
     )
+
+
+def session_of(job: JobSpec) -> str:
+    return session_id(hello(job, "leader"), hello(job, "follower"))
 
 
 def cut(batch: int = 8, fill: float | None = None) -> dict[str, torch.Tensor]:
@@ -130,11 +136,15 @@ def leader_server(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
     """Just the leader's server and inbox, for raw clients to poke at."""
     monkeypatch.setenv(LEADER_ENV, LEADER_PASSWORD)
     job = build_job(certs)
-    inbox = Inbox()
+    inbox = Inbox(max_pending=4)
     server = ServerThread(
-        create_app(inbox, job, "leader"), "127.0.0.1", job.leader.port, server_ssl_context(job, "leader")
+        create_app(inbox, job, "leader"), "127.0.0.1", job.leader.port, server_ssl_context(job, "leader"),
+        read_timeout_s=2, max_unauthenticated=8,
     )
     server.start()
+    # The session a real handshake would open (the follower's Hello put in directly: no bytes counted).
+    inbox.expect(hello(job, "leader"))
+    inbox.put_hello("bob", hello(job, "follower"))
     try:
         yield job, inbox
     finally:
@@ -168,15 +178,19 @@ def tensor_body(
     kind: str = "embeddings",
     tensors: dict[str, torch.Tensor] | None = None,
     fingerprint: str | None = None,
+    session: str | None = None,
 ) -> bytes:
-    message = TensorMessage(kind, key, seq, cut() if tensors is None else tensors)  # type: ignore[arg-type]
+    message = TensorMessage(
+        session_of(job) if session is None else session, kind, key, seq,  # type: ignore[arg-type]
+        cut() if tensors is None else tensors,
+    )
     return encode(message, fingerprint or job.fingerprint())
 
 
 def assert_nothing_applied(job: JobSpec, inbox: Inbox) -> None:
-    assert inbox.pending("embeddings") == inbox.pending("gradients") == 0
-    assert inbox.bytes_received == 0 and inbox.aborted is None
-    assert inbox.wait_hello(0) is None
+    assert inbox.pending("bob", "embeddings") == inbox.pending("bob", "gradients") == 0
+    assert inbox.bytes_received == 0 and inbox.aborted("bob") is None
+    assert inbox.wait_hello("bob", 0) == hello(job, "follower")  # the fixture's, not replaced
     with follower_client(job) as client:  # seq 1 is still free: the refused message used nothing up
         assert client.post("/v1/tensors", content=tensor_body(job, seq=1)).json() == {"status": "accepted"}
 
@@ -217,7 +231,7 @@ def test_resend_is_acknowledged_and_ignored_and_out_of_order_is_409(
         assert response.status_code == 409 and "from the past" in response.json()["error"]
     assert leader.receive("embeddings", KEY)["wide"][0, 0] == 1.0
     assert leader.receive("embeddings", BatchKey("train", 0, 2))["wide"][0, 0] == 2.0
-    assert leader._inbox.pending("embeddings") == 0  # nothing else was queued
+    assert leader._inbox.pending("bob", "embeddings") == 0  # nothing else was queued
 
 
 def test_refusal_is_peer_refused_and_frees_the_seq(pair: tuple[JobSpec, HttpsPeer, HttpsPeer]) -> None:
@@ -285,30 +299,13 @@ def test_plain_http_when_tls_is_disabled(certs: Path, caplog: pytest.LogCaptureF
     assert "plain HTTP" in caplog.text
 
 
-def test_client_checks_the_servers_name(certs: Path) -> None:
-    """A server with a certificate from the right CA but the wrong name (here bob's) is not the leader."""
-    job = build_job(certs)
-    impostor = ServerThread(
-        create_app(Inbox(), job, "leader"), "127.0.0.1", job.leader.port, server_ssl_context(job, "follower")
-    )
-    impostor.start()
-    try:
-        with (
-            HttpsPeer(job, "follower") as follower,
-            pytest.raises(TlsError, match="is 'bob', not the job's peer 'alice'"),
-        ):
-            follower.handshake(hello(job, "follower"))
-    finally:
-        impostor.stop()
-
-
 def test_server_from_another_ca_is_a_tls_error(leader_server: tuple[JobSpec, Inbox], certs: Path) -> None:
     job, inbox = leader_server
     distrustful = job.model_copy(update={"tls": TlsSpec(enabled=True, ca=certs.parent / "other" / "ca.pem")})
     with HttpsPeer(distrustful, "follower") as follower:
         with pytest.raises(TlsError, match=rf"server at https://{job.leader.listen} failed certificate"):
             follower.handshake(hello(job, "follower"))
-    assert inbox.wait_hello(0) is None
+    assert inbox.bytes_received == 0
 
 
 def test_taken_port_is_a_clear_error(certs: Path) -> None:
@@ -366,6 +363,18 @@ def test_health(leader_server: tuple[JobSpec, Inbox]) -> None:
         assert client.get("/v1/health").json() == {"status": "ok", "role": "leader", "name": "alice"}
 
 
+def _with_tensor(job: JobSpec, raw_tensor: dict[str, Any]) -> bytes:
+    body = msgpack.unpackb(tensor_body(job), raw=False)
+    body["tensors"]["wide"] = raw_tensor
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _bytes_names(job: JobSpec) -> bytes:
+    body = msgpack.unpackb(tensor_body(job), raw=False)
+    body["tensors"] = {name.encode(): value for name, value in body["tensors"].items()}
+    return msgpack.packb(body, use_bin_type=True)
+
+
 def malformed_bodies(job: JobSpec) -> dict[str, tuple[bytes, int, str]]:
     """name -> (body, expected status, text in the error)."""
     good = cut(4)
@@ -402,7 +411,7 @@ def malformed_bodies(job: JobSpec) -> dict[str, tuple[bytes, int, str]]:
             400,
             "batch sizes differ",
         ),
-        "empty-batch": (tensor_body(job, tensors=cut(0)), 400, "batch of 0"),
+        "empty-batch": (tensor_body(job, tensors=cut(0)), 400, "dimensions must lie in 1.."),
         "nan": (
             tensor_body(job, tensors={"wide": torch.full((4, 1), float("nan")), "deep": good["deep"]}),
             400,
@@ -419,6 +428,14 @@ def malformed_bodies(job: JobSpec) -> dict[str, tuple[bytes, int, str]]:
             "job fingerprint feedfacefeedface",
         ),
         "gap": (tensor_body(job, seq=2), 409, "leaves a gap"),
+        "earlier-session": (tensor_body(job, session="0123456789abcdef"), 409, "is not the current one"),
+        "no-session": (tensor_body(job, session=""), 409, "is not the current one"),
+        "abort-of-earlier-session": (
+            encode(AbortMessage("0123456789abcdef", "stale"), job.fingerprint()), 400, "expected a tensors message",
+        ),
+        "zero-size-huge-dims": (_with_tensor(job, {"dtype": "float32", "shape": [0, 2**40], "data": b""}), 400,
+                                "dimensions must lie in"),
+        "bytes-names": (_bytes_names(job), 400, "keys must be strings"),
         "hello-as-tensors": (
             encode(HelloMessage(hello(job, "follower")), job.fingerprint()),
             400,

@@ -37,7 +37,8 @@ class PartySpec(_Spec):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # certificate common name, e.g. "leader"
     fields: tuple[str, ...]  # Criteo fields this party holds, e.g. [I1, C1]; the leader also holds the label
-    listen: str = "127.0.0.1:8701"  # host:port its HTTPS server binds; the peer connects here
+    listen: str = "127.0.0.1:8701"  # host:port its HTTPS server binds
+    address: str | None = None  # host:port the peer connects to; default `listen` (differs behind NAT or a proxy)
     threads: PositiveInt | None = None  # torch intra-op threads; None = all cores (set it when parties share a machine)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when this party has one, else cpu
     cert: Path | None = None  # PEM certificate signed by tls.ca, with CN = name
@@ -57,12 +58,15 @@ class PartySpec(_Spec):
             raise ValueError("a party needs at least one field")
         return fields
 
-    @field_validator("listen")
+    @field_validator("listen", "address")
     @classmethod
-    def _host_port(cls, listen: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", listen) or not 0 < int(listen.rsplit(":", 1)[1]) < 65536:
-            raise ValueError("must be host:port, e.g. 127.0.0.1:8701")
-        return listen
+    def _host_port(cls, listen: str | None) -> str | None:
+        return None if listen is None else host_port(listen)
+
+    @property
+    def connect_to(self) -> str:
+        """host:port where the peer reaches this party."""
+        return self.address or self.listen
 
     @property
     def host(self) -> str:
@@ -79,6 +83,12 @@ class PartySpec(_Spec):
     @property
     def categorical_fields(self) -> tuple[str, ...]:
         return tuple(f for f in self.fields if f in CATEGORICAL_FIELDS)
+
+
+def host_port(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d{1,5}", value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:8701")
+    return value
 
 
 class DataSpec(_Spec):
@@ -113,6 +123,7 @@ class TrainSpec(_Spec):
     wide_optimizer: FtrlSpec = FtrlSpec()  # FTRL-Proximal for the wide embeddings and bias
     deep_optimizer: AdamSpec = AdamSpec()  # Adam for deep embeddings, MLPs and the top
     l2_coef: NonNegativeFloat = 8e-5  # L2 on each party's deep embedding table
+    checkpoint_every: PositiveInt = 500  # steps between checkpoints (each epoch end is one too); both parties agree
     run_dir: Path = Path("runs/train")  # checkpoints and metrics.jsonl go to <run_dir>/<role>/
 
 
@@ -121,11 +132,27 @@ class TransportSpec(_Spec):
     connect_timeout_s: PositiveFloat = 120.0  # how long to wait for the peer to come up (handshake)
     retries: Annotated[int, Field(ge=0)] = 5  # resends on connection errors and 5xx, with backoff
     max_body_bytes: PositiveInt = 64 * 1024 * 1024  # larger request bodies are refused with 413
+    read_timeout_s: PositiveFloat = 30.0  # TLS handshake, and a request's headers + body, must arrive within this;
+    #                                       connections idle for longer are closed
+    max_pending: PositiveInt = 64  # messages queued per sender and kind; beyond it the server answers 503
+    max_unauthenticated: PositiveInt = 32  # connections still in their TLS handshake; the oldest is dropped beyond it
 
 
 class TlsSpec(_Spec):
     enabled: bool = True  # false = plain HTTP (warned about); only for debugging on loopback
     ca: Path | None = None  # PEM CA certificate that signed both parties' certificates
+
+
+class MetricsSpec(_Spec):
+    """A plain-HTTP listener for monitoring (GET /metrics in Prometheus text format, GET /healthz)."""
+
+    # host:port per party, e.g. {leader: 127.0.0.1:9101, follower: 127.0.0.1:9102}; a party not named has none
+    listen: dict[Role, str] = Field(default_factory=dict)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_ports(cls, listen: dict[Role, str]) -> dict[Role, str]:
+        return {role: host_port(value) for role, value in listen.items()}
 
 
 class PrivacySpec(_Spec):
@@ -141,6 +168,7 @@ class JobSpec(_Spec):
     train: TrainSpec = TrainSpec()
     transport: TransportSpec = TransportSpec()
     tls: TlsSpec = TlsSpec()
+    metrics: MetricsSpec = MetricsSpec()  # monitoring listeners (local settings, not in the fingerprint)
     privacy: PrivacySpec = PrivacySpec()
 
     @model_validator(mode="after")

@@ -6,12 +6,16 @@ The loop never knows whether the other party is a thread in this process (`Local
 What crosses per batch, keyed by `BatchKey(phase, epoch, step)`:
     follower -> leader   kind "embeddings": {"wide": float32 [B, 1], "deep": float32 [B, 1]}
     leader -> follower   kind "gradients":  {"wide": float32 [B, 1], "deep": float32 [B, 1]}  (train phase only)
-Before any batch both sides exchange a `Hello`; after a failure a side sends `abort(reason)`.
+Before any batch both sides exchange a `Hello`; after a failure a side sends `abort(reason)`. Each Hello
+carries a fresh random nonce; the two nonces make the session id that every later message carries, so a
+message from an earlier session (a stale resend from a previous process) is never applied.
 """
 
 from __future__ import annotations
 
+import hashlib
 import queue
+import secrets
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -21,7 +25,7 @@ import torch
 
 from vfl_cli.errors import PeerAborted, PeerTimeout, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 Kind = Literal["embeddings", "gradients"]
 Phase = Literal["train", "eval", "infer"]
 KINDS: tuple[Kind, ...] = ("embeddings", "gradients")
@@ -48,7 +52,9 @@ class Hello:
     job_fingerprint: str  # JobSpec.fingerprint()
     data_fingerprint: dict[str, dict[str, int | str]]  # split -> {"rows": N, "sample_ids_digest": hex}
     command: str  # "train", "eval" or "infer": both sides must be running the same one
-    resume_epoch: int = 0  # the first epoch this side will run (from its checkpoint)
+    run_id: str = ""  # the training run this side's checkpoints belong to ("" = none yet)
+    checkpoint_steps: tuple[int, ...] = ()  # global steps of the checkpoints it holds for run_id, oldest first
+    nonce: str = field(default_factory=lambda: secrets.token_hex(8))  # fresh per handshake: see session_id
     protocol: int = PROTOCOL_VERSION
     extra: dict[str, str] = field(default_factory=dict)  # e.g. the split that eval/infer reads
 
@@ -58,7 +64,6 @@ class Hello:
             ("protocol version", self.protocol, other.protocol),
             ("job fingerprint (the jobs differ in a shared setting)", self.job_fingerprint, other.job_fingerprint),
             ("command", self.command, other.command),
-            ("resume epoch", self.resume_epoch, other.resume_epoch),
             ("options", self.extra, other.extra),
         ]
         for split in sorted(set(self.data_fingerprint) & set(other.data_fingerprint)):
@@ -69,6 +74,11 @@ class Hello:
             if mine_value != their_value:
                 return f"{what}: here {mine_value}, peer {their_value}"
         return None
+
+
+def session_id(leader: Hello, follower: Hello) -> str:
+    """The id of the session two Hellos open: both sides derive it, neither can pick it alone."""
+    return hashlib.sha256(f"{leader.nonce}:{follower.nonce}".encode()).hexdigest()[:16]
 
 
 class Peer(ABC):

@@ -4,11 +4,11 @@ A body is one msgpack map:
 
     {"v": 1, "job": <job fingerprint>, "type": "hello" | "tensors" | "abort", ...type-specific keys}
 
-    hello    {"hello": {role, name, job_fingerprint, data_fingerprint, command, resume_epoch, protocol,
-                        extra}}
-    tensors  {"kind": "embeddings", "key": {"phase", "epoch", "step"}, "seq": 1,
+    hello    {"hello": {role, name, job_fingerprint, data_fingerprint, command, run_id, checkpoint_steps,
+                        nonce, protocol, extra}}
+    tensors  {"session": <session id>, "kind": "embeddings", "key": {"phase", "epoch", "step"}, "seq": 1,
               "tensors": {name: {"dtype": "float32", "shape": [B, 1], "data": <raw little-endian bytes>}}}
-    abort    {"reason": "..."}
+    abort    {"session": <session id>, "reason": "..."}
 
 Tensors travel as raw bytes, never pickled. `decode` trusts nothing: every type is checked, and anything
 malformed raises ProtocolError with a reason the server sends back to the sender.
@@ -30,7 +30,9 @@ from vfl_cli.peer import KINDS, PHASES, PROTOCOL_VERSION, BatchKey, Hello, Kind
 WIRE_VERSION = PROTOCOL_VERSION
 MAX_DIMS = 4  # cut-layer tensors are [B, 1]; anything deeper is not ours
 MAX_TENSORS = 16
+MAX_DIM = 1 << 31  # no cut-layer dimension comes near this; larger ones are hostile
 MAX_REASON_CHARS = 1000  # an abort reason is shown to a human: keep it to a line or so
+MAX_CHECKPOINTS = 16  # a Hello lists the few checkpoints a party keeps
 
 # Wire dtype name -> (numpy little-endian dtype, torch dtype). Floats are checked for finiteness.
 DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
@@ -52,6 +54,7 @@ class HelloMessage:
 
 @dataclass(frozen=True)
 class TensorMessage:
+    session: str  # the session id of the handshake (`vfl_cli.peer.session_id`)
     kind: Kind
     key: BatchKey
     seq: int  # 1, 2, 3, ... per kind per run: lets the receiver drop retried duplicates
@@ -60,6 +63,7 @@ class TensorMessage:
 
 @dataclass(frozen=True)
 class AbortMessage:
+    session: str
     reason: str
 
 
@@ -81,18 +85,22 @@ def encode(message: Message, job_fingerprint: str) -> bytes:
             "job_fingerprint": h.job_fingerprint,
             "data_fingerprint": h.data_fingerprint,
             "command": h.command,
-            "resume_epoch": h.resume_epoch,
+            "run_id": h.run_id,
+            "checkpoint_steps": list(h.checkpoint_steps),
+            "nonce": h.nonce,
             "protocol": h.protocol,
             "extra": h.extra,
         }
     elif isinstance(message, TensorMessage):
         body["type"] = "tensors"
+        body["session"] = message.session
         body["kind"] = message.kind
         body["key"] = {"phase": message.key.phase, "epoch": message.key.epoch, "step": message.key.step}
         body["seq"] = message.seq
         body["tensors"] = {name: _encode_tensor(name, t) for name, t in message.tensors.items()}
     else:
         body["type"] = "abort"
+        body["session"] = message.session
         body["reason"] = message.reason
     return msgpack.packb(body, use_bin_type=True)
 
@@ -127,7 +135,8 @@ def decode(body: bytes) -> tuple[str, Message]:
     if kind == "tensors":
         return job, _decode_tensors(top)
     if kind == "abort":
-        return job, AbortMessage(printable(_str(top.get("reason"), "reason"))[:MAX_REASON_CHARS])
+        reason = printable(_str(top.get("reason"), "reason"))[:MAX_REASON_CHARS]
+        return job, AbortMessage(_str(top.get("session"), "session"), reason)
     raise ProtocolError(f"unknown message type {kind[:40]!r}")
 
 
@@ -148,13 +157,22 @@ def _decode_hello(raw: dict[str, Any]) -> Hello:
         job_fingerprint=_str(raw.get("job_fingerprint"), "hello.job_fingerprint"),
         data_fingerprint=data_fingerprint,
         command=_str(raw.get("command"), "hello.command"),
-        resume_epoch=_int(raw.get("resume_epoch"), "hello.resume_epoch"),
+        run_id=_str(raw.get("run_id"), "hello.run_id"),
+        checkpoint_steps=_steps(raw.get("checkpoint_steps")),
+        nonce=_str(raw.get("nonce"), "hello.nonce"),
         protocol=_int(raw.get("protocol"), "hello.protocol"),
         extra=extra,
     )
 
 
+def _steps(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > MAX_CHECKPOINTS:
+        raise ProtocolError(f"hello.checkpoint_steps: expected a list of at most {MAX_CHECKPOINTS} integers")
+    return tuple(_int(step, "hello.checkpoint_steps") for step in value)
+
+
 def _decode_tensors(top: dict[str, Any]) -> TensorMessage:
+    session = _str(top.get("session"), "session")
     kind = _str(top.get("kind"), "kind")
     if kind not in KINDS:
         raise ProtocolError(f"kind: unknown {kind[:40]!r}, expected one of {', '.join(KINDS)}")
@@ -170,7 +188,7 @@ def _decode_tensors(top: dict[str, Any]) -> TensorMessage:
     if len(raw_tensors) > MAX_TENSORS:
         raise ProtocolError(f"tensors: {len(raw_tensors)} tensors, at most {MAX_TENSORS}")
     tensors = {name: _decode_tensor(name, value) for name, value in raw_tensors.items()}
-    return TensorMessage(kind, key, seq, tensors)
+    return TensorMessage(session, kind, key, seq, tensors)
 
 
 def _decode_tensor(name: str, raw: object) -> torch.Tensor:
@@ -188,8 +206,9 @@ def _decode_tensor(name: str, raw: object) -> torch.Tensor:
     if len(raw_shape) > MAX_DIMS:
         raise ProtocolError(f"{where}.shape: {len(raw_shape)} dims, at most {MAX_DIMS}")
     shape = [_int(d, f"{where}.shape") for d in raw_shape]
-    if any(d < 0 for d in shape):
-        raise ProtocolError(f"{where}.shape: negative dimension in {shape}")
+    # No zero: an empty tensor with huge other dimensions is "too big" for numpy's reshape.
+    if any(not 1 <= d < MAX_DIM for d in shape):
+        raise ProtocolError(f"{where}.shape: dimensions must lie in 1..{MAX_DIM - 1}, got {shape[:MAX_DIMS]}")
     data = spec.get("data")
     if not isinstance(data, bytes):
         raise ProtocolError(f"{where}.data: expected bytes")
@@ -209,8 +228,11 @@ def _decode_tensor(name: str, raw: object) -> torch.Tensor:
 
 
 def _map(value: object, where: str) -> dict[str, Any]:
+    """A map whose keys are all strings (msgpack also allows bytes keys, which no vfl message has)."""
     if not isinstance(value, dict):
         raise ProtocolError(f"{where}: expected a map, got {_type_name(value)}")
+    if not all(isinstance(key, str) for key in value):
+        raise ProtocolError(f"{where}: keys must be strings")
     return value
 
 

@@ -3,7 +3,13 @@
 Each side is both a server and a client: its own uvicorn server (a background thread) receives what the
 peer sends into an inbox, and a keep-alive httpx client POSTs what it sends to the peer's server. So a
 training step costs one POST each way on an already open TLS connection, and `receive` is a wait on the
-inbox. Messages carry a per-kind `seq` so that resends after lost acknowledgements apply exactly once.
+inbox. Messages carry the session id of the handshake and a per-kind `seq`, so that resends after lost
+acknowledgements apply exactly once and nothing of an earlier process is ever applied.
+
+The peer's identity comes first: the client connects with the peer's party name as TLS server name and the
+handshake fails unless the server's certificate (from the job's CA) carries that name, so no request body
+is written to anyone else. A full inbox at the peer (503) is waited out; connection errors and other 5xx
+are resent with backoff, at most `transport.retries` times.
 
 httpx, ssl and msgpack errors are translated here into the PeerError / TlsError / ProtocolError tree.
 """
@@ -28,7 +34,8 @@ from vfl_cli.errors import (
     TlsError,
 )
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import KINDS, BatchKey, Hello, Kind, Peer
+from vfl_cli.peer import KINDS, BatchKey, Hello, Kind, Peer, session_id
+from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import (
     MAX_REASON_CHARS,
     AbortMessage,
@@ -38,26 +45,30 @@ from vfl_cli.transport.codec import (
     printable,
 )
 from vfl_cli.transport.inbox import Inbox
-from vfl_cli.transport.server import RECEIVES, ServerThread, create_app
-from vfl_cli.transport.tls import client_ssl_context, common_name_of_der, server_ssl_context
+from vfl_cli.transport.listener import ServerThread
+from vfl_cli.transport.server import RECEIVES, create_app
+from vfl_cli.transport.tls import client_ssl_context, describe_server_certificate, server_ssl_context
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.05  # first pause before a resend; doubles per attempt
 BACKOFF_MAX_S = 2.0
 ABORT_TIMEOUT_S = 2.0  # abort is a courtesy on the way out: never hold the exit up for long
+X509_V_ERR_HOSTNAME_MISMATCH = 62  # OpenSSL's verify code: a valid certificate, but for another name
 
 
 class HttpsPeer(Peer):
     """The other party across the network. Starts this party's server at once; `close()` stops it."""
 
-    def __init__(self, job: JobSpec, role: Role) -> None:
+    def __init__(self, job: JobSpec, role: Role, telemetry: Telemetry | None = None) -> None:
         self._job = job
         self._role = role
         self._peer = job.party(job.peer_role(role))
         self._fingerprint = job.fingerprint()
         self._seq: dict[Kind, int] = dict.fromkeys(KINDS, 0)
-        self._inbox = Inbox()
+        self._session = ""  # known once the handshake is done
+        self._inbox = Inbox(job.transport.max_pending)
+        self.telemetry = telemetry or Telemetry(role)
         self.bytes_sent = 0  # request body bytes of every delivered message
 
         me = job.party(role)
@@ -68,22 +79,24 @@ class HttpsPeer(Peer):
         else:
             log.warning("tls.enabled is false: tensors travel unencrypted and unauthenticated (plain HTTP)")
             server_context, client_context, scheme = None, False, "http"
-        self.url = f"{scheme}://{self._peer.listen}"
+        self.url = f"{scheme}://{self._peer.connect_to}"
 
-        # Idle connections must outlive the longest wait between two steps, or every step reconnects.
-        keep_alive_s = max(60.0, 2 * job.transport.timeout_s)
         self._server = ServerThread(
-            create_app(self._inbox, job, role),
+            create_app(self._inbox, job, role, self.telemetry),
             me.host,
             me.port,
             server_context,
-            keep_alive_s=keep_alive_s + 30,
+            read_timeout_s=job.transport.read_timeout_s,
+            max_unauthenticated=job.transport.max_unauthenticated,
+            on_refusal=self.telemetry.refused,
         )
         self._server.start()
         transport = httpx.HTTPTransport(
             verify=client_context,
+            # The peer's server closes connections idle for read_timeout_s: let ours go well before that,
+            # so that a request never races the server's close.
             limits=httpx.Limits(
-                max_connections=4, max_keepalive_connections=2, keepalive_expiry=keep_alive_s
+                max_connections=4, max_keepalive_connections=2, keepalive_expiry=job.transport.read_timeout_s / 2
             ),
             # h11 writes headers and body separately; without TCP_NODELAY, Nagle's algorithm meets the
             # server's delayed ACK and every request waits ~40 ms.
@@ -101,25 +114,29 @@ class HttpsPeer(Peer):
 
     def handshake(self, mine: Hello) -> Hello:
         """POST our Hello until the peer's server answers, then wait for the peer's Hello; each wait is
-        bounded by `transport.connect_timeout_s`."""
+        bounded by `transport.connect_timeout_s`. The two Hellos make the session id."""
         wait_s = self._job.transport.connect_timeout_s
+        self._inbox.expect(mine)
         body = encode(HelloMessage(mine), self._fingerprint)
         self._post("/v1/hello", body, "our hello", time.monotonic() + wait_s, retries=None)
-        self.bytes_sent += len(body)
-        theirs = self._inbox.wait_hello(wait_s)
+        self._count_sent("hello", body)
+        theirs = self._inbox.wait_hello(self._peer.name, wait_s)
         if theirs is None:
             raise PeerTimeout(f"{self._peer.name} at {self.url} is up but sent no hello within {wait_s:g} s")
         if theirs.name != self._peer.name:
             raise ProtocolError(f"hello from {theirs.name!r}, but the job's peer is {self._peer.name!r}")
+        self._session = session_id(mine, theirs) if self._role == "leader" else session_id(theirs, mine)
+        self._seq = dict.fromkeys(KINDS, 0)
         return theirs
 
     def send(self, kind: Kind, key: BatchKey, tensors: dict[str, torch.Tensor]) -> None:
         if kind == RECEIVES[self._role]:
             raise ValueError(f"the {self._role} receives {kind}, it does not send them")
-        if self._inbox.aborted is not None:  # the peer is gone: say why, rather than "unreachable" later
-            raise PeerAborted(f"the peer stopped: {self._inbox.aborted}")
+        aborted = self._inbox.aborted(self._peer.name)
+        if aborted is not None:  # the peer is gone: say why, rather than "unreachable" later
+            raise PeerAborted(f"the peer stopped: {aborted}")
         self._seq[kind] += 1
-        body = encode(TensorMessage(kind, key, self._seq[kind], tensors), self._fingerprint)
+        body = encode(TensorMessage(self._session, kind, key, self._seq[kind], tensors), self._fingerprint)
         deadline = time.monotonic() + self._job.transport.timeout_s
         try:
             self._post(
@@ -130,13 +147,13 @@ class HttpsPeer(Peer):
             raise
         # After other failures the seq stays used: the message may have arrived, and reusing its seq
         # would make the peer drop the next message as a duplicate.
-        self.bytes_sent += len(body)
+        self._count_sent(kind, body)
 
     def receive(self, kind: Kind, key: BatchKey) -> dict[str, torch.Tensor]:
         if kind != RECEIVES[self._role]:
             raise ValueError(f"the {self._role} never receives {kind}")
         timeout_s = self._job.transport.timeout_s
-        message = self._inbox.next_tensors(kind, timeout_s)
+        message = self._inbox.next_tensors(self._peer.name, kind, timeout_s)
         if message is None:
             raise PeerTimeout(
                 f"no {kind} for {key} from {self._peer.name} within {timeout_s:g} s; "
@@ -148,8 +165,11 @@ class HttpsPeer(Peer):
 
     def abort(self, reason: str) -> None:
         try:
-            body = encode(AbortMessage(printable(reason)[:MAX_REASON_CHARS]), self._fingerprint)
-            self._client.post("/v1/abort", content=body, timeout=ABORT_TIMEOUT_S)
+            message = AbortMessage(self._session, printable(reason)[:MAX_REASON_CHARS])
+            body = encode(message, self._fingerprint)
+            self._client.post(
+                "/v1/abort", content=body, timeout=ABORT_TIMEOUT_S, extensions={"sni_hostname": self._peer.name}
+            )
         except Exception as exc:  # best effort by contract: we are already failing
             log.info("could not tell %s that we stopped: %s", self._peer.name, exc)
 
@@ -162,36 +182,51 @@ class HttpsPeer(Peer):
         """Request body bytes of every message the peer delivered to us."""
         return self._inbox.bytes_received
 
+    def _count_sent(self, kind: str, body: bytes) -> None:
+        self.bytes_sent += len(body)
+        self.telemetry.sent(kind, len(body))
+
     # ------------------------------------------------------------------------------------------------- HTTP
 
     def _post(
         self, path: str, body: bytes, what: str, deadline: float, retries: int | None
     ) -> httpx.Response:
-        """POST with resends on connection errors and 5xx (at most `retries`, None = until `deadline`)."""
+        """POST with resends on connection errors and 5xx (at most `retries`, None = until `deadline`); a busy
+        peer (503) is waited out until `deadline` without using up retries."""
         started = time.monotonic()
-        attempt = 0
+        attempt = failures = 0
         while True:
             attempt += 1
             failure: Exception | None = None
+            busy = False
             try:
                 response = self._client.post(
-                    path, content=body, timeout=max(deadline - time.monotonic(), 0.1)
+                    path,
+                    content=body,
+                    timeout=max(deadline - time.monotonic(), 0.1),
+                    # The name the server's certificate must carry, checked in the TLS handshake.
+                    extensions={"sni_hostname": self._peer.name},
                 )
             except httpx.TransportError as exc:
-                _raise_if_tls_failure(exc, self.url)
+                self._raise_if_tls_failure(exc)
                 failure, problem = exc, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                self.telemetry.retried("timeout" if isinstance(exc, httpx.TimeoutException) else "connect")
             else:
                 if response.status_code < 400:
-                    self._check_server_name(response)
                     return response
                 reason = _reason(response)
                 if response.status_code < 500:
                     raise PeerRefused(
                         f"{self._peer.name} refused {what}: {reason} (HTTP {response.status_code})"
                     )
+                busy = response.status_code == 503
                 problem = f"HTTP {response.status_code}: {reason}"
+                self.telemetry.retried("http_503" if busy else "http_5xx")
+            failures += 0 if busy else 1
             pause = min(BACKOFF_FIRST_S * 2 ** (attempt - 1), BACKOFF_MAX_S)
-            if (retries is not None and attempt > retries) or time.monotonic() + pause >= deadline:
+            if busy:
+                pause = min(pause, _retry_after(response))
+            if (retries is not None and failures > retries) or time.monotonic() + pause >= deadline:
                 elapsed = time.monotonic() - started
                 message = (
                     f"cannot deliver {what} to {self._peer.name} at {self.url} "
@@ -206,17 +241,32 @@ class HttpsPeer(Peer):
             log.debug("resending %s to %s in %.2f s: %s", what, self.url, pause, problem)
             time.sleep(pause)
 
-    def _check_server_name(self, response: httpx.Response) -> None:
-        """The server's certificate must name the peer party, not just come from the job's CA."""
-        if not self._job.tls.enabled:
-            return
-        stream = response.extensions.get("network_stream")
-        ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-        # Positional True: httpcore may hand us an _ssl._SSLSocket, whose getpeercert takes no keywords.
-        der = ssl_object.getpeercert(True) if ssl_object is not None else None
-        name = common_name_of_der(der) if der else None
-        if name != self._peer.name:
-            raise TlsError(f"the server at {self.url} is {name!r}, not the job's peer {self._peer.name!r}")
+    def _raise_if_tls_failure(self, exc: httpx.TransportError) -> None:
+        """Certificate problems do not heal with retries: stop at once with a TlsError."""
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                if cause.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
+                    host, port = self._peer.connect_to.rsplit(":", 1)
+                    met = describe_server_certificate(host.strip("[]"), int(port), self._job, self._role)
+                    raise TlsError(
+                        f"the server at {self.url} is not the job's peer {self._peer.name!r}: it presented {met}; "
+                        "nothing was sent to it"
+                    ) from exc
+                raise TlsError(
+                    f"the server at {self.url} failed certificate verification: {cause.verify_message}"
+                ) from exc
+            if isinstance(cause, ssl.SSLError) and "ALERT" in str(cause.reason or "").upper():
+                raise TlsError(f"the server at {self.url} refused our certificate: {cause.reason}") from exc
+            cause = cause.__cause__ or cause.__context__
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The pause a 503 asks for, in seconds (Retry-After as a number; anything else counts as 1 s)."""
+    try:
+        return max(float(response.headers.get("retry-after", "1")), 0.0)
+    except ValueError:
+        return 1.0
 
 
 def _reason(response: httpx.Response) -> str:
@@ -226,16 +276,3 @@ def _reason(response: httpx.Response) -> str:
     except (ValueError, AttributeError):
         reason = None
     return printable(str(reason or response.text[:200] or response.reason_phrase))[:MAX_REASON_CHARS]
-
-
-def _raise_if_tls_failure(exc: httpx.TransportError, url: str) -> None:
-    """Certificate problems do not heal with retries: stop at once with a TlsError."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            raise TlsError(
-                f"the server at {url} failed certificate verification: {cause.verify_message}"
-            ) from exc
-        if isinstance(cause, ssl.SSLError) and "ALERT" in str(cause.reason or "").upper():
-            raise TlsError(f"the server at {url} refused our certificate: {cause.reason}") from exc
-        cause = cause.__cause__ or cause.__context__

@@ -1,7 +1,14 @@
 """Certificates and TLS contexts: the dev CA that `vfl certs` makes, and both parties' mutual-TLS contexts.
 
 Each party holds a certificate signed by the job's CA whose common name (CN) is the party's `name` in the
-job; servers require a client certificate from that CA and then check its CN against the expected peer.
+job, and which names the party as a DNS subject-alternative name too. When are identities checked?
+
+- The client (the sender of every message) connects with the peer's party name as TLS server name (SNI)
+  and verifies the server's certificate against the job's CA and that name **during the TLS handshake**,
+  before it writes a single byte of any request. A server with another party's certificate from the same
+  CA fails the handshake; nothing is sent to it.
+- The server requires a client certificate from the job's CA during the same handshake, then checks its
+  CN against the expected peer on every request (403 otherwise), before it reads the body.
 Key passwords come from the environment variable or file the job names, never from the command line,
 and are never logged. Every failure is one TlsError line that names the file.
 """
@@ -11,10 +18,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import ssl
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from functools import lru_cache
 from pathlib import Path
 
 from cryptography import x509
@@ -126,7 +133,7 @@ def make_dev_certs(job: JobSpec, out_dir: Path | None = None) -> DevCerts:
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                 critical=False,
             )
-            .add_extension(x509.SubjectAlternativeName(_alt_names(party.host)), critical=False)
+            .add_extension(x509.SubjectAlternativeName(_alt_names(party)), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
@@ -156,15 +163,17 @@ def _key_usage(ca: bool) -> x509.KeyUsage:
     )
 
 
-def _alt_names(host: str) -> list[x509.GeneralName]:
-    """The listen host (an IP address entry when it is one) plus "localhost"."""
-    names: list[x509.GeneralName] = []
+def _alt_names(party: PartySpec) -> list[x509.GeneralName]:
+    """The party's name (what the peer's client verifies), then its listen host (an IP address entry when it
+    is one) and "localhost", for tools such as curl."""
+    names: list[x509.GeneralName] = [x509.DNSName(party.name)]
     try:
-        names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        names.append(x509.IPAddress(ipaddress.ip_address(party.host)))
     except ValueError:
-        if host != "localhost":
-            names.append(x509.DNSName(host))
-    names.append(x509.DNSName("localhost"))
+        if party.host not in (party.name, "localhost"):
+            names.append(x509.DNSName(party.host))
+    if party.name != "localhost":
+        names.append(x509.DNSName("localhost"))
     return names
 
 
@@ -228,10 +237,33 @@ def server_ssl_context(job: JobSpec, role: Role) -> ssl.SSLContext:
 
 
 def client_ssl_context(job: JobSpec, role: Role) -> ssl.SSLContext:
-    """TLS 1.2+, the server checked against the job's CA and its address, this party's certificate offered."""
+    """TLS 1.2+, this party's certificate offered, and the server checked against the job's CA and the name
+    the client connects with (the peer's party name, see `HttpsPeer`) during the handshake."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname is on for client contexts
     _configure(context, job, role)
     return context
+
+
+def describe_server_certificate(host: str, port: int, job: JobSpec, role: Role, timeout_s: float = 5.0) -> str:
+    """Who the server at host:port claims to be, for an error message after its certificate failed the name
+    check: a second handshake that verifies the CA only, then closes without sending anything."""
+    context = client_ssl_context(job, role)
+    context.check_hostname = False
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw:
+            with context.wrap_socket(raw, server_hostname=None) as secured:
+                der = secured.getpeercert(True)
+    except (OSError, ssl.SSLError) as exc:
+        return f"a certificate that could not be read again ({_ssl_reason(exc)})"
+    if not der:
+        return "no certificate"
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = ", ".join(alt.get_values_for_type(x509.DNSName)) or "none"
+    except x509.ExtensionNotFound:
+        dns = "none"
+    return f"certificate CN {peer_common_name(cert)!r} (DNS names: {dns}; serial {cert.serial_number:x})"
 
 
 def _configure(context: ssl.SSLContext, job: JobSpec, role: Role) -> None:
@@ -310,13 +342,3 @@ def peer_common_name(cert: x509.Certificate) -> str | None:
         return None
     value = attributes[0].value
     return value.decode() if isinstance(value, bytes) else value
-
-
-@lru_cache(maxsize=64)
-def common_name_of_der(der: bytes) -> str | None:
-    """`peer_common_name` of a DER certificate as `SSLObject.getpeercert(True)` gives it; cached, since the
-    same peer certificate comes back on every request."""
-    try:
-        return peer_common_name(x509.load_der_x509_certificate(der))
-    except ValueError:
-        return None
