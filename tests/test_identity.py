@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import write_job, write_planted_data
 from tests.test_transport import LEADER_ENV, LEADER_PASSWORD, build_job, certs, cut, hello  # noqa: F401
 from tests.test_two_party import VFL, environment, tls_job
-from tests.conftest import write_job, write_planted_data
 from vfl_cli.errors import TlsError
 from vfl_cli.job import JobSpec
 from vfl_cli.peer import BatchKey
@@ -109,7 +109,8 @@ def test_cli_against_an_impostor_exits_7_with_one_line(tmp_path: Path) -> None:
     spec = tls_job(tmp_path)
     write_planted_data(Path(spec["data"]["dir"]), rows=300)
     job_path = write_job(tmp_path, spec)
-    assert subprocess.run([*VFL, "certs", "--job", str(job_path)], capture_output=True, env=environment()).returncode == 0
+    made = subprocess.run([*VFL, "certs", "--job", str(job_path)], capture_output=True, env=environment())
+    assert made.returncode == 0
     # The impostor: a leader server that holds the follower's certificate.
     from vfl_cli.job import load_job
 

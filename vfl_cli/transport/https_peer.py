@@ -47,7 +47,12 @@ from vfl_cli.transport.codec import (
 from vfl_cli.transport.inbox import Inbox
 from vfl_cli.transport.listener import ServerThread
 from vfl_cli.transport.server import RECEIVES, create_app
-from vfl_cli.transport.tls import client_ssl_context, describe_server_certificate, server_ssl_context
+from vfl_cli.transport.tls import (
+    CertificateSummary,
+    client_ssl_context,
+    describe_server_certificate,
+    server_ssl_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +254,12 @@ class HttpsPeer(Peer):
                 if cause.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
                     host, port = self._peer.connect_to.rsplit(":", 1)
                     met = describe_server_certificate(host.strip("[]"), int(port), self._job, self._role)
+                    hint = ""
+                    if isinstance(met, CertificateSummary) and met.common_name == self._peer.name:
+                        hint = f" (it does not list {self._peer.name!r} as a DNS name: make it again with `vfl certs`)"
                     raise TlsError(
-                        f"the server at {self.url} is not the job's peer {self._peer.name!r}: it presented {met}; "
-                        "nothing was sent to it"
+                        f"the server at {self.url} is not the job's peer {self._peer.name!r}: it presented {met}"
+                        f"{hint}; nothing was sent to it"
                     ) from exc
                 raise TlsError(
                     f"the server at {self.url} failed certificate verification: {cause.verify_message}"

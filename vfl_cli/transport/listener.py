@@ -137,9 +137,15 @@ class GatedConnection(asyncio.Protocol):
             )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             raw.abort()
-            reason = "read_timeout" if isinstance(exc, TimeoutError) else "tls_handshake"
-            gate.refuse(reason, "refused a connection from %s: TLS handshake failed: %s", _address(peer),
-                        _one_line(exc))
+            admitted = gate.pending.get(raw)
+            if admitted is None:
+                return  # dropped by the cap, and counted there
+            if time.monotonic() - admitted >= gate.read_timeout_s:
+                gate.refuse("read_timeout", "closed a connection from %s: no TLS handshake within "
+                            "transport.read_timeout_s = %g s", _address(peer), gate.read_timeout_s)
+            else:
+                gate.refuse("tls_handshake", "refused a connection from %s: TLS handshake failed: %s",
+                            _address(peer), _one_line(exc))
             return
         except asyncio.CancelledError:  # the server is shutting down
             raw.abort()

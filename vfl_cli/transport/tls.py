@@ -244,9 +244,25 @@ def client_ssl_context(job: JobSpec, role: Role) -> ssl.SSLContext:
     return context
 
 
-def describe_server_certificate(host: str, port: int, job: JobSpec, role: Role, timeout_s: float = 5.0) -> str:
+@dataclass(frozen=True)
+class CertificateSummary:
+    """Who a certificate says it is, for error messages."""
+
+    common_name: str | None
+    dns_names: tuple[str, ...]
+    serial: int
+
+    def __str__(self) -> str:
+        dns = ", ".join(self.dns_names) or "none"
+        return f"certificate CN {self.common_name!r} (DNS names: {dns}; serial {self.serial:x})"
+
+
+def describe_server_certificate(
+    host: str, port: int, job: JobSpec, role: Role, timeout_s: float = 5.0
+) -> CertificateSummary | str:
     """Who the server at host:port claims to be, for an error message after its certificate failed the name
-    check: a second handshake that verifies the CA only, then closes without sending anything."""
+    check: a second handshake that verifies the CA only, then closes without sending anything. A string
+    says why it could not be read."""
     context = client_ssl_context(job, role)
     context.check_hostname = False
     try:
@@ -260,10 +276,10 @@ def describe_server_certificate(host: str, port: int, job: JobSpec, role: Role, 
     cert = x509.load_der_x509_certificate(der)
     try:
         alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = ", ".join(alt.get_values_for_type(x509.DNSName)) or "none"
+        dns_names = tuple(alt.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
-        dns = "none"
-    return f"certificate CN {peer_common_name(cert)!r} (DNS names: {dns}; serial {cert.serial_number:x})"
+        dns_names = ()
+    return CertificateSummary(peer_common_name(cert), dns_names, cert.serial_number)
 
 
 def _configure(context: ssl.SSLContext, job: JobSpec, role: Role) -> None:
