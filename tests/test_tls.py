@@ -86,11 +86,12 @@ def test_dev_certs_name_the_parties_and_chain_to_the_ca(
         x509.SubjectAlternativeName
     )
     assert san.value.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
-    assert san.value.get_values_for_type(x509.DNSName) == ["localhost"]
+    # The party's name first: the peer's client verifies it during the TLS handshake.
+    assert san.value.get_values_for_type(x509.DNSName) == ["alice", "localhost"]
     san = load_cert(tmp_path / "certs" / "follower.pem").extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     )
-    assert san.value.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.value.get_values_for_type(x509.DNSName) == ["bob", "localhost"]
     for path in made.paths.all():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 

@@ -66,16 +66,18 @@ def test_split_training_equals_joint_training(tmp_path: Path) -> None:
 
 def test_local_training_learns_the_planted_signal(planted_job: JobSpec) -> None:
     results = run_local(planted_job, train_session)
-    epochs = results["leader"]
+    epochs = results["leader"].epochs
     assert [e for e, _, _ in epochs] == [0, 1]
     assert epochs[-1][2] is not None and epochs[-1][2].auc > 0.75
-    assert results["follower"][-1][2] is None  # the follower never sees labels or metrics
-    for role in ("leader", "follower"):
-        assert (planted_job.train.run_dir / role / "checkpoint.pt").exists()
+    assert results["follower"].epochs[-1][2] is None  # the follower never sees labels or metrics
+    assert results["leader"].run_id == results["follower"].run_id and not results["leader"].resumed
+    for role in ("leader", "follower"):  # 15 steps per epoch: the two epoch ends are the newest two
+        files = sorted(p.name for p in (planted_job.train.run_dir / role).glob("checkpoint-*.pt"))
+        assert files == ["checkpoint-000000015.pt", "checkpoint-000000030.pt"]
 
 
 def test_eval_of_checkpoint_reproduces_last_epoch_auc(planted_job: JobSpec) -> None:
-    trained = run_local(planted_job, train_session)["leader"][-1][2]
+    trained = run_local(planted_job, train_session)["leader"].epochs[-1][2]
     evaluated = run_local(planted_job, lambda run: eval_session(run, planted_job.train.run_dir, "test"))["leader"]
     assert evaluated.auc == pytest.approx(trained.auc, abs=1e-9)
     assert evaluated.rows == 240
@@ -84,20 +86,25 @@ def test_eval_of_checkpoint_reproduces_last_epoch_auc(planted_job: JobSpec) -> N
 def test_rerun_resumes_after_the_last_checkpoint(tmp_path: Path) -> None:
     spec = job_dict(tmp_path, epochs=1)
     write_planted_data(Path(spec["data"]["dir"]))
-    run_local(parse_job(spec), train_session)
+    first = run_local(parse_job(spec), train_session)["leader"]
     spec["train"]["epochs"] = 2
     # More epochs is another job (its fingerprint covers train settings): the checkpoint is refused.
     with pytest.raises(CheckpointError, match="another job"):
         run_local(parse_job(spec), train_session)
     spec["train"]["epochs"] = 1
-    assert run_local(parse_job(spec), train_session)["leader"] == []  # all epochs done: nothing to redo
-    assert len(run_local(parse_job(spec), lambda run: train_session(run, restart=True))["leader"]) == 1
+    again = run_local(parse_job(spec), train_session)["leader"]
+    assert again.epochs == [] and again.resumed and again.run_id == first.run_id  # all done: nothing to redo
+    restarted = run_local(parse_job(spec), lambda run: train_session(run, restart=True))["leader"]
+    assert len(restarted.epochs) == 1 and restarted.run_id != first.run_id and not restarted.resumed
 
 
 def test_corrupt_checkpoint_is_refused(planted_job: JobSpec) -> None:
     run_local(planted_job, train_session)
-    (planted_job.train.run_dir / "follower" / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable vfl checkpoint"):
+    newest = planted_job.train.run_dir / "follower" / "checkpoint-000000030.pt"
+    newest.write_bytes(b"not a checkpoint")
+    # Both sides stop: the follower naming its file, the leader saying the follower has none it can use
+    # (run_local reports whichever failed first).
+    with pytest.raises(CheckpointError, match=f"{newest}: not a readable|the follower has no usable checkpoint"):
         run_local(planted_job, lambda run: eval_session(run, planted_job.train.run_dir, "test"))
 
 
@@ -139,8 +146,8 @@ def test_central_beats_leader_only_on_a_signal_split_across_parties(planted_job:
     from vfl_cli.train.baseline import evaluate_baseline_checkpoint, train_baseline
     from vfl_cli.train.loop import SilentReporter
 
-    central = train_baseline(planted_job, "central", SilentReporter())[-1][2]
-    leader_only = train_baseline(planted_job, "leader-only", SilentReporter())[-1][2]
+    central = train_baseline(planted_job, "central", SilentReporter()).epochs[-1][2]
+    leader_only = train_baseline(planted_job, "leader-only", SilentReporter()).epochs[-1][2]
     assert central is not None and leader_only is not None
     assert central.auc > leader_only.auc + 0.05
     reloaded = evaluate_baseline_checkpoint(planted_job, "central", planted_job.train.run_dir, "test")

@@ -1,56 +1,268 @@
-"""Checkpoints: a plain dict of state dicts + job fingerprint + completed epochs, one file per party.
+"""Checkpoints, and the one training history both parties agree on.
 
-    <run_dir>/<role>/checkpoint.pt
+Each party keeps its own files; only the handshake's `Hello` (run id, steps held) crosses the wire:
 
-Written atomically (temp file, then rename) so that a crash never leaves a half-written checkpoint, and
-loaded with `weights_only=True` so that a checkpoint file can never run code.
+    <run_dir>/<role>/run.json                    {"run_id": ...}: the run this party's checkpoints belong to
+    <run_dir>/<role>/checkpoint-<step:09d>.pt    {format, job, run_id, step, epoch, epoch_step, state}
+
+`step` counts training steps since the start of the run: a checkpoint at step g holds the state after g
+steps. The run id is fixed when a run starts (at its first handshake) and never changes while it is
+resumed. Every file is written atomically (temp file, flush, fsync, rename, fsync of the directory), so a
+crash leaves either the old set of files or the new one, never half a checkpoint; the newest `KEEP` stay.
+Files load with `weights_only=True`, so a checkpoint can never run code.
+
+At the handshake, `agree(leader, follower)` picks the newest step both hold (step 0, the seeded initial
+weights, is held by every party on the run); both roll back to it. Two different histories are refused.
+`vfl eval`/`vfl infer` use each side's newest checkpoint and `same_checkpoint` refuses a pair that differs.
+
+Errors: two sides whose runs or checkpoints differ -> ProtocolError (exit 5, a handshake mismatch; each
+file alone is fine); a checkpoint that is missing, unreadable or from another job -> CheckpointError (exit 6),
+one line naming the file.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pickle
+import re
+import secrets
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vfl_cli.errors import CheckpointError
+from vfl_cli.errors import CheckpointError, ProtocolError
+from vfl_cli.peer import Hello
+from vfl_cli.train.batches import Position
 
-FORMAT_VERSION = 1
-FILE_NAME = "checkpoint.pt"
+FORMAT_VERSION = 2
+KEEP = 2  # the parties can be at most one checkpoint apart (see `agree`), so two always share one
+RUN_FILE = "run.json"
+FILE_PATTERN = re.compile(r"checkpoint-(\d{9})\.pt")
+TEMP_PREFIX = ".tmp-"  # a leftover from a crash mid-write; never matches FILE_PATTERN
+RESTART_HINT = "rerun `vfl train` on both sides with --restart to start over"
+
+log = logging.getLogger(__name__)
 
 
-def checkpoint_path(run_dir: Path, role: str) -> Path:
-    return run_dir / role / FILE_NAME
+def new_run_id() -> str:
+    return secrets.token_hex(8)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any], job_fingerprint: str, epochs_done: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT_VERSION, "job": job_fingerprint, "epochs_done": epochs_done, "state": state}
-    handle, temp_name = tempfile.mkstemp(prefix=".checkpoint-", dir=path.parent)
+def short(run_id: str) -> str:
+    """A run id as people read it: its first 8 hex digits."""
+    return run_id[:8] or "(none)"
+
+
+def file_name(step: int) -> str:
+    return f"checkpoint-{step:09d}.pt"
+
+
+# ------------------------------------------------------------------------------------------- the files
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """Write through `write(file)` to a temp file beside `path`, make it durable, then rename it over `path`."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-
-
-def load_checkpoint(path: Path, job_fingerprint: str) -> dict[str, Any]:
-    """Return the payload; refuse a checkpoint from another job or in an unknown format."""
+    # The rename itself lives in the directory: without this fsync a power cut can undo it.
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The payload of one checkpoint file; anything else is a one-line CheckpointError naming the file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: no checkpoint here") from exc
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable vfl checkpoint ({str(exc).splitlines()[0]})") from exc
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]  # an empty file raises a bare EOFError
+        raise CheckpointError(f"{path}: not a readable vfl checkpoint ({reason})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a vfl checkpoint of format {FORMAT_VERSION}")
+    return payload
+
+
+def _check_job(path: Path, payload: dict[str, Any], job_fingerprint: str) -> dict[str, Any]:
     if payload.get("job") != job_fingerprint:
         raise CheckpointError(
-            f"{path}: made by another job (fingerprint {payload.get('job')}, this job {job_fingerprint})"
+            f"{path}: made by another job (fingerprint {payload.get('job')}, this job {job_fingerprint}); "
+            f"{RESTART_HINT}"
         )
     return payload
+
+
+class CheckpointStore:
+    """One party's checkpoints in one directory (`<run_dir>/<role>`)."""
+
+    def __init__(self, directory: Path, job_fingerprint: str) -> None:
+        self.directory = directory
+        self.job_fingerprint = job_fingerprint
+
+    def run_id(self) -> str | None:
+        """The run recorded in run.json, or None when this party has not started one."""
+        path = self.directory / RUN_FILE
+        try:
+            run_id = json.loads(path.read_text())["run_id"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a readable vfl run file ({exc}); {RESTART_HINT}") from exc
+        if not isinstance(run_id, str) or not run_id:
+            raise CheckpointError(f"{path}: not a readable vfl run file (no run id); {RESTART_HINT}")
+        return run_id
+
+    def _files(self) -> dict[int, Path]:
+        """step -> path of every checkpoint file here, whatever run it belongs to."""
+        if not self.directory.is_dir():
+            return {}
+        found = (FILE_PATTERN.fullmatch(p.name) for p in self.directory.iterdir())
+        return {int(m.group(1)): self.directory / m.group(0) for m in found if m}
+
+    def steps(self, run_id: str) -> tuple[int, ...]:
+        """Steps of the newest KEEP readable checkpoints of `run_id`, oldest first (what a Hello offers). A file
+        of another job is an error (it must not be thrown away silently); an unreadable one, or one of another
+        run, is not held."""
+        held = []
+        for step, path in sorted(self._files().items()):
+            try:
+                payload = _read(path, mmap=True)  # mmap: reads the header, not the weights
+            except CheckpointError as exc:
+                log.warning("%s; not counted as held", exc)
+                continue
+            _check_job(path, payload, self.job_fingerprint)
+            if payload.get("run_id") == run_id and payload.get("step") == step:
+                held.append(step)
+        return tuple(held[-KEEP:])
+
+    def load(self, run_id: str, step: int) -> dict[str, Any]:
+        path = self.directory / file_name(step)
+        payload = _check_job(path, _read(path), self.job_fingerprint)
+        if payload.get("run_id") != run_id or payload.get("step") != step:
+            raise CheckpointError(f"{path}: holds run {short(str(payload.get('run_id')))} step "
+                                  f"{payload.get('step')}, expected run {short(run_id)} step {step}")
+        return payload
+
+    def newest(self) -> dict[str, Any]:
+        """The newest checkpoint of this party's run (what `vfl eval` and `vfl infer` use)."""
+        run_id = self.run_id()
+        if run_id is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint here; run `vfl train` first")
+        for step, path in sorted(self._files().items(), reverse=True):
+            payload = _check_job(path, _read(path, mmap=True), self.job_fingerprint)
+            if payload.get("run_id") == run_id and payload.get("step") == step:
+                return payload
+        raise CheckpointError(f"{self.directory}: no checkpoint of run {short(run_id)} yet; "
+                              "run `vfl train` until it writes one")
+
+    def begin(self, run_id: str, step: int, held: tuple[int, ...]) -> None:
+        """Record the agreed run and roll the files back to `step`: what lies beyond it, or belongs to
+        another run, is another history and goes. run.json first, so a crash halfway leaves foreign files
+        that are ignored, never our run without its record."""
+        try:
+            recorded = self.run_id()
+        except CheckpointError:  # an unreadable run.json (seen before, unless on --restart) is replaced
+            recorded = None
+        if recorded != run_id:
+            _write_atomically(self.directory / RUN_FILE, lambda f: f.write(json.dumps({"run_id": run_id}).encode()))
+        for old_step, path in self._files().items():
+            if old_step > step or old_step not in held:
+                path.unlink(missing_ok=True)
+        for temp in self.directory.glob(f"{TEMP_PREFIX}*"):
+            temp.unlink(missing_ok=True)
+
+    def save(self, run_id: str, step: int, epoch: int, epoch_step: int, state: dict[str, Any]) -> Path:
+        """Write the checkpoint at `step`, then drop all but the newest KEEP (only once the new one is safe)."""
+        payload = {"format": FORMAT_VERSION, "job": self.job_fingerprint, "run_id": run_id, "step": step,
+                   "epoch": epoch, "epoch_step": epoch_step, "state": state}
+        path = self.directory / file_name(step)
+        _write_atomically(path, lambda f: torch.save(payload, f))
+        for old_step in sorted(self._files())[:-KEEP]:
+            (self.directory / file_name(old_step)).unlink(missing_ok=True)
+        return path
+
+
+# ------------------------------------------------------------------ the agreement between the parties
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The history both parties continue: run `run_id` from the state after `step` steps."""
+
+    run_id: str
+    step: int
+    resumed: bool  # True: both were on this run already; False: it starts here
+
+
+def _holdings(role: str, hello: Hello) -> str:
+    if not hello.checkpoint_steps:
+        return f"the {role} holds no checkpoint (run {short(hello.run_id)})"
+    return f"the {role} holds run {short(hello.run_id)} at steps {', '.join(map(str, hello.checkpoint_steps))}"
+
+
+def agree(leader: Hello, follower: Hello) -> Agreement:
+    """The newest step both parties hold: a pure function of the two Hellos, so both sides compute it alike.
+
+    - same run: the newest step in both lists, else 0 (every party on the run holds the initial weights);
+    - different runs, and neither holds a checkpoint: a fresh run, under the leader's run id;
+    - different runs otherwise: refused, since one side would have to throw away or invent a history.
+
+    Both sides checkpoint at the same steps and each step needs the other's tensors, so one side is at most
+    one checkpoint ahead; keeping two files per side therefore always leaves a step in common.
+    """
+    if leader.run_id and leader.run_id == follower.run_id:
+        common = set(leader.checkpoint_steps) & set(follower.checkpoint_steps)
+        return Agreement(leader.run_id, max(common | {0}), resumed=True)
+    if not leader.checkpoint_steps and not follower.checkpoint_steps:
+        return Agreement(leader.run_id, 0, resumed=False)
+    raise ProtocolError(
+        f"the parties hold different training runs: {_holdings('leader', leader)}; "
+        f"{_holdings('follower', follower)}: {RESTART_HINT} (--restart on one side alone is refused like this)"
+    )
+
+
+def _where(step: int, steps_per_epoch: int) -> str:
+    return str(Position.at(step, steps_per_epoch))  # e.g. "step 40 (epoch 2 step 10)"
+
+
+def same_checkpoint(leader: Hello, follower: Hello, steps_per_epoch: int) -> None:
+    """`vfl eval`/`vfl infer` read one model: both sides' newest checkpoints must be the same run and step.
+    Each Hello carries its checkpoint as (run_id, (step,)); run_id "" means the side has none."""
+    for role, hello in (("leader", leader), ("follower", follower)):
+        if not hello.run_id or not hello.checkpoint_steps:
+            raise CheckpointError(f"the {role} has no usable checkpoint: run `vfl train` on both sides first")
+    leader_step, follower_step = leader.checkpoint_steps[-1], follower.checkpoint_steps[-1]
+    if leader.run_id != follower.run_id:
+        leader_at, follower_at = _where(leader_step, steps_per_epoch), _where(follower_step, steps_per_epoch)
+        raise ProtocolError(
+            f"checkpoints differ: the leader's is of run {short(leader.run_id)} {leader_at}, "
+            f"the follower's of another run, {short(follower.run_id)} {follower_at}; "
+            "rerun `vfl train` on both sides with --restart"
+        )
+    if leader_step != follower_step:
+        (newer, newer_step), (older, older_step) = sorted(
+            (("leader", leader_step), ("follower", follower_step)), key=lambda side: -side[1]
+        )
+        raise ProtocolError(
+            f"checkpoints differ: the {newer}'s is newer than the {older}'s: run {short(leader.run_id)} "
+            f"{_where(newer_step, steps_per_epoch)} against {_where(older_step, steps_per_epoch)}; "
+            "rerun `vfl train` on both sides so they finish the same step"
+        )

@@ -17,7 +17,9 @@ from vfl_cli.job import JobSpec, Role, load_job
 
 if TYPE_CHECKING:
     from vfl_cli.peer import Peer
+    from vfl_cli.telemetry import Telemetry
     from vfl_cli.train.loop import EvalResult, PartyRun
+    from vfl_cli.transport.https_peer import HttpsPeer
 
 # torch, the model and the transport load inside the commands that use them, so that `vfl prep`,
 # `vfl certs` and `--help` start in a fraction of a second and without torch's memory.
@@ -52,14 +54,24 @@ SplitOption = Annotated[str, typer.Option("--split", help="Prepared split to rea
 
 
 @contextmanager
-def connected(job: JobSpec, role: Role) -> Iterator[Peer]:
-    """The HTTPS peer for a two-process run; on any failure here, tell the peer before leaving."""
+def connected(job: JobSpec, role: Role) -> Iterator[HttpsPeer]:
+    """The HTTPS peer for a two-process run, and the metrics listener when the job names one; on any failure
+    here, tell the peer before leaving."""
+    from vfl_cli.telemetry import Telemetry, start_metrics_server
     from vfl_cli.train.session import set_threads
     from vfl_cli.transport.https_peer import HttpsPeer
 
     set_threads(job.party(role).threads)
-    peer = HttpsPeer(job, role)
+    telemetry = Telemetry(role)
+    peer = HttpsPeer(job, role, telemetry)
     console.print(f"{role} listening on {job.party(role).listen}")
+    try:
+        metrics = start_metrics_server(job, role, telemetry, lambda: _health(telemetry))
+    except BaseException:
+        peer.close()
+        raise
+    if metrics is not None:
+        console.print(f"{role} metrics on http://{metrics.host}:{metrics.port}/metrics")
     try:
         yield peer
     except BaseException as exc:
@@ -67,17 +79,23 @@ def connected(job: JobSpec, role: Role) -> Iterator[Peer]:
         raise
     finally:
         peer.close()
+        if metrics is not None:
+            metrics.stop()
+
+
+def _health(telemetry: Telemetry) -> dict[str, str]:
+    return {"status": "ok", "role": telemetry.role, "steps": f"{telemetry.value('vfl_steps_total'):.0f}"}
 
 
 def _two_party(job: JobSpec, role: str, session: Callable[[PartyRun], T]) -> tuple[T, Peer]:
     from vfl_cli.train.session import open_run
 
     peer_role = job.peer_role(role)
-    waiting = console.status(f"waiting for the {peer_role} at {job.party(peer_role).listen} "
+    waiting = console.status(f"waiting for the {peer_role} at {job.party(peer_role).connect_to} "
                              f"(up to {job.transport.connect_timeout_s:g} s)")
     with connected(job, cast(Role, role)) as peer, waiting:
         # The spinner runs through the handshake; the reporter stops it when the first batch starts.
-        return session(open_run(job, role, peer, RichReporter(waiting=waiting))), peer
+        return session(open_run(job, role, peer, RichReporter(waiting=waiting), peer.telemetry)), peer
 
 
 def _print_result(label: str, result: EvalResult) -> None:
@@ -93,25 +111,28 @@ def train(
     role: Annotated[RunRole, typer.Option("--role", help=ROLE_HELP, show_default=False)],
     job: JobOption,
     restart: Annotated[
-        bool, typer.Option("--restart", help="Ignore an existing checkpoint and start at epoch 0.")
+        bool,
+        typer.Option("--restart", help="Start a new run at step 0 (drops this side's checkpoints once the peer "
+                                       "agrees; pass it on both sides)."),
     ] = False,
 ) -> None:
-    """Train the job's model. Each epoch ends with a test evaluation and a checkpoint; a rerun resumes
-    from the last completed epoch unless --restart is given."""
+    """Train the job's model. Both parties checkpoint every train.checkpoint_every steps and at each epoch end;
+    a rerun resumes at the newest step both hold, with the same batches an uninterrupted run would see."""
     from vfl_cli.train.baseline import train_baseline
     from vfl_cli.train.session import run_local, set_threads, train_session
 
     spec = load_job(job)
     started = time.perf_counter()
     if role in (RunRole.central, RunRole.leader_only):
-        results = train_baseline(spec, role.value, RichReporter())
+        outcome = train_baseline(spec, role.value, RichReporter(), restart)
         peer = None
     elif role == RunRole.local:
         set_threads(sum(p.threads or 0 for p in spec.parties.values()) or None)
-        results = run_local(spec, lambda run: train_session(run, restart), {"leader": RichReporter()})["leader"]
+        outcome = run_local(spec, lambda run: train_session(run, restart), {"leader": RichReporter()})["leader"]
         peer = None
     else:
-        results, peer = _two_party(spec, role.value, lambda run: train_session(run, restart))
+        outcome, peer = _two_party(spec, role.value, lambda run: train_session(run, restart))
+    results = outcome.epochs  # (a resumed session said so on the console when it began)
     rows = [(e, speed, r.auc if r else None, r.log_loss if r else None) for e, speed, r in results]
     if rows:
         console.print(epoch_table(rows, f"{spec.name}: {role.value}"))
@@ -119,7 +140,7 @@ def train(
     if final is not None:
         _print_result(f"{role.value} test", final)
     elif not results:
-        typer.echo("nothing to train: the checkpoint has all epochs (use --restart to train again)")
+        typer.echo("nothing to train: the checkpoint has all epochs (use --restart on both sides to train again)")
     if peer is not None:
         typer.echo(_traffic(peer, role.value))
     typer.echo(f"checkpoint: {spec.train.run_dir}  ({time.perf_counter() - started:,.1f} s)")
@@ -131,7 +152,8 @@ def evaluate(
     checkpoint: CheckpointOption = None,
     split: SplitOption = "test",
 ) -> None:
-    """Evaluate a trained checkpoint: AUC and log loss at the leader (the follower only contributes)."""
+    """Evaluate the newest checkpoint: AUC and log loss at the leader (the follower only contributes).
+    Both sides' newest checkpoints must be of the same run and step; otherwise both stop and say which is newer."""
     from vfl_cli.train.baseline import evaluate_baseline_checkpoint
     from vfl_cli.train.session import eval_session, run_local
 
@@ -158,8 +180,8 @@ def infer(
         Path | None, typer.Option("--out", help="CSV of sample_id,probability (leader and local only).")
     ] = None,
 ) -> None:
-    """Predict click probabilities for a prepared split. The leader writes sample_id,probability to --out;
-    the follower only computes and sends its part."""
+    """Predict click probabilities for a prepared split with the newest checkpoint (the same run and step on
+    both sides). The leader writes sample_id,probability to --out; the follower only computes and sends its part."""
     from vfl_cli.train.loop import SilentReporter
     from vfl_cli.train.session import infer_session, run_local
 

@@ -4,6 +4,8 @@
     leader-only  one Wide&Deep over the leader's fields alone (what the leader has without a partner)
 
 logit = wide + deep of a single bottom (`CentralWideDeep`). They show what vertical federation gains and what it costs.
+Checkpoints go to <run_dir>/<kind>/ in the same store and on the same schedule as a party's, and a rerun
+resumes the same way (`--restart` starts over).
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.store import PartyData, SplitArrays, open_party
-from vfl_cli.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from vfl_cli.errors import DataError
+from vfl_cli.checkpoint import CheckpointStore, file_name, new_run_id
+from vfl_cli.errors import CheckpointError, DataError
 from vfl_cli.job import JobSpec
 from vfl_cli.model.wide_deep import CentralWideDeep, build_optimizers, part_generator
-from vfl_cli.train.batches import Batch, batch_rows, steps_per_epoch, take_batch
-from vfl_cli.train.loop import EvalResult, Reporter, log_line, score
+from vfl_cli.train.batches import Batch, Position, batch_rows, checkpoint_due, steps_per_epoch, take_batch
+from vfl_cli.train.loop import EvalResult, Reporter, TrainOutcome, log_line, score
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,12 @@ class BaselineData:
     def num_fields(self) -> int:
         return sum(len(p.meta.fields) for p in self.parties)
 
-    def batches(self, split: str, batch_size: int, seed: int, epoch: int, shuffle: bool) -> Iterator[Batch]:
+    def batches(
+        self, split: str, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0
+    ) -> Iterator[Batch]:
+        """As `batches.iterate`, both parties' columns side by side."""
         splits: list[SplitArrays] = [p.split(split) for p in self.parties]
-        for rows in batch_rows(len(splits[0]), batch_size, seed, epoch, shuffle):
+        for rows in batch_rows(len(splits[0]), batch_size, seed, epoch, shuffle)[start:]:
             parts = [take_batch(s, rows) for s in splits]
             yield Batch(
                 ids=torch.cat([part.ids + offset for part, offset in zip(parts, self.offsets, strict=True)], dim=1),
@@ -81,7 +86,21 @@ def evaluate_baseline(model: CentralWideDeep, data: BaselineData, job: JobSpec, 
     return score(data.parties[0].split(split), torch.cat(probabilities).numpy())
 
 
-def train_baseline(job: JobSpec, kind: str, reporter: Reporter) -> list[tuple[int, float, EvalResult | None]]:
+def _restore(
+    model: CentralWideDeep, optimizers: list[torch.optim.Optimizer] | None, payload: dict, path: Path
+) -> None:
+    """Load the model (and the optimisers, to train on; not needed to evaluate) from a checkpoint."""
+    try:
+        model.load_state_dict(payload["state"]["model"])
+        if optimizers is not None:
+            for optimizer, state in zip(optimizers, payload["state"]["optimizers"], strict=True):
+                optimizer.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: does not fit this {path.parent.name} model ({exc})") from exc
+
+
+def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = False) -> TrainOutcome:
+    """Train (or resume, as `vfl train` does, from the newest checkpoint of the recorded run) one baseline."""
     data = open_baseline_data(job, kind)
     model = build_model(job, data)
     optimizers = build_optimizers(
@@ -89,12 +108,32 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter) -> list[tuple[in
     )
     rows = data.parties[0].meta.splits["train"].rows
     total = steps_per_epoch(rows, job.train.batch_size)
+
+    # One party, so no agreement to reach: resume at the newest checkpoint of the recorded run.
+    store = CheckpointStore(job.train.run_dir / kind, job.fingerprint())
+    recorded = None if restart else store.run_id()
+    held = store.steps(recorded) if recorded else ()
+    run_id, start = recorded or new_run_id(), Position.at(held[-1] if held else 0, total)
+    if start.step > 0:
+        path = store.directory / file_name(start.step)
+        _restore(model, optimizers, store.load(run_id, start.step), path)
+    store.begin(run_id, start.step, held)
+    if recorded:
+        reporter.log(f"resumed run {run_id} at {start}")
+
+    def save(step: int) -> None:
+        at = Position.at(step, total)
+        state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers]}
+        store.save(run_id, step, at.epoch, at.epoch_step, state)
+
     results: list[tuple[int, float, EvalResult | None]] = []
-    for epoch in range(job.train.epochs):
+    for epoch in range(start.epoch, job.train.epochs):
+        first = start.epoch_step if epoch == start.epoch else 0
         model.train()
-        reporter.begin(f"{kind} epoch {epoch}", rows)
-        started = time.perf_counter()
-        for step, batch in enumerate(data.batches("train", job.train.batch_size, job.seed, epoch, shuffle=True)):
+        reporter.begin(f"{kind} epoch {epoch}", rows - min(first * job.train.batch_size, rows))
+        started, samples = time.perf_counter(), 0
+        batches = data.batches("train", job.train.batch_size, job.seed, epoch, shuffle=True, start=first)
+        for step, batch in enumerate(batches, start=first):
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             assert batch.labels is not None  # the leader's split always has labels
@@ -103,20 +142,23 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter) -> list[tuple[in
             (loss + l2).backward()
             for optimizer in optimizers:
                 optimizer.step()
+            samples += len(batch)
+            if checkpoint_due(epoch * total + step + 1, total, job.train.checkpoint_every):
+                save(epoch * total + step + 1)
             reporter.advance(len(batch))
             if (step + 1) % job.train.log_every == 0 or step + 1 == total:
                 reporter.log(log_line(epoch, step + 1, total, loss.item(), loss.item() + l2.item()))
         reporter.end()
-        samples_per_s = rows / max(time.perf_counter() - started, 1e-9)
+        samples_per_s = samples / max(time.perf_counter() - started, 1e-9)
         results.append((epoch, samples_per_s, evaluate_baseline(model, data, job, "test")))
-        state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers]}
-        save_checkpoint(checkpoint_path(job.train.run_dir, kind), state, job.fingerprint(), epoch + 1)
-    return results
+        save((epoch + 1) * total)
+    return TrainOutcome(run_id, start, recorded is not None, results)
 
 
 def evaluate_baseline_checkpoint(job: JobSpec, kind: str, run_dir: Path, split: str) -> EvalResult:
     data = open_baseline_data(job, kind)
     model = build_model(job, data)
-    payload = load_checkpoint(checkpoint_path(run_dir, kind), job.fingerprint())
-    model.load_state_dict(payload["state"]["model"])
+    store = CheckpointStore(run_dir / kind, job.fingerprint())
+    payload = store.newest()
+    _restore(model, None, payload, store.directory / file_name(payload["step"]))
     return evaluate_baseline(model, data, job, split)

@@ -40,6 +40,35 @@ def steps_per_epoch(rows: int, batch_size: int) -> int:
     return -(-rows // batch_size)
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands: `step` training steps done since its start, i.e. `epoch` whole epochs and
+    `epoch_step` steps of the next. The state "at step g" is the state after g steps."""
+
+    step: int
+    epoch: int
+    epoch_step: int
+
+    @classmethod
+    def at(cls, step: int, steps_per_epoch: int) -> Position:
+        epoch, epoch_step = divmod(step, steps_per_epoch)
+        return cls(step, epoch, epoch_step)
+
+    def __str__(self) -> str:
+        """`step 40 (epoch 2 step 10)`, counted like the log lines; `step 30 (end of epoch 1)` at an epoch end."""
+        if self.step == 0:
+            return "step 0 (the start)"
+        if self.epoch_step == 0:
+            return f"step {self.step} (end of epoch {self.epoch - 1})"
+        return f"step {self.step} (epoch {self.epoch} step {self.epoch_step})"
+
+
+def checkpoint_due(step: int, steps_per_epoch: int, every: int) -> bool:
+    """Whether the state after global `step` gets a mid-epoch checkpoint. An epoch's last step does not:
+    its checkpoint comes after that epoch's test evaluation, so a resume never re-runs or skips an eval."""
+    return step % every == 0 and step % steps_per_epoch != 0
+
+
 def batch_rows(rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[np.ndarray]:
     """Row indices of each step. Shuffled from (seed, epoch) for training; in order for eval and infer.
 
@@ -65,6 +94,10 @@ def take_batch(split: SplitArrays, rows: np.ndarray) -> Batch:
     )
 
 
-def iterate(split: SplitArrays, batch_size: int, seed: int, epoch: int, shuffle: bool) -> Iterator[Batch]:
-    for rows in batch_rows(len(split), batch_size, seed, epoch, shuffle):
+def iterate(
+    split: SplitArrays, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0
+) -> Iterator[Batch]:
+    """The epoch's batches from step `start` on. The order depends on (seed, epoch) alone, so a run resumed
+    at step s gets the same batches as one that never stopped; the first s are skipped unread."""
+    for rows in batch_rows(len(split), batch_size, seed, epoch, shuffle)[start:]:
         yield take_batch(split, rows)

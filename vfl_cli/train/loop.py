@@ -6,6 +6,9 @@
 
 The leader sends the follower's gradients before it backpropagates through its own bottom, so the two
 bottoms' backward passes run at the same time on the two sides.
+
+Both parties checkpoint at the same global steps (every `train.checkpoint_every` steps, and at each epoch
+end after its test evaluation), so a resumed run finds a step both hold; see `vfl_cli.checkpoint`.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.store import PartyData, SplitArrays
-from vfl_cli.checkpoint import checkpoint_path, save_checkpoint
+from vfl_cli.checkpoint import CheckpointStore
 from vfl_cli.errors import ProtocolError
 from vfl_cli.job import JobSpec
 from vfl_cli.metrics import log_loss, roc_auc
 from vfl_cli.peer import BatchKey, Peer, Phase
-from vfl_cli.train.batches import Batch, iterate, steps_per_epoch
+from vfl_cli.telemetry import Telemetry
+from vfl_cli.train.batches import Batch, Position, checkpoint_due, iterate, steps_per_epoch
 from vfl_cli.train.parties import PartyModel
 
 
@@ -63,6 +67,16 @@ class EvalResult:
     probabilities: np.ndarray = field(repr=False)
 
 
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What one `vfl train` session did."""
+
+    run_id: str
+    start: Position  # where the session began: step 0 of a new run, or the agreed step of a resumed one
+    resumed: bool  # continued a run already under way (possibly rolled back), rather than starting one
+    epochs: list[tuple[int, float, EvalResult | None]]  # (epoch, train samples/s, test result at the leader)
+
+
 @dataclass
 class PartyRun:
     """Everything one party needs to run: spec, data, model, the other party, and where to write."""
@@ -74,10 +88,19 @@ class PartyRun:
     peer: Peer
     reporter: Reporter
     run_dir: Path  # <train.run_dir>/<role>
+    telemetry: Telemetry  # counters for /metrics (steps, samples, step latency, test AUC, resumes)
 
     @property
     def is_leader(self) -> bool:
         return self.role == "leader"
+
+    @property
+    def checkpoints(self) -> CheckpointStore:
+        return CheckpointStore(self.run_dir, self.job.fingerprint())
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.data.meta.splits["train"].rows, self.job.train.batch_size)
 
     def write_metrics(self, record: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,27 +151,37 @@ def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> tuple[float
     return log_loss_value, log_loss_value + l2.item()
 
 
-def train_epoch(run: PartyRun, epoch: int) -> float:
-    """One pass over the training split; returns samples per second."""
+def save_checkpoint(run: PartyRun, run_id: str, step: int) -> None:
+    at = Position.at(step, run.steps_per_epoch)
+    run.checkpoints.save(run_id, step, at.epoch, at.epoch_step, run.party.state_dict())
+
+
+def train_epoch(run: PartyRun, run_id: str, epoch: int, start: int = 0) -> float:
+    """One pass over the training split from step `start` on; returns samples per second."""
     job, split = run.job, run.data.split("train")
-    total = steps_per_epoch(len(split), job.train.batch_size)
+    total = run.steps_per_epoch
     run.party.train(True)
-    run.reporter.begin(f"{run.role} epoch {epoch}", len(split))
+    run.reporter.begin(f"{run.role} epoch {epoch}", len(split) - min(start * job.train.batch_size, len(split)))
     started, samples = time.perf_counter(), 0
-    for step, batch in enumerate(iterate(split, job.train.batch_size, job.seed, epoch, shuffle=True)):
+    batches = iterate(split, job.train.batch_size, job.seed, epoch, shuffle=True, start=start)
+    for step, batch in enumerate(batches, start=start):
         key = BatchKey("train", epoch, step)
+        step_started = time.perf_counter()
         batch = batch.to(run.party.device)
         if run.is_leader:
             wide_loss, deep_loss = leader_train_step(run, batch, key)
         else:
             follower_train_step(run, batch, key)
         samples += len(batch)
+        run.telemetry.step_done(time.perf_counter() - step_started, len(batch))
+        done = epoch * total + step + 1  # global steps done, the name of the state we now hold
+        if checkpoint_due(done, total, job.train.checkpoint_every):
+            save_checkpoint(run, run_id, done)
         run.reporter.advance(len(batch))
         if run.is_leader and ((step + 1) % job.train.log_every == 0 or step + 1 == total):
             run.reporter.log(log_line(epoch, step + 1, total, wide_loss, deep_loss))
-            run.write_metrics(
-                {"event": "step", "epoch": epoch, "step": step + 1, "wide_loss": wide_loss, "deep_loss": deep_loss}
-            )
+            run.write_metrics({"event": "step", "epoch": epoch, "step": step + 1, "global_step": done,
+                               "wide_loss": wide_loss, "deep_loss": deep_loss})
     run.reporter.end()
     return samples / max(time.perf_counter() - started, 1e-9)
 
@@ -198,18 +231,18 @@ def log_line(epoch: int, step: int, total: int, wide_loss: float, deep_loss: flo
     return f"epoch {epoch} step {step}/{total} wide_loss: {wide_loss:.6f} deep_loss: {deep_loss:.6f}"
 
 
-def train(run: PartyRun, start_epoch: int = 0) -> Iterator[tuple[int, float, EvalResult | None]]:
-    """Train the remaining epochs; after each, evaluate on the test split and checkpoint.
+def train(run: PartyRun, run_id: str, start: Position) -> Iterator[tuple[int, float, EvalResult | None]]:
+    """Train from `start` to the last epoch; after each, evaluate on the test split and checkpoint.
     Yields (epoch, train samples/s, test result at the leader) as each epoch ends."""
-    fingerprint = run.job.fingerprint()
-    for epoch in range(start_epoch, run.job.train.epochs):
+    for epoch in range(start.epoch, run.job.train.epochs):
         started = time.perf_counter()
-        samples_per_s = train_epoch(run, epoch)
+        samples_per_s = train_epoch(run, run_id, epoch, start.epoch_step if epoch == start.epoch else 0)
         result = forward_split(run, "test", "eval", epoch)
-        save_checkpoint(checkpoint_path(run.run_dir.parent, run.role), run.party.state_dict(), fingerprint, epoch + 1)
+        save_checkpoint(run, run_id, (epoch + 1) * run.steps_per_epoch)
         record = {"event": "epoch", "epoch": epoch, "train_samples_per_s": samples_per_s,
                   "seconds": time.perf_counter() - started}
         if result is not None:
             record |= {"test_auc": result.auc, "test_log_loss": result.log_loss}
+            run.telemetry.evaluated(result.auc)
         run.write_metrics(record)
         yield epoch, samples_per_s, result

@@ -1,5 +1,8 @@
 """A party's session: open its data, build its model, shake hands with the peer, then train, evaluate or
-infer. `run_local` runs both parties in one process (two threads joined by a `LocalPeer`)."""
+infer. `run_local` runs both parties in one process (two threads joined by a `LocalPeer`).
+
+Training first agrees with the peer on one history (`vfl_cli.checkpoint.agree`) and rolls back to it;
+evaluation and inference first check that both sides hold the same checkpoint."""
 
 from __future__ import annotations
 
@@ -14,17 +17,36 @@ from typing import Any, TypeVar
 import torch
 
 from data_prep.store import open_party
-from vfl_cli.checkpoint import checkpoint_path, load_checkpoint
-from vfl_cli.errors import DataError, PeerAborted, ProtocolError
+from vfl_cli.checkpoint import (
+    Agreement,
+    CheckpointStore,
+    agree,
+    file_name,
+    new_run_id,
+    same_checkpoint,
+)
+from vfl_cli.errors import CheckpointError, DataError, PeerAborted, ProtocolError
 from vfl_cli.job import JobSpec
 from vfl_cli.peer import Hello, LocalPeer, Peer
-from vfl_cli.train.loop import EvalResult, PartyRun, Reporter, SilentReporter, forward_split, train
+from vfl_cli.telemetry import Telemetry
+from vfl_cli.train.batches import Position
+from vfl_cli.train.loop import (
+    EvalResult,
+    PartyRun,
+    Reporter,
+    SilentReporter,
+    TrainOutcome,
+    forward_split,
+    train,
+)
 from vfl_cli.train.parties import build_party, pick_device
 
 T = TypeVar("T")
 
 
-def open_run(job: JobSpec, role: str, peer: Peer, reporter: Reporter | None = None) -> PartyRun:
+def open_run(
+    job: JobSpec, role: str, peer: Peer, reporter: Reporter | None = None, telemetry: Telemetry | None = None
+) -> PartyRun:
     spec = job.party(role)
     data = open_party(job.data.dir, role)
     if data.meta.fields != spec.fields:
@@ -35,18 +57,24 @@ def open_run(job: JobSpec, role: str, peer: Peer, reporter: Reporter | None = No
     if role == "leader" and not data.meta.has_labels:
         raise DataError(f"{data.dir}: the leader's data has no labels")
     party = build_party(job, role, data.meta, pick_device(spec.device))
-    return PartyRun(job, role, data, party, peer, reporter or SilentReporter(), job.train.run_dir / role)
+    return PartyRun(job, role, data, party, peer, reporter or SilentReporter(), job.train.run_dir / role,
+                    telemetry or Telemetry(role))
 
 
-def handshake(run: PartyRun, command: str, resume_epoch: int = 0, extra: dict[str, str] | None = None) -> Hello:
-    """Exchange Hellos; any difference in what both sides must share stops the run here."""
+def handshake(
+    run: PartyRun, command: str, run_id: str = "", checkpoint_steps: tuple[int, ...] = (),
+    extra: dict[str, str] | None = None,
+) -> tuple[Hello, Hello]:
+    """Exchange Hellos; any difference in what both sides must share stops the run here.
+    Returns (the leader's Hello, the follower's), the same pair on both sides."""
     mine = Hello(
         role=run.role,
         name=run.job.party(run.role).name,
         job_fingerprint=run.job.fingerprint(),
         data_fingerprint={split: run.data.fingerprint(split) for split in run.data.meta.splits},
         command=command,
-        resume_epoch=resume_epoch,
+        run_id=run_id,
+        checkpoint_steps=checkpoint_steps,
         extra=extra or {},
     )
     theirs = run.peer.handshake(mine)
@@ -57,39 +85,71 @@ def handshake(run: PartyRun, command: str, resume_epoch: int = 0, extra: dict[st
     problem = mine.mismatch(theirs)
     if problem:
         raise ProtocolError(f"handshake with the {peer_role}: {problem}")
-    return theirs
+    return (mine, theirs) if run.is_leader else (theirs, mine)
 
 
-def resume_point(run: PartyRun, restart: bool) -> int:
-    """Epochs already done according to this party's checkpoint (0 when there is none or on restart)."""
-    path = checkpoint_path(run.job.train.run_dir, run.role)
-    if restart or not path.exists():
-        return 0
-    payload = load_checkpoint(path, run.job.fingerprint())
-    run.party.load_state_dict(payload["state"])
-    return int(payload["epochs_done"])
+def restore(run: PartyRun, payload: dict[str, Any], path: Path) -> None:
+    try:
+        run.party.load_state_dict(payload["state"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
 
 
-def load_trained(run: PartyRun, run_dir: Path) -> None:
-    payload = load_checkpoint(checkpoint_path(run_dir, run.role), run.job.fingerprint())
-    run.party.load_state_dict(payload["state"])
+def roll_back(run: PartyRun, agreed: Agreement, held: tuple[int, ...]) -> Position:
+    """Bring this party to the agreed step: load its checkpoint (step 0 is the model as built from the seed),
+    then drop the files of any other history. Loading first, so a bad file leaves the disk untouched."""
+    store = run.checkpoints
+    if agreed.step > 0:
+        restore(run, store.load(agreed.run_id, agreed.step), store.directory / file_name(agreed.step))
+    store.begin(agreed.run_id, agreed.step, held)
+    return Position.at(agreed.step, run.steps_per_epoch)
 
 
-def train_session(run: PartyRun, restart: bool = False) -> list[tuple[int, float, EvalResult | None]]:
-    start_epoch = resume_point(run, restart)
-    handshake(run, "train", start_epoch)
-    return list(train(run, start_epoch))
+def train_session(run: PartyRun, restart: bool = False) -> TrainOutcome:
+    """Agree with the peer on where training stands, roll back to it, and train the remaining steps.
+    Our Hello offers the run in run.json and the checkpoints held for it; --restart offers a new run."""
+    store = run.checkpoints
+    recorded = None if restart else store.run_id()
+    held = store.steps(recorded) if recorded else ()
+    leader, follower = handshake(run, "train", recorded or new_run_id(), held)
+    agreed = agree(leader, follower)
+    start = roll_back(run, agreed, held)
+    if agreed.resumed:
+        run.reporter.log(f"resumed run {agreed.run_id} at {start}")
+        run.telemetry.resumed(start.step)
+        run.write_metrics({"event": "resume", "run_id": agreed.run_id, "step": start.step, "epoch": start.epoch,
+                           "epoch_step": start.epoch_step})
+    else:
+        run.write_metrics({"event": "start", "run_id": agreed.run_id})
+    return TrainOutcome(agreed.run_id, start, agreed.resumed, list(train(run, agreed.run_id, start)))
+
+
+def load_agreed_model(run: PartyRun, run_dir: Path, command: str, extra: dict[str, str]) -> None:
+    """Load this party's newest checkpoint, once the handshake shows the peer's is the same run and step.
+    A side without one still shakes hands (run id ""), so that both sides stop with the reason."""
+    store = CheckpointStore(run_dir / run.role, run.job.fingerprint())
+    payload: dict[str, Any] | None = None
+    problem: CheckpointError | None = None
+    try:
+        payload = store.newest()
+    except CheckpointError as exc:
+        problem = exc
+    run_id, steps = (payload["run_id"], (payload["step"],)) if payload else ("", ())
+    leader, follower = handshake(run, command, run_id, steps, extra)
+    if problem is not None:
+        raise problem
+    same_checkpoint(leader, follower, run.steps_per_epoch)
+    assert payload is not None
+    restore(run, payload, store.directory / file_name(payload["step"]))
 
 
 def eval_session(run: PartyRun, run_dir: Path, split: str) -> EvalResult | None:
-    load_trained(run, run_dir)
-    handshake(run, "eval", extra={"split": split})
+    load_agreed_model(run, run_dir, "eval", {"split": split})
     return forward_split(run, split, "eval", 0)
 
 
 def infer_session(run: PartyRun, run_dir: Path, split: str, out: Path | None) -> EvalResult | None:
-    load_trained(run, run_dir)
-    handshake(run, "infer", extra={"split": split})
+    load_agreed_model(run, run_dir, "infer", {"split": split})
     result = forward_split(run, split, "infer", 0)
     if result is not None and out is not None:
         write_predictions(out, result)
