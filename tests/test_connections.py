@@ -6,8 +6,11 @@ sessions (a message of an earlier process is never applied)."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from tests.test_transport import (  # noqa: F401 - certs is a fixture
     LEADER_ENV,
     LEADER_PASSWORD,
@@ -246,3 +250,63 @@ def test_message_from_an_earlier_session_is_refused(certs: Path, monkeypatch: py
     finally:
         leader.close()
         follower.close()
+
+
+SERVER_WITH_FEW_FDS = """
+import resource, sys, time, os
+from pathlib import Path
+from tests.test_transport import build_job, hello
+from vfl_cli.transport.inbox import Inbox
+from vfl_cli.transport.listener import ServerThread
+from vfl_cli.transport.server import create_app
+from vfl_cli.transport.tls import server_ssl_context
+
+job = build_job(Path(sys.argv[1]), read_timeout_s=30, max_unauthenticated=16)
+inbox = Inbox()
+server = ServerThread(create_app(inbox, job, "leader"), "127.0.0.1", 0, server_ssl_context(job, "leader"),
+                      read_timeout_s=30, max_unauthenticated=16)
+inbox.expect(hello(job, "leader"))
+inbox.put_hello("bob", hello(job, "follower"))
+server.start()
+open_now = len(os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 40, open_now + 40))  # 40 spare, as in the report
+print(server.port, flush=True)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and inbox.pending("bob", "embeddings") < 10:
+    time.sleep(0.05)
+print("received", inbox.pending("bob", "embeddings"), flush=True)
+server.stop()
+"""
+
+
+def test_flood_against_a_server_with_40_spare_file_descriptors(
+    certs: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path  # noqa: F811
+) -> None:
+    """The reported failure: 60 idle unauthenticated connections against a server process with 40 spare file
+    descriptors locked the real peer out and wrote tens of thousands of tracebacks. Now the pending-handshake
+    cap keeps descriptors free, the peer's messages get through, and the log stays a few lines."""
+    monkeypatch.setenv(LEADER_ENV, LEADER_PASSWORD)
+    server = subprocess.Popen([sys.executable, "-c", SERVER_WITH_FEW_FDS, str(certs)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    flood: list[socket.socket] = []
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        job = build_job(certs)
+        leader = job.leader.model_copy(update={"listen": f"127.0.0.1:{port}"})
+        job = job.model_copy(update={"parties": {"leader": leader, "follower": job.follower}})
+        flood = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(60)]
+        for step in range(10):
+            with follower_client(job) as client:
+                body = tensor_body(job, seq=step + 1, key=BatchKey("train", 0, step))
+                assert client.post("/v1/tensors", content=body).json() == {"status": "accepted"}
+        out, err = server.communicate(timeout=60)
+    finally:
+        for sock in flood:
+            sock.close()
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert "received 10" in out
+    assert "Traceback" not in err
+    assert len(err.splitlines()) <= 10, err

@@ -32,7 +32,6 @@ def retries_on(metrics_url: str) -> float | None:
     )
 
 
-@pytest.mark.slow
 def test_a_bad_network_changes_nothing_but_the_retry_count(tmp_path: Path) -> None:
     spec = tls_job(tmp_path, epochs=2, batch_size=32, checkpoint_every=25)
     write_planted_data(Path(spec["data"]["dir"]), rows=2400)

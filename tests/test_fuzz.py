@@ -1,30 +1,31 @@
 """Fuzzing both parties' HTTPS servers with hypothesis: real uvicorn servers, real mutual TLS, real httpx.
 
-What is thrown at POST /v1/hello, /v1/tensors and /v1/abort of the leader's server (which takes
-"embeddings" from bob) and of the follower's (which takes "gradients" from alice), each with a session open:
-    - arbitrary bytes, and a few pathological msgpack prefixes (deep nesting, 4 GiB declared lengths)
-    - arbitrary msgpack structures (None, bools, 64-bit ints, NaN/Inf floats, str, bytes, ext, lists, maps
-      with str, bytes and int keys)
-    - mutations of valid hello, tensors and abort bodies: keys dropped or added, values replaced by another
-      type, bytes flipped, inserted or deleted in the packed body, huge declared shapes, shapes that disagree
-      with the data, NaN/Inf data, unknown dtypes, kinds and phases, negative or huge seq and step, strings
-      and bools where ints belong, bytes tensor names
-    - replays: valid bodies of an earlier session, of no session, of another job, with a used seq
-    - wrong headers: garbage or no content-type, chunked bodies, odd extra headers; and, over a raw TLS
-      socket, Content-Length headers that lie or are not numbers, broken chunked framing, odd methods and
-      HTTP versions
-
-The invariants, checked after every request:
-    - no 5xx; every 4xx from the app is JSON {"error": <str>} (a request whose HTTP framing h11 rejects gets
-      uvicorn's plain-text 400 before the app sees it)
-    - a body that `codec.decode` refuses is answered 400
+Each test gets the leader's server (it takes "embeddings" from bob) or the follower's (it takes "gradients"
+from alice), each with a session open, and a keep-alive client with the peer's certificate. POSTed to
+/v1/hello, /v1/tensors and /v1/abort, EXAMPLES times per endpoint per server:
+    - arbitrary bytes, and pathological msgpack (nesting deeper than msgpack's stack, 4 GiB declared lengths,
+      bad timestamps)
+    - arbitrary msgpack structures (None, bools, 64-bit ints, NaN/Inf floats, str, bytes, ext types, lists,
+      maps with str, bytes and int keys)
+    - mutations of valid hello, tensors and abort bodies: keys dropped, added or renamed (bytes tensor names),
+      values replaced by other types (str or bool where an int belongs), huge declared shapes, shapes that
+      disagree with the data, NaN/Inf data, unknown dtypes, kinds and phases, negative or huge seq and step;
+      then bytes flipped, inserted, deleted, cut off or repeated in the packed body
+    - replays: valid bodies of an earlier session, of no session, of another job, with used seqs
+    - sent in one piece or chunked, with no, garbage or wrong content-types and odd extra headers
+Invariants after every request:
+    - no 5xx, and every 4xx is JSON {"error": <str>}; a body that `codec.decode` refuses is answered 400
     - nothing applied: every tensors and abort body carries a session that is not the open one (or another
-      job's fingerprint), so none may be accepted; the inbox stays empty, unaborted, its session and hello
-      unchanged and its byte count at 0
-    - /v1/hello: a refused hello never changes the sender's hello; an accepted one is one that `codec.decode`
-      itself reads as a Hello of the peer's role (and it is then the sender's hello)
-and after each run the server still answers GET /v1/health with 200 on a new connection.
-At least EXAMPLES requests go to each endpoint of each server; the run is derandomized, so CI is reproducible.
+      job's fingerprint with it), so none may be accepted: nothing queued, no abort, the session, the
+      sender's hello and the inbox's byte count unchanged
+    - /v1/hello: a refused hello changes nothing; an accepted one is a body `codec.decode` itself reads as a
+      Hello of the peer's role, and then it is the sender's hello (or, with the current nonce, a resend)
+and after each run the server answers GET /v1/health with 200 on a new connection.
+
+Besides: replays in the open session (three batches accepted, then resends, old seqs and gaps: exactly-once
+holds); raw requests over a raw TLS socket with framing httpx will not send (a Content-Length that lies or is
+no number, broken chunks, odd methods and HTTP versions; there h11's refusals are uvicorn's plain-text 400);
+bodies that never complete, dropped by the read deadline. All runs are derandomized: CI sees the same cases.
 """
 
 from __future__ import annotations
@@ -310,28 +311,37 @@ def other_types(value: Any) -> list[Any]:
     return others
 
 
+def pick(draw: st.DrawFn, items: list[Any]) -> Any:
+    """One of `items`: st.integers is cached by its arguments, a new st.sampled_from would be built each time."""
+    return items[draw(st.integers(0, len(items) - 1))]
+
+
+OPERATIONS = st.sampled_from(["targeted", "targeted", "drop", "replace", "retype", "add", "rename"])
+DAMAGES = st.sampled_from(["flip", "insert", "delete", "truncate", "repeat"])
+
+
 @st.composite
 def mutated(draw: st.DrawFn, base: dict[str, Any], targeted: dict[tuple[str, ...], st.SearchStrategy[Any]]) -> bytes:
     """A valid body changed in one to three places, packed, and perhaps damaged byte by byte after."""
     tree = msgpack.unpackb(msgpack.packb(base, use_bin_type=True), raw=False)  # a deep copy
     for _ in range(draw(st.integers(1, 3))):
-        where = paths(tree)
-        path = draw(st.sampled_from(where)) if where else ()
-        parent = at(tree, path[:-1]) if path else None
-        operation = draw(st.sampled_from(["targeted", "targeted", "drop", "replace", "retype", "add", "rename"]))
+        operation = draw(OPERATIONS)
         if operation == "targeted":
-            fields = [p for p in targeted if p[:-1] == () or _exists(tree, p[:-1])]
-            chosen = draw(st.sampled_from(fields))
+            chosen = pick(draw, [p for p in targeted if p[:-1] == () or _exists(tree, p[:-1])])
             # A copy: sampled values are shared between examples, and later mutations change them in place.
             at(tree, chosen[:-1])[chosen[-1]] = copy.deepcopy(draw(targeted[chosen]))
-        elif parent is None:
             continue
-        elif operation == "drop":
+        where = paths(tree)
+        if not where:
+            continue
+        path = pick(draw, where)
+        parent = at(tree, path[:-1])
+        if operation == "drop":
             del parent[path[-1]]
         elif operation == "replace":
             parent[path[-1]] = draw(VALUES)
         elif operation == "retype":
-            parent[path[-1]] = draw(st.sampled_from(other_types(parent[path[-1]])))
+            parent[path[-1]] = pick(draw, other_types(parent[path[-1]]))
         elif operation == "add" and isinstance(parent, dict):
             parent[draw(KEYS)] = draw(VALUES)
         elif operation == "rename" and isinstance(parent, dict):  # e.g. a bytes tensor name, or "logits"
@@ -354,10 +364,10 @@ def _exists(tree: Any, path: tuple[Any, ...]) -> bool:
 @st.composite
 def damaged(draw: st.DrawFn, body: bytes) -> bytes:
     """The packed body, usually untouched, else with bytes flipped, inserted, deleted, cut off or repeated."""
-    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):
+    for _ in range(max(0, draw(st.integers(-3, 2)))):
         i = draw(st.integers(0, len(body)))
         j = draw(st.integers(i, min(len(body), i + 16)))
-        operation = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "repeat"]))
+        operation = draw(DAMAGES)
         if operation == "flip" and i < len(body):
             body = body[:i] + bytes([body[i] ^ draw(st.integers(1, 255))]) + body[i + 1 :]
         elif operation == "insert":
@@ -415,6 +425,13 @@ def bodies(t: Target, endpoint: str) -> dict[str, st.SearchStrategy[bytes]]:
         "other": st.one_of([mutated(base[name], targeted) for name in others]),
         "replay": st.sampled_from(replays(t)),
     }
+
+
+def bodies_of(t: Target, endpoint: str) -> dict[str, st.SearchStrategy[bytes]]:
+    """`bodies`, built once per target and endpoint (building them unpacks and encodes the bases)."""
+    if endpoint not in t.strategies:
+        t.strategies[endpoint] = bodies(t, endpoint)
+    return t.strategies[endpoint]
 
 
 # Weights by repetition: most requests are mutations of the endpoint's own messages.
@@ -521,14 +538,9 @@ def fuzz_one(t: Target, endpoint: str, data: st.DataObject) -> None:
         assert before.same(after), (before, after)
 
 
-def bodies_of(t: Target, endpoint: str) -> dict[str, st.SearchStrategy[bytes]]:
-    """`bodies`, built once per target and endpoint (building them unpacks and encodes the bases)."""
-    if endpoint not in t.strategies:
-        t.strategies[endpoint] = bodies(t, endpoint)
-    return t.strategies[endpoint]
-
-
 def assert_still_serving_and_nothing_applied(t: Target, hello_changed: bool = False) -> None:
+    """A new connection gets a 200 from /v1/health; no tensors wait, no abort, and unless a hello was accepted
+    (`hello_changed`) the session, the hello and the byte count are the fixture's."""
     with (follower_client(t.job) if t.role == "leader" else leader_client(t.job)) as fresh:
         response = fresh.get("/v1/health")
     assert response.status_code == 200 and response.json()["role"] == t.role
@@ -566,7 +578,6 @@ def test_replays_in_the_open_session_are_never_applied_twice(target: Target) -> 
     for seq, key in enumerate(keys, start=1):
         body = tensor_body(t.job, seq=seq, key=key, kind=t.accepts, tensors=cut(4, fill=float(seq)))
         assert t.client.post("/v1/tensors", content=body).json() == {"status": "accepted"}
-    accepted_bytes = t.inbox.bytes_received
 
     @settings(FUZZ, max_examples=300)
     @given(
@@ -598,11 +609,10 @@ def test_replays_in_the_open_session_are_never_applied_twice(target: Target) -> 
         assert t.inbox.pending(t.sender, t.accepts) == 3
 
     replay()
-    assert t.inbox.bytes_received >= accepted_bytes
     for key in keys:  # the three batches, once each, in order
         message = t.inbox.next_tensors(t.sender, t.accepts, 0)
         assert message is not None and message.key == key
-    assert t.inbox.next_tensors(t.sender, t.accepts, 0) is None
+    assert_still_serving_and_nothing_applied(t, hello_changed=True)
 
 
 # ----------------------------------------------------------------------------------- raw HTTP over raw TLS
@@ -743,6 +753,7 @@ def test_raw_http_with_lying_headers_gets_no_5xx(target: Target) -> None:
         assert responses, f"no answer to {request[:300]!r}"
         check_raw_responses(responses)
         after = Snapshot.of(t)
+        assert after.pending == (0, 0) and after.aborted is None, after
         if all(status >= 300 for status, _, _ in responses):
             assert before.same(after), (before, after)
 
@@ -778,26 +789,3 @@ def test_bodies_that_never_complete_are_dropped_and_pipelined_leftovers_refused(
     assert [status for status, _, _ in responses] == [400, 400], responses
     check_raw_responses(responses)
     assert_still_serving_and_nothing_applied(t)
-
-
-# ------------------------------------------------------------------------------------- the fuzz can fail
-
-
-def test_the_fuzz_notices_a_server_that_applies_a_wrong_session(
-    target: Target, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With the inbox's session check disabled, a few fuzzed tensors requests are enough to see one applied."""
-    monkeypatch.setattr(Inbox, "_check_session", staticmethod(lambda sender, session: None))
-    sent = 0
-
-    @settings(FUZZ, max_examples=200, phases=[p for p in FUZZ.phases if p.name != "shrink"], report_multiple_bugs=False)
-    @given(st.data())
-    def fuzz(data: st.DataObject) -> None:
-        nonlocal sent
-        sent += 1
-        fuzz_one(target, "tensors", data)
-
-    with pytest.raises(AssertionError, match="tensors applied"):
-        fuzz()
-    assert sent < 200
-

@@ -40,15 +40,20 @@ class AccessLog:
         await self.app(scope, receive, send)
 
 
-@pytest.fixture
-def impostor(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[JobSpec, Inbox, AccessLog]]:  # noqa: F811
+def start_impostor(job: JobSpec) -> tuple[ServerThread, Inbox, AccessLog]:
     """A real vfl server on the leader's port, holding the follower's certificate (same CA, SAN 127.0.0.1)."""
-    monkeypatch.setenv(LEADER_ENV, LEADER_PASSWORD)
-    job = build_job(certs)
     inbox = Inbox()
     access = AccessLog(create_app(inbox, job, "leader"))
     server = ServerThread(access, "127.0.0.1", job.leader.port, server_ssl_context(job, "follower"))  # type: ignore[arg-type]
     server.start()
+    return server, inbox, access
+
+
+@pytest.fixture
+def impostor(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[JobSpec, Inbox, AccessLog]]:  # noqa: F811
+    monkeypatch.setenv(LEADER_ENV, LEADER_PASSWORD)
+    job = build_job(certs)
+    server, inbox, access = start_impostor(job)
     try:
         yield job, inbox, access
     finally:
@@ -116,11 +121,7 @@ def test_cli_against_an_impostor_exits_7_with_one_line(tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as patch:
         for name, value in environment().items():
             patch.setenv(name, value)
-        job = load_job(job_path)
-        inbox = Inbox()
-        access = AccessLog(create_app(inbox, job, "leader"))
-        server = ServerThread(access, "127.0.0.1", job.leader.port, server_ssl_context(job, "follower"))  # type: ignore[arg-type]
-        server.start()
+        server, inbox, access = start_impostor(load_job(job_path))
     try:
         result = subprocess.run([*VFL, "train", "--role", "follower", "--job", str(job_path)], capture_output=True,
                                 text=True, env=environment(), timeout=120)

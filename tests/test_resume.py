@@ -282,7 +282,6 @@ def kill_at_step(job: str, run_dir: Path, victim: str, step: int) -> int:
     return last_logged_step(run_dir)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["follower", "leader"])
 def test_two_processes_killed_and_resumed_end_like_an_uninterrupted_run(
     tls_resume: tuple[dict[str, Any], str, float], victim: str
@@ -303,7 +302,6 @@ def test_two_processes_killed_and_resumed_end_like_an_uninterrupted_run(
     assert "Traceback" not in leader_err + follower_err
 
 
-@pytest.mark.slow
 def test_two_processes_leader_lost_its_epoch_end_checkpoint(tls_resume: tuple[dict[str, Any], str, float]) -> None:
     """The leader killed between the follower's epoch-end checkpoint and its own: exactly this disk state."""
     spec, job, reference_auc = tls_resume
