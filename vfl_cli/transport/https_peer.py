@@ -34,7 +34,7 @@ from vfl_cli.errors import (
     TlsError,
 )
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import KINDS, BatchKey, Hello, Kind, Peer, session_id
+from vfl_cli.peer import KINDS, BatchKey, Hello, Kind, Peer
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import (
     MAX_REASON_CHARS,
@@ -130,7 +130,7 @@ class HttpsPeer(Peer):
             raise PeerTimeout(f"{self._peer.name} at {self.url} is up but sent no hello within {wait_s:g} s")
         if theirs.name != self._peer.name:
             raise ProtocolError(f"hello from {theirs.name!r}, but the job's peer is {self._peer.name!r}")
-        self._session = session_id(mine, theirs) if self._role == "leader" else session_id(theirs, mine)
+        self._session = self._inbox.session(self._peer.name) or ""  # the inbox made it from both Hellos
         self._seq = dict.fromkeys(KINDS, 0)
         return theirs
 

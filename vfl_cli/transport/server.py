@@ -129,6 +129,8 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
     @router.post("/abort")
     async def abort(request: Request) -> dict[str, str]:
         """The peer stopped; any waiting receive wakes up with its reason."""
+        # The session is checked, the job fingerprint is not: a peer whose job differs from ours (the
+        # handshake found it) must still be able to say that it stopped.
         _, message, size = await read_message(request)
         if not isinstance(message, AbortMessage):
             raise Refusal(400, f"expected an abort message, got {type(message).__name__}")
