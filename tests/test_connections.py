@@ -29,6 +29,7 @@ from tests.test_transport import (  # noqa: F401 - certs is a fixture
     cut,
     follower_client,
     hello,
+    party_server,
     tensor_body,
 )
 from vfl_cli.errors import PeerAborted
@@ -37,9 +38,6 @@ from vfl_cli.peer import BatchKey
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import HelloMessage, encode
 from vfl_cli.transport.inbox import Inbox
-from vfl_cli.transport.listener import ServerThread
-from vfl_cli.transport.server import create_app
-from vfl_cli.transport.tls import server_ssl_context
 
 READ_TIMEOUT_S = 1.0
 CAP = 8
@@ -50,18 +48,9 @@ MARGIN_S = 4.0  # a loaded 2-core machine may be slow to notice; the point is "c
 def server(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[JobSpec, Inbox, Telemetry]]:  # noqa: F811
     monkeypatch.setenv(LEADER_ENV, LEADER_PASSWORD)
     job = build_job(certs, read_timeout_s=READ_TIMEOUT_S, max_unauthenticated=CAP, max_pending=2)
-    inbox, telemetry = Inbox(job.transport.max_pending), Telemetry("leader")
-    thread = ServerThread(
-        create_app(inbox, job, "leader", telemetry), "127.0.0.1", job.leader.port, server_ssl_context(job, "leader"),
-        read_timeout_s=READ_TIMEOUT_S, max_unauthenticated=CAP, on_refusal=telemetry.refused,
-    )
-    thread.start()
-    inbox.expect(hello(job, "leader"))
-    inbox.put_hello("bob", hello(job, "follower"))
-    try:
+    telemetry = Telemetry("leader")
+    with party_server(job, "leader", telemetry) as inbox:
         yield job, inbox, telemetry
-    finally:
-        thread.stop()
 
 
 def bare(job: JobSpec) -> socket.socket:

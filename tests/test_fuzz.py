@@ -40,7 +40,6 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -61,6 +60,7 @@ from tests.test_transport import (  # noqa: F401 - certs and leader_server are f
     follower_client,
     hello,
     leader_server,
+    party_server,
     session_of,
     tensor_body,
 )
@@ -69,9 +69,7 @@ from vfl_cli.job import JobSpec, Role
 from vfl_cli.peer import KINDS, BatchKey, Hello, Kind, session_id
 from vfl_cli.transport.codec import DTYPES, AbortMessage, HelloMessage, Message, TensorMessage, decode, encode
 from vfl_cli.transport.inbox import Inbox
-from vfl_cli.transport.listener import ServerThread
-from vfl_cli.transport.server import RECEIVES, create_app
-from vfl_cli.transport.tls import server_ssl_context
+from vfl_cli.transport.server import RECEIVES
 
 EXAMPLES = 2000  # fuzzed requests per endpoint per server
 RAW_EXAMPLES = 200  # raw-socket requests per server (each opens its own TLS connection)
@@ -124,23 +122,11 @@ class Target:
 
 @pytest.fixture
 def follower_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[JobSpec, Inbox]]:
-    """The follower's server and inbox with the session of `hello(job, "follower")` and alice's hello open:
-    `leader_server` with the roles flipped."""
+    """`leader_server` with the roles flipped: the follower's server, alice's hello open."""
     monkeypatch.setenv(LEADER_ENV, LEADER_PASSWORD)
-    certs_dir: Path = request.getfixturevalue("certs")
-    job = build_job(certs_dir)
-    inbox = Inbox(max_pending=4)
-    server = ServerThread(
-        create_app(inbox, job, "follower"), "127.0.0.1", job.follower.port, server_ssl_context(job, "follower"),
-        read_timeout_s=2, max_unauthenticated=8,
-    )
-    server.start()
-    inbox.expect(hello(job, "follower"))
-    inbox.put_hello("alice", hello(job, "leader"))
-    try:
+    job = build_job(request.getfixturevalue("certs"), read_timeout_s=2, max_unauthenticated=8, max_pending=4)
+    with party_server(job, "follower") as inbox:
         yield job, inbox
-    finally:
-        server.stop()
 
 
 def client_context(job: JobSpec, role: Role) -> ssl.SSLContext:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ from vfl_cli.errors import (
     ProtocolError,
     TlsError,
 )
-from vfl_cli.job import JobSpec, TlsSpec, parse_job
+from vfl_cli.job import JobSpec, Role, TlsSpec, parse_job
 from vfl_cli.peer import BatchKey, Hello, session_id
+from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import AbortMessage, HelloMessage, TensorMessage, encode
 from vfl_cli.transport.https_peer import HttpsPeer
 from vfl_cli.transport.inbox import Inbox
@@ -131,24 +133,32 @@ def pair(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[JobSpec
         follower.close()
 
 
-@pytest.fixture
-def leader_server(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[JobSpec, Inbox]]:
-    """Just the leader's server and inbox, for raw clients to poke at."""
-    monkeypatch.setenv(LEADER_ENV, LEADER_PASSWORD)
-    job = build_job(certs)
-    inbox = Inbox(max_pending=4)
+@contextmanager
+def party_server(job: JobSpec, role: Role, telemetry: Telemetry | None = None) -> Iterator[Inbox]:
+    """Party `role`'s server alone, its limits from the job, with the session that a real handshake would open
+    (the peer's Hello put in directly: no bytes counted), for raw clients to poke at."""
+    peer_role = job.peer_role(role)
+    inbox = Inbox(job.transport.max_pending)
     server = ServerThread(
-        create_app(inbox, job, "leader"), "127.0.0.1", job.leader.port, server_ssl_context(job, "leader"),
-        read_timeout_s=2, max_unauthenticated=8,
+        create_app(inbox, job, role, telemetry), "127.0.0.1", job.party(role).port, server_ssl_context(job, role),
+        read_timeout_s=job.transport.read_timeout_s, max_unauthenticated=job.transport.max_unauthenticated,
+        on_refusal=telemetry.refused if telemetry is not None else None,
     )
     server.start()
-    # The session a real handshake would open (the follower's Hello put in directly: no bytes counted).
-    inbox.expect(hello(job, "leader"))
-    inbox.put_hello("bob", hello(job, "follower"))
+    inbox.expect(hello(job, role))
+    inbox.put_hello(job.party(peer_role).name, hello(job, peer_role))
     try:
-        yield job, inbox
+        yield inbox
     finally:
         server.stop()
+
+
+@pytest.fixture
+def leader_server(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[JobSpec, Inbox]]:
+    monkeypatch.setenv(LEADER_ENV, LEADER_PASSWORD)
+    job = build_job(certs, read_timeout_s=2, max_unauthenticated=8, max_pending=4)
+    with party_server(job, "leader") as inbox:
+        yield job, inbox
 
 
 def raw_client(

@@ -84,10 +84,17 @@ class ConnectionGate:
         """Count a new unauthenticated connection; beyond the cap, drop the oldest still shaking hands."""
         while len(self.pending) >= self.max_unauthenticated:
             oldest, _ = self.pending.popitem(last=False)
-            oldest.abort()
             self.refuse("connection_cap", "dropped a connection still in its TLS handshake: more than "
                         "transport.max_unauthenticated = %d at once", self.max_unauthenticated)
+            oldest.abort()
         self.pending[transport] = time.monotonic()
+
+    def handshake_too_slow(self, transport: asyncio.Transport, peer: object) -> None:
+        if self.pending.pop(transport, None) is None:
+            return
+        self.refuse("read_timeout", "closed a connection from %s: no TLS handshake within "
+                    "transport.read_timeout_s = %g s", _address(peer), self.read_timeout_s)
+        transport.abort()
 
     def release(self, transport: asyncio.Transport) -> None:
         self.pending.pop(transport, None)
@@ -127,30 +134,25 @@ class GatedConnection(asyncio.Protocol):
         gate = self._gate
         assert gate.ssl_context is not None
         peer = raw.get_extra_info("peername")
+        loop = asyncio.get_running_loop()
+        # Our own deadline rather than asyncio's (which stays as a backstop): it counts the refusal before it
+        # closes the connection, so whoever sees the close also sees the count.
+        deadline = loop.call_later(gate.read_timeout_s, gate.handshake_too_slow, raw, peer)
         try:
-            secured = await asyncio.get_running_loop().start_tls(
-                raw,
-                self,
-                gate.ssl_context,
-                server_side=True,
-                ssl_handshake_timeout=gate.read_timeout_s,
+            secured = await loop.start_tls(
+                raw, self, gate.ssl_context, server_side=True, ssl_handshake_timeout=gate.read_timeout_s + 5
             )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            raw.abort()
-            admitted = gate.pending.get(raw)
-            if admitted is None:
-                return  # dropped by the cap, and counted there
-            if time.monotonic() - admitted >= gate.read_timeout_s:
-                gate.refuse("read_timeout", "closed a connection from %s: no TLS handshake within "
-                            "transport.read_timeout_s = %g s", _address(peer), gate.read_timeout_s)
-            else:
+            if raw in gate.pending:  # else dropped by the cap or the deadline, and counted there
                 gate.refuse("tls_handshake", "refused a connection from %s: TLS handshake failed: %s",
                             _address(peer), _one_line(exc))
+            raw.abort()
             return
         except asyncio.CancelledError:  # the server is shutting down
             raw.abort()
             raise
         finally:
+            deadline.cancel()
             gate.release(raw)
         if secured is None:  # the peer went away as the handshake finished
             return
