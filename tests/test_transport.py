@@ -223,6 +223,18 @@ def test_training_steps_both_ways(pair: tuple[JobSpec, HttpsPeer, HttpsPeer]) ->
     assert leader.bytes_sent == follower.bytes_received > 0
 
 
+def test_psi_points_go_both_ways(pair: tuple[JobSpec, HttpsPeer, HttpsPeer]) -> None:
+    _, leader, follower = pair
+    points = torch.randint(0, 256, (5, 32), dtype=torch.uint8)
+    key = BatchKey("psi", 0, 0)
+    follower.send("psi_blinded", key, {"points": points})
+    leader.send("psi_blinded", key, {"points": points.flip(0)})
+    assert torch.equal(leader.receive("psi_blinded", key)["points"], points)
+    assert torch.equal(follower.receive("psi_blinded", key)["points"], points.flip(0))
+    leader.send("psi_reblinded", key, {"points": points[:2]})
+    assert torch.equal(follower.receive("psi_reblinded", key)["points"], points[:2])
+
+
 def test_resend_is_acknowledged_and_ignored_and_out_of_order_is_409(
     pair: tuple[JobSpec, HttpsPeer, HttpsPeer],
 ) -> None:
@@ -430,7 +442,7 @@ def malformed_bodies(job: JobSpec) -> dict[str, tuple[bytes, int, str]]:
         "wrong-kind": (
             tensor_body(job, kind="gradients"),
             400,
-            "this leader receives embeddings, not gradients",
+            "this leader receives embeddings, psi_blinded, psi_reblinded, not gradients",
         ),
         "other-job": (
             tensor_body(job, fingerprint="feedfacefeedface"),
@@ -438,6 +450,15 @@ def malformed_bodies(job: JobSpec) -> dict[str, tuple[bytes, int, str]]:
             "job fingerprint feedfacefeedface",
         ),
         "gap": (tensor_body(job, seq=2), 409, "leaves a gap"),
+        "psi-float-points": (
+            tensor_body(job, kind="psi_blinded", tensors={"points": torch.zeros(4, 32)}), 400,
+            "tensors.points: float32 [4, 32], expected uint8 [n, 32]",
+        ),
+        "psi-narrow-points": (
+            tensor_body(job, kind="psi_blinded", tensors={"points": torch.zeros(4, 31, dtype=torch.uint8)}), 400,
+            "expected uint8 [n, 32]",
+        ),
+        "psi-cut-tensors": (tensor_body(job, kind="psi_reblinded"), 400, "expected exactly points; got deep, wide"),
         "earlier-session": (tensor_body(job, session="0123456789abcdef"), 409, "is not the current one"),
         "no-session": (tensor_body(job, session=""), 409, "is not the current one"),
         "abort-of-earlier-session": (

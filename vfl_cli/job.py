@@ -37,6 +37,8 @@ class PartySpec(_Spec):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # certificate common name, e.g. "leader"
     fields: tuple[str, ...]  # Criteo fields this party holds, e.g. [I1, C1]; the leader also holds the label
+    id_column: str = "id"  # `vfl prep table`: the column with the customer id that PSI matches on
+    label_column: str = "label"  # `vfl prep table`: the leader's 0/1 label column (the follower has none)
     listen: str = "127.0.0.1:8701"  # host:port its HTTPS server binds
     address: str | None = None  # host:port the peer connects to; default `listen` (differs behind NAT or a proxy)
     threads: PositiveInt | None = None  # torch intra-op threads; None = all cores (set it when parties share a machine)
@@ -155,6 +157,13 @@ class MetricsSpec(_Spec):
         return {role: host_port(value) for role, value in listen.items()}
 
 
+class PsiSpec(_Spec):
+    """Private set intersection of the parties' customer ids (`vfl psi`)."""
+
+    min_intersection: PositiveInt = 100  # fewer common ids is refused: a wrong file, or a peer probing for ids
+    batch_size: PositiveInt = 50_000  # ids per message and per blinding batch (bounds memory)
+
+
 class PrivacySpec(_Spec):
     """Defences on the cut layer; none are on by default (see the privacy docs for what leaks)."""
 
@@ -169,6 +178,7 @@ class JobSpec(_Spec):
     transport: TransportSpec = TransportSpec()
     tls: TlsSpec = TlsSpec()
     metrics: MetricsSpec = MetricsSpec()  # monitoring listeners (local settings, not in the fingerprint)
+    psi: PsiSpec = PsiSpec()  # aligning two organisations' tables by customer id
     privacy: PrivacySpec = PrivacySpec()
 
     @model_validator(mode="after")
@@ -206,6 +216,7 @@ class JobSpec(_Spec):
             "fields": {role: list(p.fields) for role, p in sorted(self.parties.items())},
             "names": {role: p.name for role, p in sorted(self.parties.items())},
             "data": {"threshold": self.data.threshold, "test_fraction": self.data.test_fraction},
+            "psi": self.psi.model_dump(mode="json"),
             "model": self.model.model_dump(mode="json"),
             "train": self.train.model_dump(mode="json", exclude={"run_dir", "log_every"}),
             "privacy": self.privacy.model_dump(mode="json"),

@@ -6,6 +6,7 @@ The loop never knows whether the other party is a thread in this process (`Local
 What crosses per batch, keyed by `BatchKey(phase, epoch, step)`:
     follower -> leader   kind "embeddings": {"wide": float32 [B, 1], "deep": float32 [B, 1]}
     leader -> follower   kind "gradients":  {"wide": float32 [B, 1], "deep": float32 [B, 1]}  (train phase only)
+    both ways            kinds "psi_blinded", "psi_reblinded": {"points": uint8 [n, 32]}  (phase "psi")
 Before any batch both sides exchange a `Hello`; after a failure a side sends `abort(reason)`. Each Hello
 carries a fresh random nonce; the two nonces make the session id that every later message carries, so a
 message from an earlier session (a stale resend from a previous process) is never applied.
@@ -26,11 +27,13 @@ import torch
 from vfl_cli.errors import PeerAborted, PeerTimeout, ProtocolError
 
 PROTOCOL_VERSION = 2
-Kind = Literal["embeddings", "gradients"]
-Phase = Literal["train", "eval", "infer"]
-KINDS: tuple[Kind, ...] = ("embeddings", "gradients")
-PHASES: tuple[Phase, ...] = ("train", "eval", "infer")
+Kind = Literal["embeddings", "gradients", "psi_blinded", "psi_reblinded"]
+Phase = Literal["train", "eval", "infer", "psi"]
+KINDS: tuple[Kind, ...] = ("embeddings", "gradients", "psi_blinded", "psi_reblinded")
+PSI_KINDS: tuple[Kind, ...] = ("psi_blinded", "psi_reblinded")  # both parties send and receive these
+PHASES: tuple[Phase, ...] = ("train", "eval", "infer", "psi")
 CUT_TENSORS = ("wide", "deep")  # the names of the cut-layer tensors, each float32 [B, 1]
+PSI_POINTS = "points"  # the one tensor of a PSI message: uint8 [n, 32], n ristretto255 points
 
 
 @dataclass(frozen=True, order=True)

@@ -34,7 +34,7 @@ from vfl_cli.errors import (
     TlsError,
 )
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import KINDS, BatchKey, Hello, Kind, Peer
+from vfl_cli.peer import KINDS, PSI_KINDS, BatchKey, Hello, Kind, Peer
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import (
     MAX_REASON_CHARS,
@@ -136,7 +136,7 @@ class HttpsPeer(Peer):
 
     def send(self, kind: Kind, key: BatchKey, tensors: dict[str, torch.Tensor]) -> None:
         if kind == RECEIVES[self._role]:
-            raise ValueError(f"the {self._role} receives {kind}, it does not send them")
+            raise ValueError(f"the {self._role} receives {kind}, it does not send them")  # PSI kinds go both ways
         aborted = self._inbox.aborted(self._peer.name)
         if aborted is not None:  # the peer is gone: say why, rather than "unreachable" later
             raise PeerAborted(f"the peer stopped: {aborted}")
@@ -155,7 +155,7 @@ class HttpsPeer(Peer):
         self._count_sent(kind, body)
 
     def receive(self, kind: Kind, key: BatchKey) -> dict[str, torch.Tensor]:
-        if kind != RECEIVES[self._role]:
+        if kind not in (RECEIVES[self._role], *PSI_KINDS):
             raise ValueError(f"the {self._role} never receives {kind}")
         timeout_s = self._job.transport.timeout_s
         message = self._inbox.next_tensors(self._peer.name, kind, timeout_s)

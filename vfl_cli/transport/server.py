@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from vfl_cli.errors import ProtocolError
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import CUT_TENSORS, Kind
+from vfl_cli.peer import CUT_TENSORS, PSI_KINDS, PSI_POINTS, Kind
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import AbortMessage, HelloMessage, Message, TensorMessage, decode
 from vfl_cli.transport.inbox import Inbox, InboxFull, SeqConflict, WrongSession
@@ -38,7 +38,8 @@ from vfl_cli.transport.tls import peer_common_name
 
 log = logging.getLogger(__name__)
 
-RECEIVES: dict[Role, Kind] = {"leader": "embeddings", "follower": "gradients"}
+RECEIVES: dict[Role, Kind] = {"leader": "embeddings", "follower": "gradients"}  # the cut-layer kind each takes
+POINT_BYTES = 32  # a ristretto255 point
 RETRY_AFTER_S = 1  # what a 503 asks the sender to wait at most; it backs off from much shorter pauses
 
 Scope = MutableMapping[str, Any]
@@ -64,7 +65,7 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
     peer_role = job.peer_role(role)
     peer_name = job.party(peer_role).name
     fingerprint = job.fingerprint()
-    accepts = RECEIVES[role]
+    accepts = (RECEIVES[role], *PSI_KINDS)
     limit = job.transport.max_body_bytes
 
     async def authenticate(request: Request) -> None:
@@ -110,10 +111,13 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
         if job_of_message != fingerprint:
             raise Refusal(409, f"job fingerprint {job_of_message[:40]} differs from this side's {fingerprint}",
                           "wrong_job")
-        if message.kind != accepts:
-            raise Refusal(400, f"this {role} receives {accepts}, not {message.kind}")
+        if message.kind not in accepts:
+            raise Refusal(400, f"this {role} receives {', '.join(accepts)}, not {message.kind}")
         try:
-            check_cut_tensors(message.tensors, job.train.batch_size)
+            if message.kind in PSI_KINDS:
+                check_points(message.tensors, job.psi.batch_size)
+            else:
+                check_cut_tensors(message.tensors, job.train.batch_size)
             status = inbox.offer(sender, message, size)
         except ProtocolError as exc:
             raise Refusal(400, str(exc)) from exc
@@ -199,6 +203,20 @@ def check_cut_tensors(tensors: dict[str, torch.Tensor], max_batch: int) -> None:
         if batch is not None and tensor.shape[0] != batch:
             raise ProtocolError(f"tensors: batch sizes differ ({batch} and {tensor.shape[0]})")
         batch = tensor.shape[0]
+
+
+def check_points(tensors: dict[str, torch.Tensor], max_batch: int) -> None:
+    """Exactly one tensor of 1 <= n <= psi.batch_size encoded points, uint8 [n, 32] (whether each is a valid
+    point is checked by the PSI step that uses it)."""
+    if set(tensors) != {PSI_POINTS}:
+        got = ", ".join(sorted(name[:40] for name in tensors)) or "none"
+        raise ProtocolError(f"tensors: expected exactly {PSI_POINTS}; got {got}")
+    points = tensors[PSI_POINTS]
+    if points.dtype != torch.uint8 or points.dim() != 2 or points.shape[1] != POINT_BYTES:
+        raise ProtocolError(f"tensors.{PSI_POINTS}: {str(points.dtype).removeprefix('torch.')} "
+                            f"{list(points.shape)}, expected uint8 [n, {POINT_BYTES}]")
+    if not 1 <= points.shape[0] <= max_batch:
+        raise ProtocolError(f"tensors.{PSI_POINTS}: {points.shape[0]} points, expected 1..{max_batch}")
 
 
 def client_common_name(scope: Scope) -> str | None:
