@@ -20,7 +20,7 @@ import json
 import resource
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_prep.reader import BLOCK_SIZE, LABEL, BatchReader, ProgressFn, dictionary_indices
+from data_prep.reader import BLOCK_SIZE, LABEL, BatchReader, BatchSource, ProgressFn, dictionary_indices
 from data_prep.store import SPLITS, PartyMeta, SplitWriter, publish, staging_dir, write_meta
 from vfl_cli.errors import DataError
 from vfl_cli.job import DENSE_FIELDS, JobSpec, PartySpec, Role
@@ -106,8 +106,18 @@ class Counts:
     frequent: dict[str, pa.Array]
 
 
-def count_pass(reader: BatchReader, fields: Sequence[str], threshold: int, seed: int, test_fraction: float) -> Counts:
-    """Pass 1: rows, test rows, label-1 rows, dense maxima and categorical counts over the whole input."""
+def count_pass(
+    reader: BatchSource,
+    fields: Sequence[str],
+    threshold: int,
+    seed: int,
+    test_fraction: float,
+    on_batch: Callable[[int, pa.RecordBatch], None] | None = None,
+) -> Counts:
+    """Pass 1: rows, test rows, label-1 rows, dense maxima and categorical counts over the whole input.
+
+    `on_batch(first_row, batch)` sees every batch too (`vfl prep table` collects its customer ids there).
+    """
     dense = [f for f in fields if f in DENSE_FIELDS]
     counters = {f: _ValueCounter() for f in fields if f not in DENSE_FIELDS}
     maxima: dict[str, float] = {}
@@ -124,6 +134,8 @@ def count_pass(reader: BatchReader, fields: Sequence[str], threshold: int, seed:
                 maxima[field] = max(maxima.get(field, top), top)
         for field, counter in counters.items():
             counter.add(batch.column(field))
+        if on_batch is not None:
+            on_batch(first_row, batch)
     if rows == 0:
         raise DataError(f"{reader.path}: empty input, no rows")
     return Counts(
@@ -164,6 +176,39 @@ class PartyVocab:
             frequent={f: counts.frequent[f] for f in party.categorical_fields},
             dense_max={f: counts.dense_max[f] for f in party.dense_fields},
         )
+
+    @classmethod
+    def load(cls, directory: Path, role: Role, party: PartySpec) -> PartyVocab:
+        """The vocabulary a previous `vfl prep criteo` or `vfl prep table` wrote to `directory` (to encode new rows)."""
+        try:
+            meta = json.loads((directory / "meta.json").read_text())
+            frequent = json.loads((directory / "vocab.json").read_text())
+            dense_max = json.loads((directory / "dense_max.json").read_text())
+            fields, offsets, size = tuple(meta["fields"]), dict(meta["field_offsets"]), int(meta["vocab_size"])
+            scales = {f: float(dense_max[f]) for f in party.dense_fields if f in fields}
+        except FileNotFoundError as exc:
+            raise DataError(f"{exc.filename}: missing; --vocab-from needs a prepared party's directory") from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DataError(f"{directory}: unreadable vocabulary ({exc!r})") from exc
+        if meta.get("role") != role:
+            raise DataError(f"{directory}: holds the {meta.get('role')}'s vocabulary, not the {role}'s")
+        if fields != party.fields:
+            raise DataError(f"{directory}: fields {', '.join(fields)} differ from the job's {', '.join(party.fields)}")
+        vocab = cls(
+            role=role,
+            fields=fields,
+            offsets=offsets,
+            size=size,
+            frequent={f: pa.array(frequent.get(f, []), pa.string()) for f in party.categorical_fields},
+            dense_max=scales,
+        )
+        expected, next_id = {}, 0  # the offsets must follow from the value lists, else the files disagree
+        for field in fields:
+            expected[field] = next_id
+            next_id += 1 if field in DENSE_FIELDS else 1 + len(vocab.frequent[field])
+        if expected != offsets or next_id != size:
+            raise DataError(f"{directory}: vocab.json does not match the id layout in meta.json")
+        return vocab
 
     def to_json(self) -> str:
         """vocab.json: categorical field -> frequent values in id order, enough to encode new rows."""

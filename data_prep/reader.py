@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,15 @@ LABEL = "label"
 COLUMNS = (LABEL, *ALL_FIELDS)  # the layout of a raw line
 BLOCK_SIZE = 1 << 20  # bytes per parsed block (~4k Criteo rows); the reader holds ~40 MB at this size
 ProgressFn = Callable[[str, int, int], None]  # (phase, rows done, rows total or an estimate from bytes read)
+
+
+class BatchSource(Protocol):
+    """What the counting and encoding passes read: `BatchReader` here, `data_prep.table.TableReader`."""
+
+    path: Path
+    with_label: bool  # batches carry a 0/1 LABEL column
+
+    def batches(self, phase: str, total_rows: int | None = None) -> Iterator[tuple[int, pa.RecordBatch]]: ...
 
 
 class BatchReader:

@@ -11,6 +11,19 @@
 The two JSON files are what `vfl prep` used to encode; a later step needs them to encode new rows the
 same way. The reader below does not need them.
 
+`vfl prep table` writes one party's own table (keyed by customer id, before any alignment) as a single
+unsplit block in the same array format, `<data.dir>/<role>/table/` (or `--out`):
+
+    table/meta.json          TableMeta as JSON (role, fields, rows, id_column, id_width, checksums, ...)
+    table/ids.npy            int32   [N, F]  as above, rows in the party's file order
+    table/vals.npy           float32 [N, F]
+    table/labels.npy         float32 [N]     leader only (absent when scoring new rows without labels)
+    table/sample_ids.npy     int64   [N]     0-based data row in the party's file (header not counted)
+    table/customer_ids.npy   S<w>    [N]     the customer ids, UTF-8, NUL-padded to the longest (w bytes)
+    table/vocab.json, table/dense_max.json   as above
+
+Row i of every array is the same customer; ids are unique. `open_table` reads it (memory-mapped).
+
 Arrays are little-endian .npy files (a fixed header, then raw data) so the trainer memory-maps them;
 they are loaded with allow_pickle=False. `split` is `train` or `test`.
 """
@@ -152,14 +165,103 @@ def open_party(data_dir: Path, role: str) -> PartyData:
     return PartyData(data_dir / role)
 
 
+# --- one party's own table (`vfl prep table`), before alignment -------------------------------------------
+
+TABLE_FILES = ("ids.npy", "vals.npy", "labels.npy", "sample_ids.npy", "customer_ids.npy")
+
+
+@dataclass(frozen=True)
+class TableMeta:
+    role: str  # "leader" or "follower"
+    fields: tuple[str, ...]  # column order of ids/vals
+    has_labels: bool  # labels.npy present
+    vocab_size: int  # ids are in [0, vocab_size)
+    field_offsets: dict[str, int]  # first id of each field's id range
+    threshold: int  # of the vocabulary used (the vocab_from directory's when set)
+    source: str  # the input table's file name
+    rows: int
+    id_column: str  # the input's customer id column
+    id_width: int  # w of customer_ids.npy's dtype S<w>
+    sha256: dict[str, str]  # file name -> hex digest of the file's bytes
+    sample_ids_digest: str  # sha256 of the sample_ids array's raw bytes
+    customer_ids_digest: str  # sha256 of the customer_ids array's raw bytes
+    vocab_from: str | None = None  # directory whose vocab.json/dense_max.json encoded it; None = fitted here
+    kind: str = "table"
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        body = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        body["fields"] = list(self.fields)
+        return json.dumps(body, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TableMeta:
+        raw = json.loads(text)
+        raw["fields"] = tuple(raw["fields"])
+        return cls(**raw)
+
+
+class TableData:
+    """One party's prepared table directory, opened read-only with memory-mapped arrays."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        meta_path = directory / "meta.json"
+        try:
+            self.meta = TableMeta.from_json(meta_path.read_text())
+        except FileNotFoundError as exc:
+            raise DataError(f"{meta_path}: no prepared table here; run `vfl prep table` first") from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            raise DataError(f"{meta_path}: corrupt or not a table's meta.json ({exc})") from exc
+        if self.meta.format != FORMAT_VERSION:
+            raise DataError(f"{meta_path}: format {self.meta.format}, this vfl reads {FORMAT_VERSION}")
+
+    def _load(self, file: str) -> np.ndarray:
+        path = self.dir / file
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError as exc:
+            raise DataError(f"{path}: missing; the prepared table is incomplete") from exc
+        except ValueError as exc:
+            raise DataError(f"{path}: not a readable array ({exc})") from exc
+        if array.shape[0] != self.meta.rows:
+            raise DataError(f"{path}: {array.shape[0]} rows, meta.json says {self.meta.rows}")
+        return array
+
+    def arrays(self) -> SplitArrays:
+        return SplitArrays(
+            ids=self._load("ids.npy"),
+            vals=self._load("vals.npy"),
+            labels=self._load("labels.npy") if self.meta.has_labels else None,
+            sample_ids=self._load("sample_ids.npy"),
+        )
+
+    def customer_ids(self) -> np.ndarray:
+        """S<w> [N]; `.astype(str)` or `bytes.decode()` gives the ids back."""
+        return self._load("customer_ids.npy")
+
+    def verify(self) -> None:
+        """Check every array file against the checksums in meta.json."""
+        for file, expected in self.meta.sha256.items():
+            if file_sha256(self.dir / file) != expected:
+                raise DataError(f"{self.dir / file}: checksum does not match meta.json")
+
+
+def open_table(directory: Path) -> TableData:
+    return TableData(directory)
+
+
 # --- writing -------------------------------------------------------------------------------------------
 # The writer below produces exactly the layout documented at the top of this module. Output first goes to a
 # staging directory beside the target and is renamed into place only when complete, so a crash or an error
 # never leaves a directory that looks like finished data.
 
 
-class _ArrayWriter:
-    """One preallocated .npy file filled in row order; hashes the file's bytes as they are written."""
+class ArrayWriter:
+    """One preallocated .npy file filled in row order; hashes the file's bytes as they are written.
+
+    `file_hash` covers the whole file (meta.json checksums), `data_hash` the array's raw bytes only.
+    """
 
     def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         # open_memmap writes the header and sizes the file; we then write rows with pwrite rather than
@@ -200,12 +302,12 @@ class SplitWriter:
         self.rows = rows
         self.folder = folder
         self.arrays = {
-            "ids.npy": _ArrayWriter(folder / "ids.npy", np.dtype("<i4"), (rows, fields)),
-            "vals.npy": _ArrayWriter(folder / "vals.npy", np.dtype("<f4"), (rows, fields)),
-            "sample_ids.npy": _ArrayWriter(folder / "sample_ids.npy", np.dtype("<i8"), (rows,)),
+            "ids.npy": ArrayWriter(folder / "ids.npy", np.dtype("<i4"), (rows, fields)),
+            "vals.npy": ArrayWriter(folder / "vals.npy", np.dtype("<f4"), (rows, fields)),
+            "sample_ids.npy": ArrayWriter(folder / "sample_ids.npy", np.dtype("<i8"), (rows,)),
         }
         if with_labels:
-            self.arrays["labels.npy"] = _ArrayWriter(folder / "labels.npy", np.dtype("<f4"), (rows,))
+            self.arrays["labels.npy"] = ArrayWriter(folder / "labels.npy", np.dtype("<f4"), (rows,))
 
     def append(self, ids: np.ndarray, vals: np.ndarray, labels: np.ndarray | None, sample_ids: np.ndarray) -> None:
         self.arrays["ids.npy"].append(ids)

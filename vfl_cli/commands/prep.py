@@ -1,4 +1,5 @@
-"""`vfl prep`: turn raw Criteo text into each party's arrays (`criteo`), or write synthetic Criteo text (`synth`).
+"""`vfl prep`: raw Criteo text -> each party's arrays (`criteo`); one party's own table -> its arrays (`table`);
+one Criteo file -> two organisations' tables (`split`, a simulation); synthetic Criteo text (`synth`).
 
 A thin shell over `data_prep`: it reads the job, wires the library's progress callbacks to rich bars and
 prints a short summary. Errors travel as `VflError` to `vfl_cli.app.main`, which prints one line.
@@ -14,12 +15,16 @@ import typer
 from rich.progress import Progress, TaskID
 
 from data_prep.criteo import PrepResult, prepare_criteo
+from data_prep.split import split_parties
 from data_prep.synth import write_synth
+from data_prep.table import TableResult, prepare_table
 from vfl_cli.console import console, make_progress
+from vfl_cli.errors import DataError
 from vfl_cli.job import ROLES, Role, load_job
 
 app = typer.Typer(
-    help="Prepare data: encode raw Criteo text into each party's arrays, or write synthetic Criteo text.",
+    help="Prepare data: encode raw Criteo text or one party's own table into arrays, split a Criteo file into two "
+    "parties' tables, or write synthetic Criteo text.",
     no_args_is_help=True,
 )
 
@@ -35,7 +40,7 @@ class _Bars:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.tasks: dict[str, TaskID] = {}
-        self.labels = {"count": "pass 1/2 count", "encode": "pass 2/2 encode"}
+        self.labels = {"count": "pass 1/2 count", "ids": "pass 1/2 ids", "encode": "pass 2/2 encode"}
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         if phase not in self.tasks:
@@ -122,3 +127,105 @@ def synth(
         task = progress.add_task("synth", total=rows)
         write_synth(out, rows, seed, on_rows=lambda count: progress.advance(task, count))
     _say(f"wrote {rows:,} synthetic rows to {out}")
+
+
+_DELIMITERS = {",": ",", "comma": ",", "\t": "\t", "\\t": "\t", "tab": "\t"}
+
+
+@app.command()
+def table(
+    role: Annotated[RoleChoice, typer.Option("--role", help="Whose table this is.")],
+    input: Annotated[
+        Path,
+        typer.Option(
+            "--input",
+            help="The party's table: CSV or TSV with a header row, plain or .gz; the id column, the party's "
+            "fields by name and (leader) the label column; other columns are ignored.",
+        ),
+    ],
+    job: Annotated[Path, typer.Option("--job", help="Job file; gives the fields, id/label column names, threshold.")],
+    delimiter: Annotated[
+        str | None,
+        typer.Option("--delimiter", help="',' or tab ('\\t' or 'tab'). Default: tab if the header has one, else ','."),
+    ] = None,
+    vocab_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--vocab-from",
+            help="Encode with this prepared party directory's vocab.json and dense_max.json (e.g. a trained "
+            "model's) instead of fitting them; unseen values get the OOV id; the leader's label is optional.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output directory (written whole). Default: <data.dir>/<role>/table."),
+    ] = None,
+    bench: Annotated[bool, typer.Option("--bench", help="Also print rows/s and peak RSS for each pass.")] = False,
+) -> None:
+    """Encode one party's own table (keyed by customer id) into its arrays, in two streaming passes."""
+    spec = load_job(job)
+    if delimiter is not None and delimiter not in _DELIMITERS:
+        raise DataError(f"--delimiter must be ',' or tab ('\\t' or 'tab'), got {delimiter!r}")
+    target = out if out is not None else spec.data.dir / role.value / "table"
+    with make_progress("rows") as progress:
+        result = prepare_table(
+            input,
+            spec,
+            role.value,
+            target,
+            delimiter=_DELIMITERS[delimiter] if delimiter is not None else None,
+            vocab_from=vocab_from,
+            on_progress=_Bars(progress),
+        )
+    _table_summary(role.value, result, vocab_from, bench)
+
+
+def _table_summary(role: str, result: TableResult, vocab_from: Path | None, bench: bool) -> None:
+    fitted = f"vocabulary of {vocab_from}" if vocab_from is not None else "vocabulary fitted on these rows"
+    _say(f"prepared the {role}'s table, {result.rows:,} rows, into {result.out}")
+    _say(f"  {fitted}: {result.vocab_size:,} ids; customer ids up to {result.id_width} bytes")
+    if result.label_rate is not None:
+        _say(f"  label rate {result.label_rate:.4f}")
+    elif role == "leader":
+        _say("  no label column: unlabelled rows (scoring)")
+    _say(f"  {result.rows_per_s:,.0f} rows/s over both passes")
+    if bench:
+        for stats in result.passes:
+            rate = stats.rows / max(stats.seconds, 1e-9)
+            rss = stats.peak_rss_mb
+            _say(f"  bench {stats.phase}: {rate:,.0f} rows/s, {stats.seconds:.2f} s, peak RSS {rss:,.0f} MB")
+
+
+@app.command()
+def split(
+    input: Annotated[
+        Path, typer.Option("--input", help="Raw Criteo train.txt (label, I1..I13, C1..C26, tab separated; or .gz).")
+    ],
+    job: Annotated[Path, typer.Option("--job", help="Job file; gives each party's fields and id/label column names.")],
+    overlap: Annotated[
+        float,
+        typer.Option(
+            "--overlap",
+            min=0.0,
+            max=1.0,
+            help="Share of source rows both tables hold; the rest go to one table only, half each.",
+        ),
+    ],
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seeds membership, row orders and customer ids. Default: the job's.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Directory for leader.tsv and follower.tsv. Default: <data.dir>/../tables."),
+    ] = None,
+) -> None:
+    """Simulate two organisations: cut one Criteo file into the leader's and the follower's own tables (TSV)."""
+    spec = load_job(job)
+    target = out if out is not None else spec.data.dir.parent / "tables"
+    with make_progress("rows") as progress:
+        result = split_parties(
+            input, spec, overlap, spec.seed if seed is None else seed, target, on_progress=_Bars(progress)
+        )
+    for role, (path, rows) in result.tables.items():
+        _say(f"{role}: {rows:,} rows -> {path}")
+    _say(f"shared: {result.shared:,} customers of {result.source_rows:,} source rows (overlap {overlap:g})")

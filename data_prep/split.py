@@ -1,0 +1,140 @@
+"""Simulate two organisations from one Kaggle-format Criteo file (`vfl prep split`).
+
+Writes the leader's table (id column, label column, the leader's fields) and the follower's (id column, the
+follower's fields) as TSV with a header row, the inputs `vfl prep table` reads. Column names come from the
+job: `parties.<role>.id_column`, `parties.leader.label_column`, the fields by name.
+
+Who is in which table: source row r (0-based line) draws u = u(seed', r), the splitmix64 uniform of
+`data_prep.criteo.split_uniform` under a seed derived from `seed`, and is
+    in both tables            if u < overlap
+    in the leader's only      if overlap <= u < overlap + (1 - overlap) / 2
+    in the follower's only    otherwise.
+So `overlap` is the expected share of source rows both parties hold; each table holds (1 + overlap) / 2 of
+the source rows, and the shared ones are 2 overlap / (1 + overlap) of each table. Each table comes in its own
+order, a seeded random permutation (different per party).
+
+Customer id of row r: "c" + 12 hex digits of a 4-round Feistel permutation of the 48-bit row number keyed by
+`seed`: unique for every row (a permutation cannot collide), stable for a given seed, and without the key
+the order of ids says nothing about the order of rows.
+
+Values are written as the source has them: dense integers as integers (`260`), strings as they were, a
+missing value as an empty cell. Memory: this is a simulation tool and holds the selected columns of the
+whole input in memory (Arrow, about the size of the raw text's used columns; fine for a few million rows,
+not for the 45M-row Kaggle file), plus one output chunk at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+
+from data_prep.criteo import split_uniform
+from data_prep.reader import BLOCK_SIZE, LABEL, BatchReader, ProgressFn
+from vfl_cli.errors import DataError
+from vfl_cli.job import ROLES, JobSpec, Role
+
+WRITE_CHUNK = 100_000  # rows per output chunk
+_MEMBERSHIP_SALT = 0x5EED_0F_0B1A5  # derives the membership seed from `seed`, apart from the test split's
+_MASK24 = np.uint64(0xFFFFFF)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def customer_ids(seed: int, rows: np.ndarray) -> np.ndarray:
+    """ "c" + 12 hex digits of a keyed permutation of each row number (< 2**48): unique, stable, opaque."""
+    keys = _mix(np.array([(seed * 0x9E3779B97F4A7C15 + k) % 2**64 for k in range(1, 5)], dtype=np.uint64))
+    left = (rows.astype(np.uint64) >> np.uint64(24)) & _MASK24
+    right = rows.astype(np.uint64) & _MASK24
+    with np.errstate(over="ignore"):
+        for key in keys:  # Feistel rounds on 24-bit halves: a bijection of [0, 2**48) whatever the round function
+            left, right = right, left ^ (_mix(right ^ key) & _MASK24)
+    value = (left << np.uint64(24)) | right
+    return np.array([f"c{v:012x}" for v in value.tolist()])
+
+
+def membership(seed: int, rows: int, overlap: float) -> tuple[np.ndarray, np.ndarray]:
+    """(in the leader's table, in the follower's table) per source row, as the module docstring defines."""
+    u = split_uniform(seed ^ _MEMBERSHIP_SALT, np.arange(rows, dtype=np.int64))
+    leader_only = (u >= overlap) & (u < overlap + (1 - overlap) / 2)
+    both = u < overlap
+    return both | leader_only, both | ~(both | leader_only)
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    source_rows: int
+    shared: int
+    tables: dict[str, tuple[Path, int]]  # role -> (file, rows)
+
+
+def split_parties(
+    path: Path,
+    job: JobSpec,
+    overlap: float,
+    seed: int,
+    out: Path,
+    on_progress: ProgressFn | None = None,
+    block_size: int = BLOCK_SIZE,
+) -> SplitResult:
+    """Write `<out>/leader.tsv` and `<out>/follower.tsv` from the Kaggle-format file at `path`."""
+    if not 0.0 <= overlap <= 1.0:
+        raise DataError(f"--overlap must be between 0 and 1, got {overlap}")
+    fields = [f for role in ROLES for f in job.party(role).fields]
+    reader = BatchReader(path, fields, True, on_progress, block_size)
+    pieces = []
+    for _, batch in reader.batches("read"):
+        columns = [c.dictionary_decode() if isinstance(c, pa.DictionaryArray) else c for c in batch.columns]
+        pieces.append(pa.RecordBatch.from_arrays(columns, names=batch.schema.names))
+    if not pieces or sum(p.num_rows for p in pieces) == 0:
+        raise DataError(f"{path}: empty input, no rows")
+    source = pa.Table.from_batches(pieces).combine_chunks()
+    rows = source.num_rows
+    in_leader, in_follower = membership(seed, rows, overlap)
+    rng = np.random.default_rng([seed % 2**32, 8])
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written: dict[str, tuple[Path, int]] = {}
+        for role, member in zip(ROLES, (in_leader, in_follower), strict=True):
+            order = rng.permutation(np.flatnonzero(member))
+            target = out / f"{role}.tsv"
+            _write_table(source, role, job, order, seed, target)
+            written[role] = (target, len(order))
+            if on_progress is not None:
+                on_progress(f"write {role}", len(order), len(order))
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write the tables: {exc.strerror or exc}") from exc
+    return SplitResult(source_rows=rows, shared=int((in_leader & in_follower).sum()), tables=written)
+
+
+def _write_table(source: pa.Table, role: Role, job: JobSpec, order: np.ndarray, seed: int, target: Path) -> None:
+    """One party's TSV, rows in `order`, written to a temporary name and renamed when complete."""
+    party = job.party(role)
+    names = [party.id_column] + ([party.label_column] if role == "leader" else []) + list(party.fields)
+    columns = ([LABEL] if role == "leader" else []) + list(party.fields)
+    # Arrow writes a float64 260.0 as "260" and 1.5 as "1.5": integers stay integers, as in the source.
+    schema = pa.schema(
+        [pa.field(party.id_column, pa.string())]
+        + [pa.field(name, source.schema.field(column).type) for name, column in zip(names[1:], columns, strict=True)]
+    )
+    partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    options = pa_csv.WriteOptions(delimiter="\t", quoting_style="needed")
+    try:
+        with pa_csv.CSVWriter(str(partial), schema, write_options=options) as writer:
+            for start in range(0, len(order), WRITE_CHUNK):
+                rows = order[start : start + WRITE_CHUNK]
+                chunk = source.select(columns).take(pa.array(rows))
+                arrays = [pa.array(customer_ids(seed, rows))] + [chunk.column(c).combine_chunks() for c in columns]
+                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
