@@ -60,6 +60,12 @@ class PartySpec(_Spec):
             raise ValueError("a party needs at least one field")
         return fields
 
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> PartySpec:
+        if self.id_column == self.label_column or {self.id_column, self.label_column} & set(self.fields):
+            raise ValueError("id_column, label_column and the fields must all be different columns")
+        return self
+
     @field_validator("listen", "address")
     @classmethod
     def _host_port(cls, listen: str | None) -> str | None:

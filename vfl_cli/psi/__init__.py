@@ -1,0 +1,24 @@
+"""Private set intersection of the parties' customer ids: ECDH on ristretto255 via libsodium (`rbcl`).
+
+`group` wraps the libsodium calls (hash to group, blind, validate); `protocol` holds one party's side of the
+protocol and an in-memory driver. No transport here: the caller moves uint8 [n, 32] arrays between parties.
+"""
+
+from vfl_cli.psi.group import POINT_BYTES, psi_tag
+from vfl_cli.psi.protocol import (
+    Intersection,
+    PsiParty,
+    check_min_intersection,
+    check_peer_size,
+    run_psi_locally,
+)
+
+__all__ = [
+    "POINT_BYTES",
+    "Intersection",
+    "PsiParty",
+    "check_min_intersection",
+    "check_peer_size",
+    "psi_tag",
+    "run_psi_locally",
+]
