@@ -12,7 +12,7 @@ The two JSON files are what `vfl prep` used to encode; a later step needs them t
 same way. The reader below does not need them.
 
 `vfl prep table` writes one party's own table (keyed by customer id, before any alignment) as a single
-unsplit block in the same array format, `<data.dir>/<role>/table/` (or `--out`):
+unsplit block in the same array format, `<data.dir>/tables/<role>/` (or `--out`):
 
     table/meta.json          TableMeta as JSON (role, fields, rows, id_column, id_width, checksums, ...)
     table/ids.npy            int32   [N, F]  as above, rows in the party's file order
@@ -66,6 +66,7 @@ class PartyMeta:
     source: str  # the raw input's file name
     splits: dict[str, SplitMeta]
     format: int = FORMAT_VERSION
+    psi: dict[str, Any] | None = None  # after `vfl psi`: {"size", "digest", "my_size", "peer_size"}
 
     def to_json(self) -> str:
         body: dict[str, Any] = {
@@ -79,6 +80,8 @@ class PartyMeta:
             "source": self.source,
             "splits": {name: vars(split) for name, split in self.splits.items()},
         }
+        if self.psi is not None:
+            body["psi"] = self.psi
         return json.dumps(body, indent=2)
 
     @classmethod
@@ -156,9 +159,13 @@ class PartyData:
                     raise DataError(f"{self.dir / name / file}: checksum does not match meta.json")
 
     def fingerprint(self, split: str) -> dict[str, Any]:
-        """What the other party must agree with: rows and the digest of the sample ids."""
+        """What the other party must agree with: rows and the digest of the sample ids (and, for data aligned
+        by `vfl psi`, the intersection's digest, equal on both sides only if they hold the same customers)."""
         meta = self.meta.splits[split]
-        return {"rows": meta.rows, "sample_ids_digest": meta.sample_ids_digest}
+        found: dict[str, Any] = {"rows": meta.rows, "sample_ids_digest": meta.sample_ids_digest}
+        if self.meta.psi is not None:
+            found["psi_digest"] = self.meta.psi["digest"]
+        return found
 
 
 def open_party(data_dir: Path, role: str) -> PartyData:
@@ -245,6 +252,12 @@ class TableData:
         for file, expected in self.meta.sha256.items():
             if file_sha256(self.dir / file) != expected:
                 raise DataError(f"{self.dir / file}: checksum does not match meta.json")
+
+
+def table_dir(data_dir: Path, role: str) -> Path:
+    """Where `vfl prep table` writes a party's table by default: beside, not inside, the aligned data that
+    `vfl psi` publishes as `<data.dir>/<role>`."""
+    return data_dir / "tables" / role
 
 
 def open_table(directory: Path) -> TableData:

@@ -19,7 +19,7 @@ only the id column (rows, id width, duplicates), pass 2 encodes with the directo
 dense_max.json (unseen values -> OOV id, dense values divided by the training max); the leader's label
 column is optional then.
 
-Output, `<data.dir>/<role>/table/` by default, written to a staging directory and renamed into place only when
+Output, `<data.dir>/tables/<role>/` by default, written to a staging directory and renamed into place only when
 complete (the format is drawn in `data_prep.store`):
 
     meta.json          TableMeta: role, fields, has_labels, vocab_size, field_offsets, threshold, source,

@@ -152,7 +152,7 @@ def test_cli_split_then_table_round_trip(
     job.write_text(yaml.safe_dump(config))
     code, err = run_vfl(monkeypatch, capsys, "prep", "split", "--input", source, "--job", job, "--overlap", "0.8")
     assert code == 0, err
-    tables = tmp_path / "run/tables"  # the default: <data.dir>/../tables
+    tables = tmp_path / "run/organisations"  # the default: <data.dir>/../organisations
     assert re.search(rf"leader: [\d,]+ rows -> {tables / 'leader.tsv'}", err)
     assert re.search(r"shared: [\d,]+ customers of 5,000 source rows \(overlap 0.8\)", err)
     round_trip(source, tables, job, tmp_path / "prepared", customers=50)

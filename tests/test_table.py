@@ -134,7 +134,7 @@ def test_equal_hashes_of_different_ids_are_not_duplicates(tmp_path: Path) -> Non
 
 def test_vocab_from_maps_unseen_to_oov_and_keeps_the_training_max(tmp_path: Path) -> None:
     job = small_job(tmp_path)
-    training = tmp_path / "data/leader/table"
+    training = tmp_path / "data/tables/leader"
     prepare_table(write(tmp_path / "train.csv", LEADER_CSV), job, "leader", training)
     before = {p.name: p.read_bytes() for p in training.iterdir()}
     new = write(tmp_path / "new.csv", 'cust,C2,C1,I1\nn1,x,a,520\nn2,w,"a,b",\nn3,,b,13\n')  # no label column
@@ -211,8 +211,8 @@ def test_cli_writes_the_default_location_and_a_subprocess_error_has_no_traceback
     good = write(tmp_path / "good.csv", HEADER + GOOD)
     code, err = run_vfl(monkeypatch, capsys, "prep", "table", "--role", "leader", "--input", good, "--job", job)
     assert code == 0, err
-    assert f"prepared the leader's table, 2 rows, into {tmp_path / 'data/leader/table'}" in err
-    assert "label rate 0.5000" in err and open_table(tmp_path / "data/leader/table").meta.rows == 2
+    assert f"prepared the leader's table, 2 rows, into {tmp_path / 'data/tables/leader'}" in err
+    assert "label rate 0.5000" in err and open_table(tmp_path / "data/tables/leader").meta.rows == 2
     code, err = run_vfl(
         monkeypatch, capsys, "prep", "table", "--role", "leader", "--input", good, "--job", job, "--delimiter", ";"
     )

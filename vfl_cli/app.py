@@ -11,7 +11,7 @@ import sys
 import typer
 
 from vfl_cli import __version__
-from vfl_cli.commands import certs, prep, run
+from vfl_cli.commands import certs, prep, psi, run
 from vfl_cli.console import console, print_error
 from vfl_cli.errors import VflError
 
@@ -35,6 +35,7 @@ app = typer.Typer(
 )
 app.add_typer(prep.app, name="prep")
 app.command("certs")(certs.certs)
+app.command("psi")(psi.psi)
 app.command("train")(run.train)
 app.command("eval")(run.evaluate)
 app.command("infer")(run.infer)

@@ -73,6 +73,7 @@ class Hello:
             mine, theirs = self.data_fingerprint[split], other.data_fingerprint[split]
             checks.append((f"{split} rows", mine.get("rows"), theirs.get("rows")))
             checks.append((f"{split} sample ids", mine.get("sample_ids_digest"), theirs.get("sample_ids_digest")))
+            checks.append((f"{split} PSI intersection", mine.get("psi_digest"), theirs.get("psi_digest")))
         for what, mine_value, their_value in checks:
             if mine_value != their_value:
                 return f"{what}: here {mine_value}, peer {their_value}"

@@ -16,6 +16,7 @@ from rich.progress import Progress, TaskID
 
 from data_prep.criteo import PrepResult, prepare_criteo
 from data_prep.split import split_parties
+from data_prep.store import table_dir
 from data_prep.synth import write_synth
 from data_prep.table import TableResult, prepare_table
 from vfl_cli.console import console, make_progress
@@ -158,7 +159,7 @@ def table(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Output directory (written whole). Default: <data.dir>/<role>/table."),
+        typer.Option("--out", help="Output directory (written whole). Default: <data.dir>/tables/<role>."),
     ] = None,
     bench: Annotated[bool, typer.Option("--bench", help="Also print rows/s and peak RSS for each pass.")] = False,
 ) -> None:
@@ -166,7 +167,7 @@ def table(
     spec = load_job(job)
     if delimiter is not None and delimiter not in _DELIMITERS:
         raise DataError(f"--delimiter must be ',' or tab ('\\t' or 'tab'), got {delimiter!r}")
-    target = out if out is not None else spec.data.dir / role.value / "table"
+    target = out if out is not None else table_dir(spec.data.dir, role.value)
     with make_progress("rows") as progress:
         result = prepare_table(
             input,
@@ -216,12 +217,12 @@ def split(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Directory for leader.tsv and follower.tsv. Default: <data.dir>/../tables."),
+        typer.Option("--out", help="Directory for leader.tsv and follower.tsv. Default: <data.dir>/../organisations."),
     ] = None,
 ) -> None:
     """Simulate two organisations: cut one Criteo file into the leader's and the follower's own tables (TSV)."""
     spec = load_job(job)
-    target = out if out is not None else spec.data.dir.parent / "tables"
+    target = out if out is not None else spec.data.dir.parent / "organisations"
     with make_progress("rows") as progress:
         result = split_parties(
             input, spec, overlap, spec.seed if seed is None else seed, target, on_progress=_Bars(progress)

@@ -1,0 +1,51 @@
+"""`vfl psi`: find the customers both parties hold and align each party's table to them (a thin shell over
+`vfl_cli.psi.session`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, cast
+
+import typer
+
+from vfl_cli.commands.run import JobOption, PartyRole, connected
+from vfl_cli.console import RichReporter, console
+from vfl_cli.job import Role, load_job
+
+if TYPE_CHECKING:
+    from vfl_cli.psi.session import PsiOutcome
+
+
+def psi(
+    role: Annotated[PartyRole, typer.Option("--role", help="leader | follower | local.", show_default=False)],
+    job: JobOption,
+    table: Annotated[
+        Path | None,
+        typer.Option("--table", help="The table `vfl prep table` wrote (default: <data.dir>/tables/<role>)."),
+    ] = None,
+) -> None:
+    """Private set intersection of the two parties' customer ids (ECDH on ristretto255, over the same
+    mutually authenticated HTTPS as training), then each party writes its rows of the intersection, in one
+    order both agree on, as its training data (<data.dir>/<role>). Both parties learn which of their own
+    customers the other also has, and the other's number of customers; nothing else."""
+    from vfl_cli.psi.session import psi_locally, psi_session
+
+    spec = load_job(job)
+    if role == PartyRole.local:
+        outcomes = psi_locally(spec)
+    else:
+        me = cast(Role, role.value)
+        peer_role = spec.peer_role(me)
+        waiting = console.status(f"waiting for the {peer_role} at {spec.party(peer_role).connect_to} "
+                                 f"(up to {spec.transport.connect_timeout_s:g} s)")
+        with connected(spec, me) as peer, waiting:
+            outcomes = {me: psi_session(spec, me, peer, RichReporter(waiting=waiting), table)}
+    for name, outcome in outcomes.items():
+        typer.echo(_summary(name, spec.peer_role(name), outcome))
+
+
+def _summary(role: str, peer_role: str, outcome: PsiOutcome) -> str:
+    found = outcome.intersection
+    return (f"{role}: {found.size:,} customers in common, of {found.my_size:,} here and {found.peer_size:,} at the "
+            f"{peer_role}; wrote {outcome.train_rows:,} train and {outcome.test_rows:,} test rows to "
+            f"{outcome.data_dir} (intersection digest {found.digest()[:16]})")

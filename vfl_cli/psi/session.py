@@ -1,0 +1,139 @@
+"""`vfl psi` for one party: its table's customer ids through the PSI with the peer, over any `Peer` (HTTPS,
+or in memory for `--role local`), then its rows of the intersection written as aligned training data.
+
+The rounds, the same loop on both sides (batch i of each side's points, `psi.batch_size` ids each):
+
+    send my blinded batch i                      (if I have one)
+    receive the peer's blinded batch i, reblind it with my k, send it back   (if the peer has one)
+    receive my batch i back, reblinded by the peer                            (if I have one)
+
+Each side only ever waits for what the other sent in the same round, so the bounded inboxes never block
+both. The numbers of ids are announced in the Hellos: a batch of another size than announced is refused.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep.align import write_aligned
+from data_prep.store import TableData, open_table, table_dir
+from vfl_cli.errors import DataError, PeerAborted, ProtocolError
+from vfl_cli.job import JobSpec, Role
+from vfl_cli.peer import PSI_POINTS, BatchKey, Hello, LocalPeer, Peer
+from vfl_cli.psi.group import psi_tag
+from vfl_cli.psi.protocol import Intersection, PsiParty, check_min_intersection, check_peer_size
+from vfl_cli.train.loop import Reporter, SilentReporter
+
+
+@dataclass(frozen=True)
+class PsiOutcome:
+    intersection: Intersection
+    data_dir: Path  # where the aligned data went: <data.dir>/<role>
+    train_rows: int
+    test_rows: int
+
+
+def _announced(role: str) -> str:
+    """The data-fingerprint entry in which a side announces its number of ids (one only it has, so the Hello
+    comparison, which looks at entries both sides have, leaves it alone)."""
+    return f"psi ids of the {role}"
+
+
+def open_own_table(job: JobSpec, role: Role, table: Path | None = None) -> TableData:
+    data = open_table(table or table_dir(job.data.dir, role))
+    fields = job.party(role).fields
+    if data.meta.role != role or data.meta.fields != fields:
+        raise DataError(f"{data.dir}: a {data.meta.role} table of fields {', '.join(data.meta.fields)}, but the job "
+                        f"gives the {role} {', '.join(fields)}; run `vfl prep table` again")
+    return data
+
+
+def psi_session(
+    job: JobSpec, role: Role, peer: Peer, reporter: Reporter | None = None, table: Path | None = None
+) -> PsiOutcome:
+    """Run the PSI with the peer and write this party's aligned data; returns what it found."""
+    reporter = reporter or SilentReporter()
+    data = open_own_table(job, role, table)
+    party = PsiParty(role, data.customer_ids(), psi_tag(job.fingerprint()), threads=job.party(role).threads or 1)
+    peer_role = job.peer_role(role)
+    mine = Hello(role=role, name=job.party(role).name, job_fingerprint=job.fingerprint(),
+                 data_fingerprint={_announced(role): {"rows": party.size}}, command="psi")
+    theirs = peer.handshake(mine)
+    if theirs.role != peer_role or theirs.name != job.party(peer_role).name:
+        raise ProtocolError(f"handshake: expected the {peer_role} {job.party(peer_role).name!r}, "
+                            f"met {theirs.role} {theirs.name!r}")
+    problem = mine.mismatch(theirs)
+    if problem:
+        raise ProtocolError(f"handshake with the {peer_role}: {problem}")
+    peer_size = int(theirs.data_fingerprint.get(_announced(peer_role), {}).get("rows", 0))
+    check_peer_size(peer_role, peer_size, job.psi.min_intersection)
+
+    peer_double_blinded = _rounds(party, peer, peer_size, job.psi.batch_size, reporter)
+    result = party.intersect(peer_double_blinded, peer_size=peer_size)
+    check_min_intersection(result, job.psi.min_intersection)
+    summary: dict[str, Any] = {"size": result.size, "digest": result.digest(), "my_size": result.my_size,
+                               "peer_size": result.peer_size}
+    aligned = write_aligned(data, result.rows, job.data.dir, job.seed, job.data.test_fraction, summary)
+    return PsiOutcome(result, job.data.dir / role, aligned.splits["train"].rows, aligned.splits["test"].rows)
+
+
+def _rounds(party: PsiParty, peer: Peer, peer_size: int, batch_size: int, reporter: Reporter) -> list[np.ndarray]:
+    """The exchange; returns the peer's double-blinded values (my reblinding of its points)."""
+    my_batches = party.blinded_batches(batch_size)
+    mine, theirs = -(-party.size // batch_size), -(-peer_size // batch_size)
+    kept: list[np.ndarray] = []
+    reporter.begin(f"{party.role} psi", party.size + peer_size)
+    for step in range(max(mine, theirs)):
+        key = BatchKey("psi", 0, step)
+        if step < mine:
+            peer.send("psi_blinded", key, {PSI_POINTS: torch.from_numpy(next(my_batches))})
+        if step < theirs:
+            expected = min(batch_size, peer_size - step * batch_size)
+            points = _points(peer.receive("psi_blinded", key), expected, f"the peer's blinded batch {step}")
+            kept.append(party.reblind(points))
+            peer.send("psi_reblinded", key, {PSI_POINTS: torch.from_numpy(kept[-1])})
+            reporter.advance(expected)
+        if step < mine:
+            expected = min(batch_size, party.size - step * batch_size)
+            party.add_my_double_blinded(_points(peer.receive("psi_reblinded", key), expected,
+                                                f"our batch {step} returned by the peer"))
+            reporter.advance(expected)
+    reporter.end()
+    return kept
+
+
+def _points(tensors: dict[str, torch.Tensor], expected: int, what: str) -> np.ndarray:
+    points = tensors.get(PSI_POINTS)
+    if points is None or points.dtype != torch.uint8 or tuple(points.shape) != (expected, 32):
+        shape = None if points is None else f"{str(points.dtype).removeprefix('torch.')} {list(points.shape)}"
+        raise ProtocolError(f"{what}: {shape}, expected uint8 [{expected}, 32] as the peer announced")
+    return points.numpy()
+
+
+def psi_locally(job: JobSpec, tables: dict[Role, Path] | None = None) -> dict[Role, PsiOutcome]:
+    """Both parties in this process (two threads, an in-memory peer): `vfl psi --role local`."""
+    peers = dict(zip(("leader", "follower"), LocalPeer.pair(job.transport.timeout_s), strict=True))
+    results: dict[str, PsiOutcome] = {}
+    errors: dict[str, BaseException] = {}
+
+    def side(role: Role) -> None:
+        try:
+            results[role] = psi_session(job, role, peers[role], table=(tables or {}).get(role))
+        except BaseException as exc:
+            errors[role] = exc
+            peers[role].abort(f"{role} failed: {exc}")
+
+    follower = threading.Thread(target=side, args=("follower",), name="vfl-psi-follower", daemon=True)
+    follower.start()
+    side("leader")
+    follower.join()
+    first = next((e for e in errors.values() if not isinstance(e, PeerAborted)), None)
+    if first is not None or errors:
+        raise first or next(iter(errors.values()))
+    return results  # type: ignore[return-value]
