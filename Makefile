@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= jobs/smoke.yaml
 
-.PHONY: install test test-all lint demo smoke-test soak bench bench-prep bench-train sample-auc clean
+.PHONY: install test test-all lint demo smoke-test soak bench bench-prep bench-train bench-psi sample-auc clean
 
 install: $(STAMP)
 
@@ -42,7 +42,11 @@ smoke-test: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python scripts/soak.py
 
-bench: bench-prep bench-train
+bench: bench-prep bench-train bench-psi
+
+# 1M x 1M customer ids, 50% overlap, leader and follower as two `vfl psi` processes over mutual TLS.
+bench-psi: $(STAMP)
+	$(BIN)/python -m benchmarks.psi
 
 bench-prep: $(STAMP)
 	$(BIN)/python -m benchmarks.prep
