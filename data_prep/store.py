@@ -133,16 +133,7 @@ class PartyData:
         expected_rows = self.meta.splits[name].rows
 
         def load(file: str) -> np.ndarray:
-            path = folder / file
-            try:
-                array = np.load(path, mmap_mode="r", allow_pickle=False)
-            except FileNotFoundError as exc:
-                raise DataError(f"{path}: missing; the prepared data is incomplete") from exc
-            except ValueError as exc:
-                raise DataError(f"{path}: not a readable array ({exc})") from exc
-            if array.shape[0] != expected_rows:
-                raise DataError(f"{path}: {array.shape[0]} rows, meta.json says {expected_rows}")
-            return array
+            return load_rows(folder / file, expected_rows, "prepared data")
 
         return SplitArrays(
             ids=load("ids.npy"),
@@ -166,6 +157,19 @@ class PartyData:
         if self.meta.psi is not None:
             found["psi_digest"] = self.meta.psi["digest"]
         return found
+
+
+def load_rows(path: Path, expected_rows: int, what: str) -> np.ndarray:
+    """A memory-mapped array of `expected_rows` rows (as meta.json says), never unpickled."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: missing; the {what} is incomplete") from exc
+    except ValueError as exc:
+        raise DataError(f"{path}: not a readable array ({exc})") from exc
+    if array.shape[0] != expected_rows:
+        raise DataError(f"{path}: {array.shape[0]} rows, meta.json says {expected_rows}")
+    return array
 
 
 def open_party(data_dir: Path, role: str) -> PartyData:
@@ -224,16 +228,7 @@ class TableData:
             raise DataError(f"{meta_path}: format {self.meta.format}, this vfl reads {FORMAT_VERSION}")
 
     def _load(self, file: str) -> np.ndarray:
-        path = self.dir / file
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except FileNotFoundError as exc:
-            raise DataError(f"{path}: missing; the prepared table is incomplete") from exc
-        except ValueError as exc:
-            raise DataError(f"{path}: not a readable array ({exc})") from exc
-        if array.shape[0] != self.meta.rows:
-            raise DataError(f"{path}: {array.shape[0]} rows, meta.json says {self.meta.rows}")
-        return array
+        return load_rows(self.dir / file, self.meta.rows, "prepared table")
 
     def arrays(self) -> SplitArrays:
         return SplitArrays(

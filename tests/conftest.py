@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from data_prep.store import PartyMeta, write_meta, write_split
+from vfl_cli.app import main
 from vfl_cli.job import JobSpec, parse_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,3 +92,16 @@ def planted_job(tmp_path: Path) -> JobSpec:
     spec = job_dict(tmp_path)
     write_planted_data(Path(spec["data"]["dir"]))
     return parse_job(spec, "test-job")
+
+
+def run_vfl(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
+    """Run `vfl <args>` in-process through app.main(); returns (exit code, stderr). Wide, so no line wraps."""
+    monkeypatch.setenv("VFL_NO_PROGRESS", "1")
+    monkeypatch.setenv("COLUMNS", "1000")
+    monkeypatch.setattr(sys, "argv", ["vfl", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err

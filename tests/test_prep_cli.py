@@ -12,7 +12,7 @@ import yaml
 
 from data_prep.reader import COLUMNS
 from data_prep.store import open_party
-from vfl_cli.app import main
+from tests.conftest import run_vfl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,17 +22,6 @@ def line(label: object = 1, **values: object) -> str:
     return "\t".join(str(fields.get(column, "")) for column in COLUMNS) + "\n"
 
 
-def run_vfl(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    """Run `vfl <args>` in-process through app.main(); returns (exit code, stderr)."""
-    monkeypatch.setenv("VFL_NO_PROGRESS", "1")
-    monkeypatch.setattr(sys, "argv", ["vfl", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.err
 
 
 @pytest.fixture

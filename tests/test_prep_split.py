@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from data_prep.split import customer_ids, membership, split_parties
 from data_prep.store import open_table
 from data_prep.synth import write_synth
 from data_prep.table import prepare_table
-from vfl_cli.app import main
+from tests.conftest import run_vfl
 from vfl_cli.job import DENSE_FIELDS, load_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,16 +130,6 @@ def round_trip(source: Path, tables: Path, job_path: Path, prepared: Path, custo
                     assert arrays.ids[i, j] == offset + 1 + index, (customer, field)
 
 
-def run_vfl(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
-    monkeypatch.setenv("VFL_NO_PROGRESS", "1")
-    monkeypatch.setenv("COLUMNS", "1000")
-    monkeypatch.setattr(sys, "argv", ["vfl", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
 
 
 def test_cli_split_then_table_round_trip(

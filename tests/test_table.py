@@ -15,7 +15,7 @@ import yaml
 
 from data_prep.store import open_table
 from data_prep.table import ID, IdTally, TableReader, prepare_table, read_header
-from vfl_cli.app import main
+from tests.conftest import run_vfl
 from vfl_cli.errors import DataError
 from vfl_cli.job import JobSpec, parse_job
 
@@ -154,16 +154,6 @@ def test_vocab_from_maps_unseen_to_oov_and_keeps_the_training_max(tmp_path: Path
 # --- through the CLI: exit code 3 and one line per bad input ---------------------------------------------
 
 
-def run_vfl(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str]:
-    monkeypatch.setenv("VFL_NO_PROGRESS", "1")
-    monkeypatch.setenv("COLUMNS", "1000")
-    monkeypatch.setattr(sys, "argv", ["vfl", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
 
 
 HEADER = "cust,click,C2,I1,C1\n"

@@ -19,13 +19,15 @@ import queue
 import secrets
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
 from vfl_cli.errors import PeerAborted, PeerTimeout, ProtocolError
 
+T = TypeVar("T")
 PROTOCOL_VERSION = 2
 Kind = Literal["embeddings", "gradients", "psi_blinded", "psi_reblinded"]
 Phase = Literal["train", "eval", "infer", "psi"]
@@ -164,3 +166,28 @@ class LocalPeer(Peer):
 
     def abort(self, reason: str) -> None:
         self._outbox.put(_Aborted(reason))
+
+
+def run_both(sides: dict[str, tuple[Callable[[], T], Peer]]) -> dict[str, T]:
+    """Run the leader's side in this thread and the follower's in a second one (each `(work, its peer)`).
+    A failure on one side aborts the other through its peer, so neither waits out its timeout; the side that
+    failed first is reported, not the other side's "the peer stopped"."""
+    results: dict[str, T] = {}
+    errors: dict[str, BaseException] = {}
+
+    def run_side(role: str) -> None:
+        work, peer = sides[role]
+        try:
+            results[role] = work()
+        except BaseException as exc:
+            errors[role] = exc
+            peer.abort(f"{role} failed: {exc}")
+
+    follower = threading.Thread(target=run_side, args=("follower",), name="vfl-follower", daemon=True)
+    follower.start()
+    run_side("leader")
+    follower.join()
+    first = next((e for e in errors.values() if not isinstance(e, PeerAborted)), None)
+    if first is not None or errors:
+        raise first or next(iter(errors.values()))
+    return results

@@ -13,8 +13,8 @@ both. The numbers of ids are announced in the Hellos: a batch of another size th
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ import torch
 
 from data_prep.align import write_aligned
 from data_prep.store import TableData, open_table, table_dir
-from vfl_cli.errors import DataError, PeerAborted, ProtocolError
+from vfl_cli.errors import DataError, ProtocolError
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import PSI_POINTS, BatchKey, Hello, LocalPeer, Peer
+from vfl_cli.peer import PSI_POINTS, BatchKey, Hello, LocalPeer, Peer, run_both
 from vfl_cli.psi.group import psi_tag
 from vfl_cli.psi.protocol import Intersection, PsiParty, check_min_intersection, check_peer_size
 from vfl_cli.train.loop import Reporter, SilentReporter
@@ -116,24 +116,10 @@ def _points(tensors: dict[str, torch.Tensor], expected: int, what: str) -> np.nd
     return points.numpy()
 
 
-def psi_locally(job: JobSpec, tables: dict[Role, Path] | None = None) -> dict[Role, PsiOutcome]:
+def psi_locally(job: JobSpec, tables: dict[Role, Path] | None = None) -> dict[str, PsiOutcome]:
     """Both parties in this process (two threads, an in-memory peer): `vfl psi --role local`."""
-    peers = dict(zip(("leader", "follower"), LocalPeer.pair(job.transport.timeout_s), strict=True))
-    results: dict[str, PsiOutcome] = {}
-    errors: dict[str, BaseException] = {}
-
-    def side(role: Role) -> None:
-        try:
-            results[role] = psi_session(job, role, peers[role], table=(tables or {}).get(role))
-        except BaseException as exc:
-            errors[role] = exc
-            peers[role].abort(f"{role} failed: {exc}")
-
-    follower = threading.Thread(target=side, args=("follower",), name="vfl-psi-follower", daemon=True)
-    follower.start()
-    side("leader")
-    follower.join()
-    first = next((e for e in errors.values() if not isinstance(e, PeerAborted)), None)
-    if first is not None or errors:
-        raise first or next(iter(errors.values()))
-    return results  # type: ignore[return-value]
+    peers: dict[Role, Peer] = dict(zip(("leader", "follower"), LocalPeer.pair(job.transport.timeout_s), strict=True))
+    return run_both({
+        role: (partial(psi_session, job, role, peers[role], table=(tables or {}).get(role)), peers[role])
+        for role in peers
+    })

@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
-import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,9 +25,9 @@ from vfl_cli.checkpoint import (
     new_run_id,
     same_checkpoint,
 )
-from vfl_cli.errors import CheckpointError, DataError, PeerAborted, ProtocolError
+from vfl_cli.errors import CheckpointError, DataError, ProtocolError
 from vfl_cli.job import JobSpec
-from vfl_cli.peer import Hello, LocalPeer, Peer
+from vfl_cli.peer import Hello, LocalPeer, Peer, run_both
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import Position
 from vfl_cli.train.loop import (
@@ -180,33 +180,14 @@ def run_local(
     session: Callable[[PartyRun], T],
     reporters: dict[str, Reporter] | None = None,
 ) -> dict[str, T]:
-    """Run `session` for the leader (this thread) and the follower (a second thread) joined in memory.
-    A failure on one side aborts the other, so neither waits out its timeout."""
+    """Run `session` for both parties in this process, joined in memory (`vfl_cli.peer.run_both`)."""
     leader_peer, follower_peer = LocalPeer.pair(job.transport.timeout_s)
     reporters = reporters or {}
-    runs = {
+    runs = {  # opened before either side starts, so that a data problem is reported as it is
         "leader": open_run(job, "leader", leader_peer, reporters.get("leader")),
         "follower": open_run(job, "follower", follower_peer, reporters.get("follower")),
     }
-    results: dict[str, Any] = {}
-    errors: dict[str, BaseException] = {}
-
-    def run_side(role: str) -> None:
-        try:
-            results[role] = session(runs[role])
-        except BaseException as exc:
-            errors[role] = exc
-            runs[role].peer.abort(f"{role} failed: {exc}")
-
-    follower = threading.Thread(target=run_side, args=("follower",), name="vfl-follower", daemon=True)
-    follower.start()
-    run_side("leader")
-    follower.join()
-    # Report the side that failed first, not the other side's "the peer stopped".
-    first = next((e for e in errors.values() if not isinstance(e, PeerAborted)), None)
-    if first is not None or errors:
-        raise first or next(iter(errors.values()))
-    return results
+    return run_both({role: (partial(session, run), run.peer) for role, run in runs.items()})
 
 
 def set_threads(threads: int | None) -> None:
