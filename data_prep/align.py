@@ -1,10 +1,11 @@
 """A party's rows of the PSI intersection, in the agreed order, as the prepared data that training reads.
 
     <data.dir>/<role>/{train,test}/   the store format (see store.py), plus customer_ids.npy per split
+                                      (one split `all` instead, for new customers to score)
     <data.dir>/<role>/meta.json       PartyMeta with `psi`: {"size", "digest", "my_size", "peer_size"}
     <data.dir>/<role>/vocab.json, dense_max.json   copied from the table (what encoded it)
 
-Both parties hold their rows in one agreed order (the PSI's), so position p means the same customer on both
+Both parties hold their rows in one agreed order (by customer id), so position p means the same customer on both
 sides: `sample_ids` are those positions, and the train/test split is decided from them and the job seed
 (`in_test_split`, as `vfl prep criteo` decides it from line numbers), identically on both sides without a
 message. The output is staged and renamed into place whole, like every prep output.
@@ -28,17 +29,22 @@ def write_aligned(
     rows: np.ndarray,
     data_dir: Path,
     seed: int,
-    test_fraction: float,
+    test_fraction: float | None,
     psi: dict[str, int | str],
 ) -> PartyMeta:
-    """Write `table`'s rows `rows` (int64 indices, in the agreed order) to `<data_dir>/<role>`."""
+    """Write `table`'s rows `rows` (int64 indices, in the agreed order) to `<data_dir>/<role>`: a train and a
+    test split, or with `test_fraction` None one split `all` (new customers to score)."""
     meta, arrays, customer_ids = table.meta, table.arrays(), table.customer_ids()
     positions = np.arange(len(rows), dtype=np.int64)
-    in_test = in_test_split(seed, 0, len(rows), test_fraction)
+    if test_fraction is None:
+        parts = [("all", np.ones(len(rows), dtype=bool))]
+    else:
+        in_test = in_test_split(seed, 0, len(rows), test_fraction)
+        parts = [("train", ~in_test), ("test", in_test)]
     staging = staging_dir(data_dir, meta.role)
     try:
         splits: dict[str, SplitMeta] = {}
-        for name, mask in (("train", ~in_test), ("test", in_test)):
+        for name, mask in parts:
             picked, where = rows[mask], positions[mask]
             writer = SplitWriter(staging / name, len(picked), len(meta.fields), meta.has_labels)
             for start in range(0, len(picked), CHUNK_ROWS):

@@ -142,6 +142,11 @@ class PartyData:
             sample_ids=load("sample_ids.npy"),
         )
 
+    def customer_ids(self, split: str) -> np.ndarray | None:
+        """S<w> [N]: the customer id of each row, where `vfl psi` aligned the data (None for `prep criteo`'s)."""
+        path = self.dir / split / "customer_ids.npy"
+        return load_rows(path, self.meta.splits[split].rows, "prepared data") if path.exists() else None
+
     def verify(self) -> None:
         """Check every array file against the checksums in meta.json."""
         for name, split in self.meta.splits.items():

@@ -137,3 +137,45 @@ def test_too_small_an_intersection_is_refused_on_both_sides(organisations: tuple
     with pytest.raises(DataError, match="psi.min_intersection"):
         psi_locally(job)
     assert not (Path(spec["data"]["dir"]) / "leader" / "meta.json").exists()  # nothing aligned was written
+
+
+def test_psi_reruns_write_the_same_data_and_new_customers_get_scored(
+    organisations: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
+    spec, job_path = organisations
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment().items():
+            patch.setenv(name, value)
+        job = load_job(job_path)
+    data_dir = Path(spec["data"]["dir"])
+    psi_locally(job)
+    first = (data_dir / "leader" / "meta.json").read_text()
+    psi_locally(job)  # fresh keys, so a new PSI order: the data written must not change with it
+    second = (data_dir / "leader" / "meta.json").read_text()
+    strip = re.compile(r'"digest": "\w+"')  # the intersection digest is of this run's double-blinded values
+    assert strip.sub("", first) == strip.sub("", second)
+    assert vfl("train", "--role", "local", "--job", str(job_path)).returncode == 0
+
+    # New customers, encoded with the trained vocabulary, aligned apart from the training data, scored.
+    new = tmp_path / "new"
+    for args in (("prep", "synth", "--rows", "800", "--out", str(tmp_path / "new-raw.txt"), "--seed", "9"),
+                 ("prep", "split", "--input", str(tmp_path / "new-raw.txt"), "--job", str(job_path), "--overlap",
+                  "0.6", "--seed", "9", "--out", str(new))):
+        assert vfl(*args).returncode == 0
+    for role in ROLES:
+        done = vfl("prep", "table", "--role", role, "--input", str(new / f"{role}.tsv"), "--job", str(job_path),
+                   "--vocab-from", str(data_dir / role), "--out", str(new / "tables" / role))
+        assert done.returncode == 0, done.stderr
+    done = vfl("psi", "--role", "local", "--job", str(job_path), "--table", str(new / "tables"),
+               "--out", str(new / "aligned"))
+    assert done.returncode == 0, done.stderr
+    assert (data_dir / "leader" / "meta.json").read_text() == second  # the training data is untouched
+    scored = vfl("infer", "--role", "local", "--job", str(job_path), "--data", str(new / "aligned"), "--split", "all",
+                 "--out", str(tmp_path / "scores.csv"))
+    assert scored.returncode == 0, scored.stderr
+    with (tmp_path / "scores.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    common = set(table_ids(new / "leader.tsv")) & set(table_ids(new / "follower.tsv"))
+    assert list(rows[0]) == ["id", "probability"]
+    assert [row["id"] for row in rows] == sorted(common)
+    assert all(0.0 <= float(row["probability"]) <= 1.0 for row in rows)

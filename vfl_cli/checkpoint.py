@@ -239,11 +239,13 @@ def agree(leader: Hello, follower: Hello) -> Agreement:
     )
 
 
-def _where(step: int, steps_per_epoch: int) -> str:
+def _where(step: int, steps_per_epoch: int | None) -> str:
+    if steps_per_epoch is None:  # data without a training split (new customers to score)
+        return f"step {step}"
     return str(Position.at(step, steps_per_epoch))  # e.g. "step 40 (epoch 2 step 10)"
 
 
-def same_checkpoint(leader: Hello, follower: Hello, steps_per_epoch: int) -> None:
+def same_checkpoint(leader: Hello, follower: Hello, steps_per_epoch: int | None) -> None:
     """`vfl eval`/`vfl infer` read one model: both sides' newest checkpoints must be the same run and step.
     Each Hello carries its checkpoint as (run_id, (step,)); run_id "" means the side has none."""
     for role, hello in (("leader", leader), ("follower", follower)):

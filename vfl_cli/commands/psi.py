@@ -21,7 +21,13 @@ def psi(
     job: JobOption,
     table: Annotated[
         Path | None,
-        typer.Option("--table", help="The table `vfl prep table` wrote (default: <data.dir>/tables/<role>)."),
+        typer.Option("--table", help="The table `vfl prep table` wrote (default: <data.dir>/tables/<role>); "
+                     "with --role local, a directory holding leader/ and follower/ tables."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="New customers to score: write the aligned rows to <out>/<role> as one split "
+                     "`all` (for `vfl infer --data <out> --split all`), not over the training data."),
     ] = None,
 ) -> None:
     """Private set intersection of the two parties' customer ids (ECDH on ristretto255, over the same
@@ -32,20 +38,21 @@ def psi(
 
     spec = load_job(job)
     if role == PartyRole.local:
-        outcomes = psi_locally(spec)
+        tables: dict[Role, Path] | None = {r: table / r for r in ("leader", "follower")} if table else None
+        outcomes = psi_locally(spec, tables, out)
     else:
         me = cast(Role, role.value)
         peer_role = spec.peer_role(me)
         waiting = console.status(f"waiting for the {peer_role} at {spec.party(peer_role).connect_to} "
                                  f"(up to {spec.transport.connect_timeout_s:g} s)")
         with connected(spec, me) as peer, waiting:
-            outcomes = {me: psi_session(spec, me, peer, RichReporter(waiting=waiting), table)}
+            outcomes = {me: psi_session(spec, me, peer, RichReporter(waiting=waiting), table, out)}
     for name, outcome in outcomes.items():
         typer.echo(_summary(name, spec.peer_role(name), outcome))
 
 
 def _summary(role: str, peer_role: str, outcome: PsiOutcome) -> str:
     found = outcome.intersection
+    written = " and ".join(f"{rows:,} {name}" for name, rows in outcome.rows.items())
     return (f"{role}: {found.size:,} customers in common, of {found.my_size:,} here and {found.peer_size:,} at the "
-            f"{peer_role}; wrote {outcome.train_rows:,} train and {outcome.test_rows:,} test rows to "
-            f"{outcome.data_dir} (intersection digest {found.digest()[:16]})")
+            f"{peer_role}; wrote {written} rows to {outcome.data_dir} (intersection digest {found.digest()[:16]})")

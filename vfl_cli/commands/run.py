@@ -177,15 +177,24 @@ def infer(
     checkpoint: CheckpointOption = None,
     split: SplitOption = "test",
     out: Annotated[
-        Path | None, typer.Option("--out", help="CSV of sample_id,probability (leader and local only).")
+        Path | None,
+        typer.Option("--out", help="CSV of id,probability (sample_id,probability for data without customer "
+                     "ids); leader and local only."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Prepared data to score instead of the job's data.dir, e.g. new customers "
+                     "aligned by `vfl psi --out DIR` (then --split all)."),
     ] = None,
 ) -> None:
     """Predict click probabilities for a prepared split with the newest checkpoint (the same run and step on
-    both sides). The leader writes sample_id,probability to --out; the follower only computes and sends its part."""
+    both sides). The leader writes id,probability to --out; the follower only computes and sends its part."""
     from vfl_cli.train.loop import SilentReporter
     from vfl_cli.train.session import infer_session, run_local
 
     spec = load_job(job)
+    if data is not None:  # a local setting: the job fingerprint leaves data.dir out
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"dir": data})})
     run_dir = checkpoint or spec.train.run_dir
     if role == PartyRole.follower and out is not None:
         raise JobError("--out: the follower has no predictions to write; only the leader sees them")

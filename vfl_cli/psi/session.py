@@ -34,9 +34,8 @@ from vfl_cli.train.loop import Reporter, SilentReporter
 @dataclass(frozen=True)
 class PsiOutcome:
     intersection: Intersection
-    data_dir: Path  # where the aligned data went: <data.dir>/<role>
-    train_rows: int
-    test_rows: int
+    data_dir: Path  # where the aligned data went: <data.dir>/<role>, or <out>/<role>
+    rows: dict[str, int]  # split -> rows written
 
 
 def _announced(role: str) -> str:
@@ -55,9 +54,15 @@ def open_own_table(job: JobSpec, role: Role, table: Path | None = None) -> Table
 
 
 def psi_session(
-    job: JobSpec, role: Role, peer: Peer, reporter: Reporter | None = None, table: Path | None = None
+    job: JobSpec,
+    role: Role,
+    peer: Peer,
+    reporter: Reporter | None = None,
+    table: Path | None = None,
+    out: Path | None = None,
 ) -> PsiOutcome:
-    """Run the PSI with the peer and write this party's aligned data; returns what it found."""
+    """Run the PSI with the peer and write this party's aligned data: train and test splits to
+    `<data.dir>/<role>`, or, with `out`, one split `all` to `<out>/<role>` (new customers to score)."""
     reporter = reporter or SilentReporter()
     data = open_own_table(job, role, table)
     party = PsiParty(role, data.customer_ids(), psi_tag(job.fingerprint()), threads=job.party(role).threads or 1)
@@ -79,8 +84,12 @@ def psi_session(
     check_min_intersection(result, job.psi.min_intersection)
     summary: dict[str, Any] = {"size": result.size, "digest": result.digest(), "my_size": result.my_size,
                                "peer_size": result.peer_size}
-    aligned = write_aligned(data, result.rows, job.data.dir, job.seed, job.data.test_fraction, summary)
-    return PsiOutcome(result, job.data.dir / role, aligned.splits["train"].rows, aligned.splits["test"].rows)
+    # Both sides now know the common customers' ids: sorted by them, the order (and so the train/test split)
+    # is the same on both sides and on every rerun, unlike the PSI's own order, which is new with every key.
+    rows = result.rows[np.argsort(data.customer_ids()[result.rows], kind="stable")]
+    target = out or job.data.dir
+    aligned = write_aligned(data, rows, target, job.seed, None if out else job.data.test_fraction, summary)
+    return PsiOutcome(result, target / role, {name: split.rows for name, split in aligned.splits.items()})
 
 
 def _rounds(party: PsiParty, peer: Peer, peer_size: int, batch_size: int, reporter: Reporter) -> list[np.ndarray]:
@@ -116,10 +125,10 @@ def _points(tensors: dict[str, torch.Tensor], expected: int, what: str) -> np.nd
     return points.numpy()
 
 
-def psi_locally(job: JobSpec, tables: dict[Role, Path] | None = None) -> dict[str, PsiOutcome]:
+def psi_locally(job: JobSpec, tables: dict[Role, Path] | None = None, out: Path | None = None) -> dict[str, PsiOutcome]:
     """Both parties in this process (two threads, an in-memory peer): `vfl psi --role local`."""
     peers: dict[Role, Peer] = dict(zip(("leader", "follower"), LocalPeer.pair(job.transport.timeout_s), strict=True))
     return run_both({
-        role: (partial(psi_session, job, role, peers[role], table=(tables or {}).get(role)), peers[role])
+        role: (partial(psi_session, job, role, peers[role], table=(tables or {}).get(role), out=out), peers[role])
         for role in peers
     })

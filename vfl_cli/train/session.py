@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from data_prep.store import open_party
@@ -54,8 +55,6 @@ def open_run(
             f"{data.dir}: prepared for fields {', '.join(data.meta.fields)}, but the job gives the {role} "
             f"{', '.join(spec.fields)}; run `vfl prep criteo` again"
         )
-    if role == "leader" and not data.meta.has_labels:
-        raise DataError(f"{data.dir}: the leader's data has no labels")
     party = build_party(job, role, data.meta, pick_device(spec.device))
     return PartyRun(job, role, data, party, peer, reporter or SilentReporter(), job.train.run_dir / role,
                     telemetry or Telemetry(role))
@@ -105,9 +104,16 @@ def roll_back(run: PartyRun, agreed: Agreement, held: tuple[int, ...]) -> Positi
     return Position.at(agreed.step, run.steps_per_epoch)
 
 
+def require_labels(run: PartyRun) -> None:
+    """Training and evaluation need the leader's labels; scoring new customers does not."""
+    if run.is_leader and not run.data.meta.has_labels:
+        raise DataError(f"{run.data.dir}: the leader's data has no labels")
+
+
 def train_session(run: PartyRun, restart: bool = False) -> TrainOutcome:
     """Agree with the peer on where training stands, roll back to it, and train the remaining steps.
     Our Hello offers the run in run.json and the checkpoints held for it; --restart offers a new run."""
+    require_labels(run)
     store = run.checkpoints
     recorded = None if restart else store.run_id()
     held = store.steps(recorded) if recorded else ()
@@ -138,12 +144,13 @@ def load_agreed_model(run: PartyRun, run_dir: Path, command: str, extra: dict[st
     leader, follower = handshake(run, command, run_id, steps, extra)
     if problem is not None:
         raise problem
-    same_checkpoint(leader, follower, run.steps_per_epoch)
+    same_checkpoint(leader, follower, run.steps_per_epoch if "train" in run.data.meta.splits else None)
     assert payload is not None
     restore(run, payload, store.directory / file_name(payload["step"]))
 
 
 def eval_session(run: PartyRun, run_dir: Path, split: str) -> EvalResult | None:
+    require_labels(run)
     load_agreed_model(run, run_dir, "eval", {"split": split})
     return forward_split(run, split, "eval", 0)
 
@@ -152,12 +159,13 @@ def infer_session(run: PartyRun, run_dir: Path, split: str, out: Path | None) ->
     load_agreed_model(run, run_dir, "infer", {"split": split})
     result = forward_split(run, split, "infer", 0)
     if result is not None and out is not None:
-        write_predictions(out, result)
+        write_predictions(out, result, run.data.customer_ids(split))
     return result
 
 
-def write_predictions(out: Path, result: EvalResult) -> None:
-    """sample_id,probability per row; written to a temp file and renamed, so a crash leaves no half file."""
+def write_predictions(out: Path, result: EvalResult, customer_ids: np.ndarray | None = None) -> None:
+    """id,probability per row where the data has customer ids (aligned by `vfl psi`), else
+    sample_id,probability; written to a temp file and renamed, so a crash leaves no half file."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
@@ -166,9 +174,14 @@ def write_predictions(out: Path, result: EvalResult) -> None:
     try:
         with os.fdopen(handle, "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["sample_id", "probability"])
             probabilities = (f"{p:.6f}" for p in result.probabilities.tolist())
-            writer.writerows(zip(result.sample_ids.tolist(), probabilities, strict=True))
+            if customer_ids is None:
+                writer.writerow(["sample_id", "probability"])
+                writer.writerows(zip(result.sample_ids.tolist(), probabilities, strict=True))
+            else:
+                writer.writerow(["id", "probability"])
+                ids = (cid.decode() for cid in customer_ids.tolist())
+                writer.writerows(zip(ids, probabilities, strict=True))
         os.replace(temp_name, out)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
