@@ -7,19 +7,22 @@ from __future__ import annotations
 import csv
 import re
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from data_prep.criteo import in_test_split
 from data_prep.store import PartyMeta, open_party, open_table, table_dir, write_meta, write_split
 from tests.conftest import write_job
 from tests.test_two_party import VFL, environment, finish, start, tls_job
-from vfl_cli.errors import DataError
+from vfl_cli.errors import DataError, ProtocolError
 from vfl_cli.job import load_job
-from vfl_cli.psi.session import psi_locally
+from vfl_cli.peer import BatchKey, Kind, LocalPeer, run_both
+from vfl_cli.psi.session import psi_locally, psi_session
 
 ROLES = ("leader", "follower")
 
@@ -179,3 +182,29 @@ def test_psi_reruns_write_the_same_data_and_new_customers_get_scored(
     assert list(rows[0]) == ["id", "probability"]
     assert [row["id"] for row in rows] == sorted(common)
     assert all(0.0 <= float(row["probability"]) <= 1.0 for row in rows)
+
+
+class ShortChangingPeer(LocalPeer):
+    """The follower's end of the pipe, sending one point fewer in each blinded batch than it announced."""
+
+    def send(self, kind: Kind, key: BatchKey, tensors: dict[str, torch.Tensor]) -> None:
+        if kind == "psi_blinded":
+            tensors = {name: t[:-1] for name, t in tensors.items()}
+        super().send(kind, key, tensors)
+
+
+def test_a_peer_that_sends_fewer_points_than_it_announced_is_refused(
+    organisations: tuple[dict[str, Any], Path],
+) -> None:
+    spec, job_path = organisations
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment().items():
+            patch.setenv(name, value)
+        job = load_job(job_path)
+    leader_peer, honest = LocalPeer.pair(job.transport.timeout_s)
+    follower_peer = ShortChangingPeer(honest._inbox, honest._outbox, job.transport.timeout_s)
+    with pytest.raises(ProtocolError, match=r"the peer's blinded batch 0: .* expected uint8 \[256, 32\] as the peer "
+                                            r"announced"):
+        run_both({"leader": (partial(psi_session, job, "leader", leader_peer), leader_peer),
+                  "follower": (partial(psi_session, job, "follower", follower_peer), follower_peer)})
+    assert not (Path(spec["data"]["dir"]) / "leader" / "meta.json").exists()
