@@ -12,6 +12,7 @@ import math
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -61,8 +62,7 @@ class BatchReader:
         self.dense = [f for f in fields if f in DENSE_FIELDS]
         self.on_progress = on_progress
         self.block_size = block_size
-        with path.open("rb") as handle:
-            self.gzipped = handle.read(2) == b"\x1f\x8b"
+        self.gzipped = is_gzip(path)
         categorical = pa.dictionary(pa.int32(), pa.string())
         types = {f: pa.float64() if f in DENSE_FIELDS else categorical for f in fields}
         self.convert = pa_csv.ConvertOptions(
@@ -74,44 +74,16 @@ class BatchReader:
 
     def batches(self, phase: str, total_rows: int | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
         """Yield (row number of the batch's first line, batch) through the whole file."""
-        size = max(self.path.stat().st_size, 1)
-        raw = pa.OSFile(str(self.path), "rb")
-        stream = pa.CompressedInputStream(raw, "gzip") if self.gzipped else raw
-        first_row = 0
-        parsed: Generator[pa.RecordBatch, None, None] | None = None
-        try:
-            reader = pa_csv.open_csv(
-                stream,
-                read_options=pa_csv.ReadOptions(
-                    column_names=list(COLUMNS), block_size=self.block_size, use_threads=False
-                ),
-                parse_options=pa_csv.ParseOptions(delimiter="\t", quote_char=False, ignore_empty_lines=False),
-                convert_options=self.convert,
-            )
-            parsed = _prefetch(reader)
-            for batch in parsed:
-                self._check(first_row, batch)
-                done = first_row + batch.num_rows
-                if self.on_progress is not None:
-                    # Before pass 1 has counted the rows, extrapolate from the share of input bytes read
-                    # (the parser reads a little ahead); never report done before the end.
-                    estimate = total_rows or max(done + 1, int(done * size / max(raw.tell(), 1)))
-                    self.on_progress(phase, done, estimate)
-                yield first_row, batch
-                first_row = done
-            if self.on_progress is not None:
-                self.on_progress(phase, first_row, first_row)
-        except pa.ArrowInvalid as exc:
-            if "Empty CSV file" in str(exc):
-                raise DataError(f"{self.path}: empty input, no rows") from exc
-            raise DataError(self._locate(first_row) or f"{self.path}: unreadable input ({exc})") from exc
-        except OSError as exc:  # e.g. a corrupt or truncated gzip stream
-            raise DataError(f"{self.path}: cannot read input ({exc})") from exc
-        finally:
-            if parsed is not None:
-                parsed.close()  # stops the parsing thread before the file closes
-            stream.close()
-            raw.close()
+        yield from csv_batches(
+            self.path,
+            pa_csv.ReadOptions(column_names=list(COLUMNS), block_size=self.block_size, use_threads=False),
+            pa_csv.ParseOptions(delimiter="\t", quote_char=False, ignore_empty_lines=False),
+            self.convert,
+            check=self._check,
+            locate=self._locate,
+            progress=None if self.on_progress is None else partial(self.on_progress, phase),
+            total_rows=total_rows,
+        )
 
     def _check(self, first_row: int, batch: pa.RecordBatch) -> None:
         """Vectorised checks the parser cannot do: labels are 0/1, dense values are finite.
@@ -155,6 +127,55 @@ class BatchReader:
                     if parts[index] and not _is_number(parts[index]):
                         return f"{where}: {field} must be a number, found {parts[index]!r}"
         return None
+
+
+def is_gzip(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def csv_batches(
+    path: Path,
+    read_options: pa_csv.ReadOptions,
+    parse_options: pa_csv.ParseOptions,
+    convert_options: pa_csv.ConvertOptions,
+    *,
+    check: Callable[[int, pa.RecordBatch], None],
+    locate: Callable[[int], str | None],
+    progress: Callable[[int, int], None] | None,
+    total_rows: int | None,
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(row number of the batch's first row, batch) through a plain or gzipped delimited file, each batch
+    checked by `check`; a parse error becomes a DataError at the line `locate` finds (or the file's name)."""
+    size = max(path.stat().st_size, 1)
+    raw = pa.OSFile(str(path), "rb")
+    stream = pa.CompressedInputStream(raw, "gzip") if is_gzip(path) else raw
+    first_row = 0
+    parsed: Generator[pa.RecordBatch, None, None] | None = None
+    try:
+        parsed = _prefetch(pa_csv.open_csv(stream, read_options, parse_options, convert_options))
+        for batch in parsed:
+            check(first_row, batch)
+            done = first_row + batch.num_rows
+            if progress is not None:
+                # Before pass 1 has counted the rows, extrapolate from the share of input bytes read
+                # (the parser reads a little ahead); never report done before the end.
+                progress(done, total_rows or max(done + 1, int(done * size / max(raw.tell(), 1))))
+            yield first_row, batch
+            first_row = done
+        if progress is not None:
+            progress(first_row, first_row)
+    except pa.ArrowInvalid as exc:
+        if "Empty CSV file" in str(exc):
+            raise DataError(f"{path}: empty input, no rows") from exc
+        raise DataError(locate(first_row) or f"{path}: unreadable input ({exc})") from exc
+    except OSError as exc:  # e.g. a corrupt or truncated gzip stream
+        raise DataError(f"{path}: cannot read input ({exc})") from exc
+    finally:
+        if parsed is not None:
+            parsed.close()  # stops the parsing thread before the file closes
+        stream.close()
+        raw.close()
 
 
 def _prefetch(reader: pa.RecordBatchReader, depth: int = 2) -> Generator[pa.RecordBatch, None, None]:

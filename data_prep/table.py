@@ -40,6 +40,7 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -49,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from data_prep.criteo import PartyVocab, PassStats, _peak_rss_mb, _remove, count_pass
-from data_prep.reader import BLOCK_SIZE, LABEL, ProgressFn, _is_number, _prefetch
+from data_prep.reader import BLOCK_SIZE, LABEL, ProgressFn, _is_number, csv_batches, is_gzip
 from data_prep.store import ArrayWriter, SplitWriter, TableMeta, publish, staging_dir
 from vfl_cli.errors import DataError
 from vfl_cli.job import DENSE_FIELDS, JobSpec, PartySpec, Role
@@ -60,9 +61,7 @@ Labels = bool | None  # True: required, False: not read, None: read when the hea
 
 def open_text(path: Path) -> IO[str]:
     """A plain or gzip file as text lines, line ends kept as they are (for csv)."""
-    with path.open("rb") as handle:
-        gzipped = handle.read(2) == b"\x1f\x8b"
-    opener = gzip.open if gzipped else open
+    opener = gzip.open if is_gzip(path) else open
     return opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
 
 
@@ -143,44 +142,16 @@ class TableReader:
 
     def batches(self, phase: str, total_rows: int | None = None) -> Iterator[tuple[int, pa.RecordBatch]]:
         """Yield (data row number of the batch's first row, batch) through the whole table."""
-        size = max(self.path.stat().st_size, 1)
-        raw = pa.OSFile(str(self.path), "rb")
-        with self.path.open("rb") as handle:
-            gzipped = handle.read(2) == b"\x1f\x8b"
-        stream = pa.CompressedInputStream(raw, "gzip") if gzipped else raw
-        first_row = 0
-        parsed = None
-        try:
-            reader = pa_csv.open_csv(
-                stream,
-                read_options=pa_csv.ReadOptions(
-                    column_names=self.names, skip_rows=1, block_size=self.block_size, use_threads=False
-                ),
-                parse_options=pa_csv.ParseOptions(delimiter=self.delimiter, quote_char='"', ignore_empty_lines=True),
-                convert_options=self.convert,
-            )
-            parsed = _prefetch(reader)
-            for batch in parsed:
-                self._check(first_row, batch)
-                done = first_row + batch.num_rows
-                if self.on_progress is not None:
-                    estimate = total_rows or max(done + 1, int(done * size / max(raw.tell(), 1)))
-                    self.on_progress(phase, done, estimate)
-                yield first_row, batch
-                first_row = done
-            if self.on_progress is not None:
-                self.on_progress(phase, first_row, first_row)
-        except pa.ArrowInvalid as exc:
-            if "Empty CSV file" in str(exc):
-                raise DataError(f"{self.path}: empty input, no rows") from exc
-            raise DataError(self._locate(first_row) or f"{self.path}: unreadable input ({exc})") from exc
-        except OSError as exc:  # e.g. a corrupt or truncated gzip stream
-            raise DataError(f"{self.path}: cannot read input ({exc})") from exc
-        finally:
-            if parsed is not None:
-                parsed.close()
-            stream.close()
-            raw.close()
+        yield from csv_batches(
+            self.path,
+            pa_csv.ReadOptions(column_names=self.names, skip_rows=1, block_size=self.block_size, use_threads=False),
+            pa_csv.ParseOptions(delimiter=self.delimiter, quote_char='"', ignore_empty_lines=True),
+            self.convert,
+            check=self._check,
+            locate=self._locate,
+            progress=None if self.on_progress is None else partial(self.on_progress, phase),
+            total_rows=total_rows,
+        )
 
     def _check(self, first_row: int, batch: pa.RecordBatch) -> None:
         """What the parser cannot check: ids present, labels 0/1, dense values finite (cheap aggregates first)."""

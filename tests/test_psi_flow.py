@@ -20,7 +20,7 @@ from data_prep.store import PartyMeta, open_party, open_table, table_dir, write_
 from tests.conftest import write_job
 from tests.test_two_party import VFL, environment, finish, start, tls_job
 from vfl_cli.errors import DataError, ProtocolError
-from vfl_cli.job import load_job
+from vfl_cli.job import JobSpec, load_job
 from vfl_cli.peer import BatchKey, Kind, LocalPeer, run_both
 from vfl_cli.psi.session import psi_locally, psi_session
 
@@ -29,6 +29,14 @@ ROLES = ("leader", "follower")
 
 def vfl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*VFL, *args], capture_output=True, text=True, env=environment())
+
+
+def load_with_passwords(job_path: Path) -> JobSpec:
+    """The job as the CLI would load it, with the key passwords in the environment."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment().items():
+            patch.setenv(name, value)
+        return load_job(job_path)
 
 
 def table_ids(path: Path) -> list[str]:
@@ -108,10 +116,7 @@ def test_training_on_psi_aligned_tables_equals_training_on_rows_aligned_by_hand(
     organisations: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
     spec, job_path = organisations
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in environment().items():
-            patch.setenv(name, value)
-        job = load_job(job_path)
+    job = load_with_passwords(job_path)
     psi_locally(job)
     by_psi = vfl("train", "--role", "local", "--job", str(job_path))
     assert by_psi.returncode == 0, by_psi.stderr
@@ -133,10 +138,7 @@ def test_too_small_an_intersection_is_refused_on_both_sides(organisations: tuple
     spec, job_path = organisations
     spec["psi"]["min_intersection"] = 100_000  # more customers than either party has
     write_job(job_path.parent, spec)
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in environment().items():
-            patch.setenv(name, value)
-        job = load_job(job_path)
+    job = load_with_passwords(job_path)
     with pytest.raises(DataError, match="psi.min_intersection"):
         psi_locally(job)
     assert not (Path(spec["data"]["dir"]) / "leader" / "meta.json").exists()  # nothing aligned was written
@@ -146,10 +148,7 @@ def test_psi_reruns_write_the_same_data_and_new_customers_get_scored(
     organisations: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
     spec, job_path = organisations
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in environment().items():
-            patch.setenv(name, value)
-        job = load_job(job_path)
+    job = load_with_passwords(job_path)
     data_dir = Path(spec["data"]["dir"])
     psi_locally(job)
     first = (data_dir / "leader" / "meta.json").read_text()
@@ -197,10 +196,7 @@ def test_a_peer_that_sends_fewer_points_than_it_announced_is_refused(
     organisations: tuple[dict[str, Any], Path],
 ) -> None:
     spec, job_path = organisations
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in environment().items():
-            patch.setenv(name, value)
-        job = load_job(job_path)
+    job = load_with_passwords(job_path)
     leader_peer, honest = LocalPeer.pair(job.transport.timeout_s)
     follower_peer = ShortChangingPeer(honest._inbox, honest._outbox, job.transport.timeout_s)
     with pytest.raises(ProtocolError, match=r"the peer's blinded batch 0: .* expected uint8 \[256, 32\] as the peer "
