@@ -1,4 +1,5 @@
-"""`make smoke-test` as a test: the whole README flow on jobs/smoke.yaml, in a scratch directory."""
+"""`make smoke-test` as a test: the whole two-organisation flow (split, prep table, PSI, train, eval, scoring new
+customers) on jobs/smoke.yaml, in a scratch directory."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.conftest import REPO, free_port
 def test_smoke_flow_end_to_end(tmp_path: Path) -> None:
     (tmp_path / "jobs").mkdir()
     job = (REPO / "jobs" / "smoke.yaml").read_text()
-    for port in ("18701", "18702"):  # free ports, so that a running `make smoke-test` does not collide
+    for port in ("18701", "18702", "18711", "18712"):  # free ports (parties, metrics): no collision with make
         job = job.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
     (tmp_path / "jobs" / "smoke.yaml").write_text(job)
     shutil.copytree(REPO / "scripts", tmp_path / "scripts")
@@ -24,4 +25,4 @@ def test_smoke_flow_end_to_end(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "smoke test passed" in done.stdout
-    assert (tmp_path / "runs" / "smoke" / "predictions.csv").exists()
+    assert (tmp_path / "runs" / "smoke" / "new" / "predictions.csv").exists()

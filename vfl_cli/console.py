@@ -62,17 +62,19 @@ def make_progress(unit: str) -> Progress:
 
 
 class RichReporter:
-    """Draws the training loop's progress: a bar per phase with samples/s and ETA, and the seed's log lines."""
+    """Draws the training loop's progress: a bar per phase with samples/s (or `unit`/s) and ETA, and the
+    seed's log lines."""
 
-    def __init__(self, waiting: Status | None = None) -> None:
+    def __init__(self, waiting: Status | None = None, unit: str = "samples") -> None:
         self._progress: Progress | None = None
         self._waiting = waiting  # a spinner to stop once work begins (rich shows one live display at a time)
+        self._unit = unit
 
     def begin(self, description: str, total_samples: int) -> None:
         if self._waiting is not None:
             self._waiting.stop()
             self._waiting = None
-        self._progress = make_progress("samples")
+        self._progress = make_progress(self._unit)
         self._progress.start()
         self._task = self._progress.add_task(description, total=total_samples)
 

@@ -46,13 +46,16 @@ def psi(
         waiting = console.status(f"waiting for the {peer_role} at {spec.party(peer_role).connect_to} "
                                  f"(up to {spec.transport.connect_timeout_s:g} s)")
         with connected(spec, me) as peer, waiting:
-            outcomes = {me: psi_session(spec, me, peer, RichReporter(waiting=waiting), table, out)}
+            outcomes = {me: psi_session(spec, me, peer, RichReporter(waiting=waiting, unit="ids"), table, out)}
     for name, outcome in outcomes.items():
         typer.echo(_summary(name, spec.peer_role(name), outcome))
 
 
 def _summary(role: str, peer_role: str, outcome: PsiOutcome) -> str:
     found = outcome.intersection
-    written = " and ".join(f"{rows:,} {name}" for name, rows in outcome.rows.items())
+    if list(outcome.rows) == ["all"]:
+        written = f"{outcome.rows['all']:,} rows (one split, `all`, to score)"
+    else:
+        written = " and ".join(f"{rows:,} {name}" for name, rows in outcome.rows.items()) + " rows"
     return (f"{role}: {found.size:,} customers in common, of {found.my_size:,} here and {found.peer_size:,} at the "
-            f"{peer_role}; wrote {written} rows to {outcome.data_dir} (intersection digest {found.digest()[:16]})")
+            f"{peer_role}; wrote {written} to {outcome.data_dir} (intersection digest {found.digest()[:16]})")

@@ -206,6 +206,6 @@ def infer(
     else:
         result, _ = _two_party(spec, role.value, lambda run: infer_session(run, run_dir, split, out))
     if result is not None:
-        typer.echo(f"wrote {result.rows} predictions to {out}")
+        typer.echo(f"wrote {result.rows:,} predictions to {out}")
     else:
         typer.echo(f"follower: sent its part of the {split} split to the leader")
