@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,10 +165,17 @@ class PartyData:
         return found
 
 
+# np.load parses the .npy header with ast.literal_eval, which CPython 3.11 before 3.11.8 cannot run on two
+# threads at once ("SystemError: AST constructor recursion depth mismatch", python/cpython#106905); both
+# parties of `--role local` load arrays on their own threads. Mapping is cheap, so one lock costs nothing.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def load_rows(path: Path, expected_rows: int, what: str) -> np.ndarray:
     """A memory-mapped array of `expected_rows` rows (as meta.json says), never unpickled."""
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        with _NPY_HEADER_LOCK:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError as exc:
         raise DataError(f"{path}: missing; the {what} is incomplete") from exc
     except ValueError as exc:
