@@ -36,9 +36,10 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -112,20 +113,32 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+Meta = TypeVar("Meta", "PartyMeta", "TableMeta")
+
+
+def read_meta(directory: Path, parse: Callable[[str], Meta], missing: str, corrupt: str) -> Meta:
+    """`<directory>/meta.json` parsed by `parse`; a missing, corrupt or other-format file is one DataError."""
+    meta_path = directory / "meta.json"
+    try:
+        meta = parse(meta_path.read_text())
+    except FileNotFoundError as exc:
+        raise DataError(f"{meta_path}: {missing}") from exc
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DataError(f"{meta_path}: {corrupt} ({exc})") from exc
+    if meta.format != FORMAT_VERSION:
+        raise DataError(f"{meta_path}: format {meta.format}, this vfl reads {FORMAT_VERSION}")
+    return meta
+
+
 class PartyData:
     """One party's prepared data directory, opened read-only with memory-mapped arrays."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        meta_path = directory / "meta.json"
-        try:
-            self.meta = PartyMeta.from_json(meta_path.read_text())
-        except FileNotFoundError as exc:
-            raise DataError(f"{meta_path}: no prepared data here; run `vfl prep criteo` first") from exc
-        except (ValueError, TypeError, KeyError) as exc:
-            raise DataError(f"{meta_path}: corrupt meta.json ({exc})") from exc
-        if self.meta.format != FORMAT_VERSION:
-            raise DataError(f"{meta_path}: format {self.meta.format}, this vfl reads {FORMAT_VERSION}")
+        self.meta = read_meta(
+            directory, PartyMeta.from_json, "no prepared data here; run `vfl prep criteo` first (one Kaggle file) "
+            "or `vfl psi` (each party's own table)", "corrupt meta.json"
+        )
 
     def split(self, name: str) -> SplitArrays:
         if name not in self.meta.splits:
@@ -230,15 +243,8 @@ class TableData:
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        meta_path = directory / "meta.json"
-        try:
-            self.meta = TableMeta.from_json(meta_path.read_text())
-        except FileNotFoundError as exc:
-            raise DataError(f"{meta_path}: no prepared table here; run `vfl prep table` first") from exc
-        except (ValueError, TypeError, KeyError) as exc:
-            raise DataError(f"{meta_path}: corrupt or not a table's meta.json ({exc})") from exc
-        if self.meta.format != FORMAT_VERSION:
-            raise DataError(f"{meta_path}: format {self.meta.format}, this vfl reads {FORMAT_VERSION}")
+        self.meta = read_meta(directory, TableMeta.from_json, "no prepared table here; run `vfl prep table` first",
+                              "corrupt or not a table's meta.json")
 
     def _load(self, file: str) -> np.ndarray:
         return load_rows(self.dir / file, self.meta.rows, "prepared table")
