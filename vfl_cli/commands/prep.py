@@ -8,13 +8,14 @@ prints a short summary. Errors travel as `VflError` to `vfl_cli.app.main`, which
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.progress import Progress, TaskID
 
-from data_prep.criteo import PrepResult, prepare_criteo
+from data_prep.criteo import PassStats, PrepResult, prepare_criteo
 from data_prep.split import split_parties
 from data_prep.store import table_dir
 from data_prep.synth import write_synth
@@ -54,8 +55,19 @@ class _Bars:
         self.progress.update(task_id, completed=done)
 
 
+BenchOption = Annotated[bool, typer.Option("--bench", help="Also print rows/s and peak RSS for each pass.")]
+
+
 def _say(line: str) -> None:
     console.print(line, soft_wrap=True)  # long paths stay on one line
+
+
+def _speed(rows_per_s: float, passes: Sequence[PassStats], bench: bool) -> None:
+    _say(f"  {rows_per_s:,.0f} rows/s over both passes")
+    if bench:
+        for stats in passes:
+            rate, rss = stats.rows / max(stats.seconds, 1e-9), stats.peak_rss_mb
+            _say(f"  bench {stats.phase}: {rate:,.0f} rows/s, {stats.seconds:.2f} s, peak RSS {rss:,.0f} MB")
 
 
 def _summary(result: PrepResult, bench: bool) -> None:
@@ -68,12 +80,7 @@ def _summary(result: PrepResult, bench: bool) -> None:
         _say(f"  {role}: vocabulary {size:,} ids")
     if result.label_rate is not None:
         _say(f"  label rate {result.label_rate:.4f}")
-    _say(f"  {result.rows_per_s:,.0f} rows/s over both passes")
-    if bench:
-        for stats in result.passes:
-            rate = stats.rows / max(stats.seconds, 1e-9)
-            rss = stats.peak_rss_mb
-            _say(f"  bench {stats.phase}: {rate:,.0f} rows/s, {stats.seconds:.2f} s, peak RSS {rss:,.0f} MB")
+    _speed(result.rows_per_s, result.passes, bench)
 
 
 @app.command()
@@ -100,7 +107,7 @@ def criteo(
         RoleChoice | None,
         typer.Option("--role", help="Prepare only this party's view, reading only its columns. Default: both parties."),
     ] = None,
-    bench: Annotated[bool, typer.Option("--bench", help="Also print rows/s and peak RSS for each pass.")] = False,
+    bench: BenchOption = False,
 ) -> None:
     """Encode raw Criteo text into each party's ids/vals arrays, in two streaming passes."""
     spec = load_job(job)
@@ -161,7 +168,7 @@ def table(
         Path | None,
         typer.Option("--out", help="Output directory (written whole). Default: <data.dir>/tables/<role>."),
     ] = None,
-    bench: Annotated[bool, typer.Option("--bench", help="Also print rows/s and peak RSS for each pass.")] = False,
+    bench: BenchOption = False,
 ) -> None:
     """Encode one party's own table (keyed by customer id) into its arrays, in two streaming passes."""
     spec = load_job(job)
@@ -189,12 +196,7 @@ def _table_summary(role: str, result: TableResult, vocab_from: Path | None, benc
         _say(f"  label rate {result.label_rate:.4f}")
     elif role == "leader":
         _say("  no label column: unlabelled rows (scoring)")
-    _say(f"  {result.rows_per_s:,.0f} rows/s over both passes")
-    if bench:
-        for stats in result.passes:
-            rate = stats.rows / max(stats.seconds, 1e-9)
-            rss = stats.peak_rss_mb
-            _say(f"  bench {stats.phase}: {rate:,.0f} rows/s, {stats.seconds:.2f} s, peak RSS {rss:,.0f} MB")
+    _speed(result.rows_per_s, result.passes, bench)
 
 
 @app.command()
