@@ -29,6 +29,7 @@ from vfl_cli.peer import PSI_POINTS, BatchKey, Hello, LocalPeer, Peer, run_both
 from vfl_cli.psi.group import psi_tag
 from vfl_cli.psi.protocol import Intersection, PsiParty, check_min_intersection, check_peer_size
 from vfl_cli.train.loop import Reporter, SilentReporter
+from vfl_cli.train.session import meet
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,7 @@ def psi_session(
     peer_role = job.peer_role(role)
     mine = Hello(role=role, name=job.party(role).name, job_fingerprint=job.fingerprint(),
                  data_fingerprint={_announced(role): {"rows": party.size}}, command="psi")
-    theirs = peer.handshake(mine)
-    if theirs.role != peer_role or theirs.name != job.party(peer_role).name:
-        raise ProtocolError(f"handshake: expected the {peer_role} {job.party(peer_role).name!r}, "
-                            f"met {theirs.role} {theirs.name!r}")
-    problem = mine.mismatch(theirs)
-    if problem:
-        raise ProtocolError(f"handshake with the {peer_role}: {problem}")
+    theirs = meet(job, role, peer, mine)
     peer_size = int(theirs.data_fingerprint.get(_announced(peer_role), {}).get("rows", 0))
     check_peer_size(peer_role, peer_size, job.psi.min_intersection)
 

@@ -76,15 +76,22 @@ def handshake(
         checkpoint_steps=checkpoint_steps,
         extra=extra or {},
     )
-    theirs = run.peer.handshake(mine)
-    peer_role = run.job.peer_role(run.role)
-    if theirs.role != peer_role or theirs.name != run.job.party(peer_role).name:
-        raise ProtocolError(f"handshake: expected the {peer_role} {run.job.party(peer_role).name!r}, "
+    theirs = meet(run.job, run.role, run.peer, mine)
+    return (mine, theirs) if run.is_leader else (theirs, mine)
+
+
+def meet(job: JobSpec, role: str, peer: Peer, mine: Hello) -> Hello:
+    """Send our Hello, take the peer's; a peer that is not the job's other party, or differs in anything both
+    must share, stops the run here (train, eval, infer and psi alike)."""
+    theirs = peer.handshake(mine)
+    peer_role = job.peer_role(role)
+    if theirs.role != peer_role or theirs.name != job.party(peer_role).name:
+        raise ProtocolError(f"handshake: expected the {peer_role} {job.party(peer_role).name!r}, "
                             f"met {theirs.role} {theirs.name!r}")
     problem = mine.mismatch(theirs)
     if problem:
         raise ProtocolError(f"handshake with the {peer_role}: {problem}")
-    return (mine, theirs) if run.is_leader else (theirs, mine)
+    return theirs
 
 
 def restore(run: PartyRun, payload: dict[str, Any], path: Path) -> None:
