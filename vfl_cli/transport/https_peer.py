@@ -74,7 +74,6 @@ class HttpsPeer(Peer):
         self._session = ""  # known once the handshake is done
         self._inbox = Inbox(job.transport.max_pending)
         self.telemetry = telemetry or Telemetry(role)
-        self.bytes_sent = 0  # request body bytes of every delivered message
 
         me = job.party(role)
         if job.tls.enabled:
@@ -124,7 +123,7 @@ class HttpsPeer(Peer):
         self._inbox.expect(mine)
         body = encode(HelloMessage(mine), self._fingerprint)
         self._post("/v1/hello", body, "our hello", time.monotonic() + wait_s, retries=None)
-        self._count_sent("hello", body)
+        self.telemetry.sent("hello", len(body))
         theirs = self._inbox.wait_hello(self._peer.name, wait_s)
         if theirs is None:
             raise PeerTimeout(f"{self._peer.name} at {self.url} is up but sent no hello within {wait_s:g} s")
@@ -152,7 +151,7 @@ class HttpsPeer(Peer):
             raise
         # After other failures the seq stays used: the message may have arrived, and reusing its seq
         # would make the peer drop the next message as a duplicate.
-        self._count_sent(kind, body)
+        self.telemetry.sent(kind, len(body))
 
     def receive(self, kind: Kind, key: BatchKey) -> dict[str, torch.Tensor]:
         if kind not in (RECEIVES[self._role], *PSI_KINDS):
@@ -183,13 +182,14 @@ class HttpsPeer(Peer):
         self._server.stop()
 
     @property
+    def bytes_sent(self) -> int:
+        """Request body bytes of every message we delivered (hello and tensors), as counted for /metrics."""
+        return int(sum(self.telemetry.value("vfl_bytes_sent_total", kind=kind) for kind in ("hello", *KINDS)))
+
+    @property
     def bytes_received(self) -> int:
         """Request body bytes of every message the peer delivered to us."""
         return self._inbox.bytes_received
-
-    def _count_sent(self, kind: str, body: bytes) -> None:
-        self.bytes_sent += len(body)
-        self.telemetry.sent(kind, len(body))
 
     # ------------------------------------------------------------------------------------------------- HTTP
 
