@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= jobs/smoke.yaml
 
-.PHONY: install test test-all lint demo smoke-test soak bench bench-prep bench-train bench-psi sample-auc clean
+.PHONY: install test test-all lint demo smoke-test soak audit bench bench-prep bench-train bench-psi sample-auc clean
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ smoke-test: $(STAMP)
 # prints what the run survived and checks the final AUC against a run without network.
 soak: $(STAMP)
 	$(BIN)/python scripts/soak.py
+
+# Not in CI (~3 min): the defences sweep on the demo job (label leakage a curious follower gets, test AUC each
+# defence costs); prepares the demo data first if needed. Writes runs/demo/audit/sweep.{csv,png}.
+audit: $(STAMP)
+	test -f runs/demo/data/leader/meta.json || $(BIN)/python scripts/demo.py jobs/demo.yaml
+	$(BIN)/vfl audit --job jobs/demo.yaml --sweep
 
 bench: bench-prep bench-train bench-psi
 

@@ -7,6 +7,9 @@ What crosses per batch, keyed by `BatchKey(phase, epoch, step)`:
     follower -> leader   kind "embeddings": {"wide": float32 [B, 1], "deep": float32 [B, 1]}
     leader -> follower   kind "gradients":  {"wide": float32 [B, 1], "deep": float32 [B, 1]}  (train phase only)
     both ways            kinds "psi_blinded", "psi_reblinded": {"points": uint8 [n, 32]}  (phase "psi")
+With the job's `privacy.quantize.embeddings` (or `.gradients`) set, that kind's two tensors travel as
+`QuantizedTensor`s of shape [B, 1] instead: the loop quantises before `send` and dequantises after `receive`,
+peers and transport only carry them (`WireTensor`).
 Before any batch both sides exchange a `Hello`; after a failure a side sends `abort(reason)`. Each Hello
 carries a fresh random nonce; the two nonces make the session id that every later message carries, so a
 message from an earlier session (a stale resend from a previous process) is never applied.
@@ -26,6 +29,7 @@ from typing import Literal, TypeVar
 import torch
 
 from vfl_cli.errors import PeerAborted, PeerTimeout, ProtocolError
+from vfl_cli.privacy.quantize import QuantizedTensor
 
 T = TypeVar("T")
 PROTOCOL_VERSION = 2
@@ -34,8 +38,10 @@ Phase = Literal["train", "eval", "infer", "psi"]
 KINDS: tuple[Kind, ...] = ("embeddings", "gradients", "psi_blinded", "psi_reblinded")
 PSI_KINDS: tuple[Kind, ...] = ("psi_blinded", "psi_reblinded")  # both parties send and receive these
 PHASES: tuple[Phase, ...] = ("train", "eval", "infer", "psi")
-CUT_TENSORS = ("wide", "deep")  # the names of the cut-layer tensors, each float32 [B, 1]
+CUT_TENSORS = ("wide", "deep")  # the names of the cut-layer tensors, each [B, 1], float32 or quantised
 PSI_POINTS = "points"  # the one tensor of a PSI message: uint8 [n, 32], n ristretto255 points
+WireTensor = torch.Tensor | QuantizedTensor  # what one named tensor of a message may be
+WireTensors = dict[str, WireTensor]  # the tensors of one message, by name
 
 
 @dataclass(frozen=True, order=True)
@@ -95,11 +101,11 @@ class Peer(ABC):
         """Send our Hello and return the peer's; waits (bounded) for the peer to come up."""
 
     @abstractmethod
-    def send(self, kind: Kind, key: BatchKey, tensors: dict[str, torch.Tensor]) -> None:
+    def send(self, kind: Kind, key: BatchKey, tensors: WireTensors) -> None:
         """Deliver the tensors of one batch exactly once; raises PeerError when that is impossible."""
 
     @abstractmethod
-    def receive(self, kind: Kind, key: BatchKey) -> dict[str, torch.Tensor]:
+    def receive(self, kind: Kind, key: BatchKey) -> WireTensors:
         """Wait (bounded) for the peer's tensors of this batch; raises PeerError or ProtocolError."""
 
     @abstractmethod
@@ -153,11 +159,10 @@ class LocalPeer(Peer):
             raise ProtocolError(f"expected the peer's hello, got {item!r:.80}")
         return item[1]
 
-    def send(self, kind: Kind, key: BatchKey, tensors: dict[str, torch.Tensor]) -> None:
-        # Copies, so that the receiver's autograd graph never reaches into the sender's.
-        self._outbox.put((kind, key, {name: t.detach().clone() for name, t in tensors.items()}))
+    def send(self, kind: Kind, key: BatchKey, tensors: WireTensors) -> None:
+        self._outbox.put((kind, key, {name: _copy(t) for name, t in tensors.items()}))
 
-    def receive(self, kind: Kind, key: BatchKey) -> dict[str, torch.Tensor]:
+    def receive(self, kind: Kind, key: BatchKey) -> WireTensors:
         item = self._get(f"{kind} for {key}")
         if not (isinstance(item, tuple) and item[:2] == (kind, key)):
             got = f"{item[0]} for {item[1]}" if isinstance(item, tuple) else repr(item)
@@ -166,6 +171,12 @@ class LocalPeer(Peer):
 
     def abort(self, reason: str) -> None:
         self._outbox.put(_Aborted(reason))
+
+
+def _copy(tensor: WireTensor) -> WireTensor:
+    # A copy, so that the receiver's autograd graph never reaches into the sender's. A QuantizedTensor is frozen
+    # and holds immutable bytes: nothing to copy.
+    return tensor if isinstance(tensor, QuantizedTensor) else tensor.detach().clone()
 
 
 def run_both(sides: dict[str, tuple[Callable[[], T], Peer]]) -> dict[str, T]:

@@ -104,10 +104,14 @@ class QuantizedTensor:
         return math.prod(self.shape)
 
 
-def quantize(t: Tensor, bits: int) -> QuantizedTensor:
+def quantize(t: Tensor, bits: int, generator: torch.Generator | None = None) -> QuantizedTensor:
     """Quantise t (any shape, finite values) to `bits` bits per value on the grid spanning [t.min(), t.max()].
 
-    Each value goes to the nearest of 2^bits evenly spaced levels, so the round-trip error is at most half a step.
+    Without a generator each value goes to the nearest of 2^bits evenly spaced levels, so the round-trip error is
+    at most half a step. With one, it goes to the level below or above at random, up with probability equal to its
+    distance from the level below in steps (stochastic rounding): the error is under one step but zero on
+    average, which is what a gradient needs. Nearest rounding of gradients is biased (at 2 bits it sends every
+    small gradient of a batch the same way, and training diverges); the loop rounds gradients stochastically.
     A constant tensor (max == min) becomes all-zero codes and round-trips exactly.
 
     Example: t [B, 1] float32, bits 6 -> QuantizedTensor with ceil(B * 6 / 8) bytes of data.
@@ -120,7 +124,13 @@ def quantize(t: Tensor, bits: int) -> QuantizedTensor:
     lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
     levels = (1 << bits) - 1
     if hi > lo:
-        codes = np.clip(np.rint((x - lo) / (hi - lo) * levels), 0, levels).astype(np.uint8)
+        scaled = (x - lo) / (hi - lo) * levels  # (n,) in [0, levels]
+        if generator is None:
+            rounded = np.rint(scaled)
+        else:
+            uniform = torch.rand(x.size, generator=generator, dtype=torch.float64).numpy()  # (n,)
+            rounded = np.floor(scaled + uniform)
+        codes = np.clip(rounded, 0, levels).astype(np.uint8)
     else:
         codes = np.zeros(x.size, dtype=np.uint8)
     return QuantizedTensor(pack_bits(codes, bits), tuple(t.shape), bits, lo, hi)

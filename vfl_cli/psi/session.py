@@ -25,7 +25,7 @@ from data_prep.align import write_aligned
 from data_prep.store import TableData, open_table, table_dir
 from vfl_cli.errors import DataError, ProtocolError
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import PSI_POINTS, BatchKey, Hello, LocalPeer, Peer, run_both
+from vfl_cli.peer import PSI_POINTS, BatchKey, Hello, LocalPeer, Peer, WireTensors, run_both
 from vfl_cli.psi.group import psi_tag
 from vfl_cli.psi.protocol import Intersection, PsiParty, check_min_intersection, check_peer_size
 from vfl_cli.train.loop import Reporter, SilentReporter
@@ -112,10 +112,11 @@ def _rounds(party: PsiParty, peer: Peer, peer_size: int, batch_size: int, report
     return kept
 
 
-def _points(tensors: dict[str, torch.Tensor], expected: int, what: str) -> np.ndarray:
+def _points(tensors: WireTensors, expected: int, what: str) -> np.ndarray:
     points = tensors.get(PSI_POINTS)
-    if points is None or points.dtype != torch.uint8 or tuple(points.shape) != (expected, 32):
-        shape = None if points is None else f"{str(points.dtype).removeprefix('torch.')} {list(points.shape)}"
+    if not isinstance(points, torch.Tensor) or points.dtype != torch.uint8 or tuple(points.shape) != (expected, 32):
+        shape = f"{str(points.dtype).removeprefix('torch.')} {list(points.shape)}" \
+            if isinstance(points, torch.Tensor) else None if points is None else "a quantised tensor"
         raise ProtocolError(f"{what}: {shape}, expected uint8 [{expected}, 32] as the peer announced")
     return points.numpy()
 

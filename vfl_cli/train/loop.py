@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -29,7 +30,8 @@ from vfl_cli.checkpoint import CheckpointStore
 from vfl_cli.errors import ProtocolError
 from vfl_cli.job import JobSpec
 from vfl_cli.metrics import log_loss, roc_auc
-from vfl_cli.peer import BatchKey, Peer, Phase
+from vfl_cli.peer import BatchKey, Peer, Phase, WireTensors
+from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import Batch, Position, checkpoint_due, iterate, steps_per_epoch
 from vfl_cli.train.parties import PartyModel
@@ -98,6 +100,10 @@ class PartyRun:
     def checkpoints(self) -> CheckpointStore:
         return CheckpointStore(self.run_dir, self.job.fingerprint())
 
+    @cached_property
+    def defences(self) -> CutLayerDefences:
+        return CutLayerDefences(self.job.privacy, self.job.seed)
+
     @property
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(self.data.meta.splits["train"].rows, self.job.train.batch_size)
@@ -108,12 +114,9 @@ class PartyRun:
             handle.write(json.dumps({"time": round(time.time(), 3), "role": self.role, **record}) + "\n")
 
 
-def _cut_tensors(wide: torch.Tensor, deep: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"wide": wide.detach().cpu(), "deep": deep.detach().cpu()}
-
-
-def _received(tensors: dict[str, torch.Tensor], key: BatchKey, rows: int, device: torch.device) -> list[torch.Tensor]:
-    wide, deep = tensors["wide"], tensors["deep"]
+def _received(tensors: WireTensors, key: BatchKey, rows: int, device: torch.device) -> list[torch.Tensor]:
+    floats = CutLayerDefences.received(tensors)
+    wide, deep = floats["wide"], floats["deep"]
     if wide.shape != (rows, 1) or deep.shape != (rows, 1):
         raise ProtocolError(f"{key}: peer sent shapes {tuple(wide.shape)}/{tuple(deep.shape)}, expected ({rows}, 1)")
     return [wide.to(device), deep.to(device)]
@@ -122,7 +125,7 @@ def _received(tensors: dict[str, torch.Tensor], key: BatchKey, rows: int, device
 def follower_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> None:
     party = run.party
     wide, deep = party.bottom(batch.ids, batch.vals)  # (B, 1), (B, 1)
-    run.peer.send("embeddings", key, _cut_tensors(wide, deep))
+    run.peer.send("embeddings", key, run.defences.embeddings_out(wide, deep, key))
     grad_wide, grad_deep = _received(run.peer.receive("gradients", key), key, len(batch), party.device)
     party.zero_grad()
     l2 = party.bottom.l2_penalty(run.job.train.l2_coef)
@@ -134,6 +137,7 @@ def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> tuple[float
     """One step at the leader; returns (wide_loss, deep_loss) as in the seed's log."""
     party = run.party
     assert party.top is not None and batch.labels is not None
+    labels = run.defences.training_labels(batch.labels, key)  # the true ones unless privacy.label_dp
     own_wide, own_deep = party.bottom(batch.ids, batch.vals)  # (B, 1), (B, 1)
     theirs = _received(run.peer.receive("embeddings", key), key, len(batch), party.device)
     # Cut the graph at both parties' outputs: the top's backward yields the follower's gradients first.
@@ -141,9 +145,10 @@ def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> tuple[float
     cut += [t.requires_grad_() for t in theirs]
     party.zero_grad()
     logits = party.top(*cut)  # (B,)
-    loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
     loss.backward()
-    run.peer.send("gradients", key, {"wide": cut[2].grad.cpu(), "deep": cut[3].grad.cpu()})
+    assert cut[2].grad is not None and cut[3].grad is not None
+    run.peer.send("gradients", key, run.defences.gradients_out(cut[2].grad, cut[3].grad, labels, key))
     l2 = party.bottom.l2_penalty(run.job.train.l2_coef)
     torch.autograd.backward([own_wide, own_deep, l2], [cut[0].grad, cut[1].grad, torch.ones_like(l2)])
     party.step()
@@ -204,7 +209,7 @@ def forward_split(run: PartyRun, split_name: str, phase: Phase, epoch: int) -> E
             theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.party.device)
             probabilities.append(torch.sigmoid(run.party.top(wide, deep, *theirs)).cpu())
         else:
-            run.peer.send("embeddings", key, _cut_tensors(wide, deep))
+            run.peer.send("embeddings", key, run.defences.embeddings_out(wide, deep, key))
         run.reporter.advance(len(batch))
     run.reporter.end()
     if not run.is_leader:

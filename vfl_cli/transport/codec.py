@@ -7,8 +7,13 @@ A body is one msgpack map:
     hello    {"hello": {role, name, job_fingerprint, data_fingerprint, command, run_id, checkpoint_steps,
                         nonce, protocol, extra}}
     tensors  {"session": <session id>, "kind": "embeddings", "key": {"phase", "epoch", "step"}, "seq": 1,
-              "tensors": {name: {"dtype": "float32", "shape": [B, 1], "data": <raw little-endian bytes>}}}
+              "tensors": {name: <tensor>}}
     abort    {"session": <session id>, "reason": "..."}
+
+    tensor   {"dtype": "float32", "shape": [B, 1], "data": <raw little-endian bytes>}   (or another of DTYPES)
+             {"dtype": "minmax", "bits": 1..8, "min": float64, "max": float64, "shape": [B, 1],
+              "data": <ceil(numel * bits / 8) bytes of bit-packed codes>}   (a `QuantizedTensor`; packing as in
+              `vfl_cli.privacy.quantize`)
 
 Tensors travel as raw bytes, never pickled. `decode` trusts nothing: every type is checked, and anything
 malformed raises ProtocolError with a reason the server sends back to the sender.
@@ -25,7 +30,8 @@ import numpy as np
 import torch
 
 from vfl_cli.errors import ProtocolError
-from vfl_cli.peer import KINDS, PHASES, PROTOCOL_VERSION, BatchKey, Hello, Kind
+from vfl_cli.peer import KINDS, PHASES, PROTOCOL_VERSION, BatchKey, Hello, Kind, WireTensor, WireTensors
+from vfl_cli.privacy.quantize import MAX_BITS, MIN_BITS, QuantizedTensor, packed_size
 
 WIRE_VERSION = PROTOCOL_VERSION
 MAX_DIMS = 4  # cut-layer tensors are [B, 1]; anything deeper is not ours
@@ -45,6 +51,7 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "uint8": (np.dtype("u1"), torch.uint8),
 }
 _TORCH_TO_WIRE = {torch_dtype: name for name, (_, torch_dtype) in DTYPES.items()}
+MINMAX = "minmax"  # the wire dtype of a QuantizedTensor: bit-packed codes with their min and max
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ class TensorMessage:
     kind: Kind
     key: BatchKey
     seq: int  # 1, 2, 3, ... per kind per run: lets the receiver drop retried duplicates
-    tensors: dict[str, torch.Tensor]
+    tensors: WireTensors
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,17 @@ def encode(message: Message, job_fingerprint: str) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
-def _encode_tensor(name: str, tensor: torch.Tensor) -> dict[str, Any]:
+def _encode_tensor(name: str, tensor: WireTensor) -> dict[str, Any]:
+    if isinstance(tensor, QuantizedTensor):
+        return {
+            "dtype": MINMAX,
+            "bits": tensor.bits,
+            # float(): msgpack packs a Python float as float64, whatever numeric type min and max came as.
+            "min": float(tensor.min),
+            "max": float(tensor.max),
+            "shape": list(tensor.shape),
+            "data": tensor.data,
+        }
     wire_dtype = _TORCH_TO_WIRE.get(tensor.dtype)
     if wire_dtype is None:
         raise ProtocolError(f"tensor {name!r}: dtype {tensor.dtype} cannot be sent")
@@ -191,27 +208,19 @@ def _decode_tensors(top: dict[str, Any]) -> TensorMessage:
     return TensorMessage(session, kind, key, seq, tensors)
 
 
-def _decode_tensor(name: str, raw: object) -> torch.Tensor:
+def _decode_tensor(name: str, raw: object) -> WireTensor:
     where = f"tensors.{name[:40]}"
     spec = _map(raw, where)
     dtype_name = _str(spec.get("dtype"), f"{where}.dtype")
+    if dtype_name == MINMAX:
+        return _decode_quantized(where, spec)
     if dtype_name not in DTYPES:
         raise ProtocolError(
-            f"{where}.dtype: unknown {dtype_name[:40]!r}, expected one of {', '.join(DTYPES)}"
+            f"{where}.dtype: unknown {dtype_name[:40]!r}, expected one of {', '.join([*DTYPES, MINMAX])}"
         )
     np_dtype, _ = DTYPES[dtype_name]
-    raw_shape = spec.get("shape")
-    if not isinstance(raw_shape, list):
-        raise ProtocolError(f"{where}.shape: expected a list of ints")
-    if len(raw_shape) > MAX_DIMS:
-        raise ProtocolError(f"{where}.shape: {len(raw_shape)} dims, at most {MAX_DIMS}")
-    shape = [_int(d, f"{where}.shape") for d in raw_shape]
-    # No zero: an empty tensor with huge other dimensions is "too big" for numpy's reshape.
-    if any(not 1 <= d < MAX_DIM for d in shape):
-        raise ProtocolError(f"{where}.shape: dimensions must lie in 1..{MAX_DIM - 1}, got {shape[:MAX_DIMS]}")
-    data = spec.get("data")
-    if not isinstance(data, bytes):
-        raise ProtocolError(f"{where}.data: expected bytes")
+    shape = _shape(spec.get("shape"), where)
+    data = _bytes(spec.get("data"), f"{where}.data")
     expected = math.prod(shape) * np_dtype.itemsize
     if len(data) != expected:
         raise ProtocolError(
@@ -222,6 +231,40 @@ def _decode_tensor(name: str, raw: object) -> torch.Tensor:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise ProtocolError(f"{where}: contains NaN or infinity")
     return torch.from_numpy(array)
+
+
+def _decode_quantized(where: str, spec: dict[str, Any]) -> QuantizedTensor:
+    """A "minmax" tensor; every field is checked here, and QuantizedTensor checks them again on construction."""
+    bits = _int(spec.get("bits"), f"{where}.bits")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ProtocolError(f"{where}.bits: must lie in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    low, high = _float(spec.get("min"), f"{where}.min"), _float(spec.get("max"), f"{where}.max")
+    if low > high:
+        raise ProtocolError(f"{where}.min: {low} is greater than max {high}")
+    shape = _shape(spec.get("shape"), where)
+    if not shape:  # a scalar is no wire tensor of ours; plain dtypes allow it only because they always did
+        raise ProtocolError(f"{where}.shape: no dimensions, a {MINMAX} tensor has 1..{MAX_DIMS}")
+    data = _bytes(spec.get("data"), f"{where}.data")
+    expected = packed_size(math.prod(shape), bits)
+    if len(data) != expected:
+        raise ProtocolError(f"{where}.data: {len(data)} bytes, shape {shape} of {bits}-bit codes needs {expected}")
+    try:
+        return QuantizedTensor(data, tuple(shape), bits, low, high)
+    except ValueError as exc:  # all but the padding bits were checked above: this is about the data
+        raise ProtocolError(f"{where}.data: {exc}") from exc
+
+
+def _shape(value: object, where: str) -> list[int]:
+    """At most MAX_DIMS dimensions, each in 1..MAX_DIM - 1."""
+    if not isinstance(value, list):
+        raise ProtocolError(f"{where}.shape: expected a list of ints")
+    if len(value) > MAX_DIMS:
+        raise ProtocolError(f"{where}.shape: {len(value)} dims, at most {MAX_DIMS}")
+    shape = [_int(d, f"{where}.shape") for d in value]
+    # No zero: an empty tensor with huge other dimensions is "too big" for numpy's reshape.
+    if any(not 1 <= d < MAX_DIM for d in shape):
+        raise ProtocolError(f"{where}.shape: dimensions must lie in 1..{MAX_DIM - 1}, got {shape[:MAX_DIMS]}")
+    return shape
 
 
 # ---------------------------------------------------------------------------------------------- type checks
@@ -246,6 +289,21 @@ def _int(value: object, where: str) -> int:
     # bool is an int in Python; on the wire it is a different type and never a valid number here.
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"{where}: expected an integer, got {_type_name(value)}")
+    return value
+
+
+def _float(value: object, where: str) -> float:
+    # Only a msgpack float: an integer, bool, string or nil is a different type on the wire.
+    if not isinstance(value, float):
+        raise ProtocolError(f"{where}: expected a float, got {_type_name(value)}")
+    if not math.isfinite(value):
+        raise ProtocolError(f"{where}: {value} is not finite")
+    return value
+
+
+def _bytes(value: object, where: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise ProtocolError(f"{where}: expected bytes")
     return value
 
 

@@ -22,7 +22,6 @@ import ssl
 import time
 
 import httpx
-import torch
 
 from vfl_cli.errors import (
     PeerAborted,
@@ -34,7 +33,7 @@ from vfl_cli.errors import (
     TlsError,
 )
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import KINDS, PSI_KINDS, BatchKey, Hello, Kind, Peer
+from vfl_cli.peer import KINDS, PSI_KINDS, BatchKey, Hello, Kind, Peer, WireTensors
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import (
     MAX_REASON_CHARS,
@@ -133,7 +132,7 @@ class HttpsPeer(Peer):
         self._seq = dict.fromkeys(KINDS, 0)
         return theirs
 
-    def send(self, kind: Kind, key: BatchKey, tensors: dict[str, torch.Tensor]) -> None:
+    def send(self, kind: Kind, key: BatchKey, tensors: WireTensors) -> None:
         if kind == RECEIVES[self._role]:
             raise ValueError(f"the {self._role} receives {kind}, it does not send them")  # PSI kinds go both ways
         aborted = self._inbox.aborted(self._peer.name)
@@ -153,7 +152,7 @@ class HttpsPeer(Peer):
         # would make the peer drop the next message as a duplicate.
         self.telemetry.sent(kind, len(body))
 
-    def receive(self, kind: Kind, key: BatchKey) -> dict[str, torch.Tensor]:
+    def receive(self, kind: Kind, key: BatchKey) -> WireTensors:
         if kind not in (RECEIVES[self._role], *PSI_KINDS):
             raise ValueError(f"the {self._role} never receives {kind}")
         timeout_s = self._job.transport.timeout_s

@@ -4,7 +4,8 @@ connections are accepted, authenticated and timed out is `listener.py`'s busines
 Routes (all under /v1, all answered with JSON; refusals are `{"error": reason}` and apply nothing):
     POST /v1/hello     the peer's Hello: opens a new session
     POST /v1/tensors   one batch of cut-layer tensors of the current session: the leader takes
-                       "embeddings", the follower "gradients"; 503 + Retry-After while the inbox is full
+                       "embeddings", the follower "gradients" (float32, or quantised with exactly the bits of
+                       the job's `privacy.quantize.<kind>`); 503 + Retry-After while the inbox is full
     POST /v1/abort     the peer stopped, with a reason
     GET  /v1/health    liveness
 
@@ -21,7 +22,6 @@ from collections.abc import MutableMapping
 from functools import lru_cache
 from typing import Any
 
-import torch
 from cryptography import x509
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -30,7 +30,8 @@ from starlette.requests import ClientDisconnect
 
 from vfl_cli.errors import ProtocolError
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import CUT_TENSORS, PSI_KINDS, PSI_POINTS, Kind
+from vfl_cli.peer import CUT_TENSORS, PSI_KINDS, PSI_POINTS, Kind, WireTensor, WireTensors
+from vfl_cli.privacy.quantize import QuantizedTensor
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import AbortMessage, HelloMessage, Message, TensorMessage, decode
 from vfl_cli.transport.inbox import Inbox, InboxFull, SeqConflict, WrongSession
@@ -67,6 +68,9 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
     fingerprint = job.fingerprint()
     accepts = (RECEIVES[role], *PSI_KINDS)
     limit = job.transport.max_body_bytes
+    # Both sides run the same job (its fingerprint is checked on every message), so the bits are known here.
+    quantize = job.privacy.quantize
+    bits = quantize.embeddings if RECEIVES[role] == "embeddings" else quantize.gradients
 
     async def authenticate(request: Request) -> None:
         if not job.tls.enabled:
@@ -117,7 +121,7 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
             if message.kind in PSI_KINDS:
                 check_points(message.tensors, job.psi.batch_size)
             else:
-                check_cut_tensors(message.tensors, job.train.batch_size)
+                check_cut_tensors(message.tensors, job.train.batch_size, bits)
             status = inbox.offer(sender, message, size)
         except ProtocolError as exc:
             raise Refusal(400, str(exc)) from exc
@@ -183,38 +187,46 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def check_cut_tensors(tensors: dict[str, torch.Tensor], max_batch: int) -> None:
-    """Exactly the cut-layer tensors, each float32 [B, 1] with the same 1 <= B <= batch size (finiteness is
-    checked by the codec)."""
+def check_cut_tensors(tensors: WireTensors, max_batch: int, bits: int | None = None) -> None:
+    """Exactly the cut-layer tensors, each [B, 1] with the same 1 <= B <= batch size: float32 when `bits` is
+    None, else QuantizedTensors of exactly `bits` bits (finiteness and packing are checked by the codec)."""
     if set(tensors) != set(CUT_TENSORS):
         got = ", ".join(sorted(name[:40] for name in tensors)) or "none"
         raise ProtocolError(f"tensors: expected exactly {', '.join(CUT_TENSORS)}; got {got}")
+    expected = "float32" if bits is None else f"{bits}-bit quantised"
     batch = None
     for name in CUT_TENSORS:
         tensor = tensors[name]
-        if tensor.dtype != torch.float32:
-            raise ProtocolError(
-                f"tensors.{name}: dtype {str(tensor.dtype).removeprefix('torch.')}, expected float32"
-            )
-        if tensor.dim() != 2 or tensor.shape[1] != 1:
-            raise ProtocolError(f"tensors.{name}: shape {list(tensor.shape)}, expected [B, 1]")
-        if not 1 <= tensor.shape[0] <= max_batch:
-            raise ProtocolError(f"tensors.{name}: batch of {tensor.shape[0]}, expected 1..{max_batch}")
-        if batch is not None and tensor.shape[0] != batch:
-            raise ProtocolError(f"tensors: batch sizes differ ({batch} and {tensor.shape[0]})")
-        batch = tensor.shape[0]
+        got = _describe(tensor)
+        if got.removeprefix("dtype ") != expected:
+            raise ProtocolError(f"tensors.{name}: {got}, expected {expected}")
+        shape = list(tensor.shape)
+        if len(shape) != 2 or shape[1] != 1:
+            raise ProtocolError(f"tensors.{name}: shape {shape}, expected [B, 1]")
+        if not 1 <= shape[0] <= max_batch:
+            raise ProtocolError(f"tensors.{name}: batch of {shape[0]}, expected 1..{max_batch}")
+        if batch is not None and shape[0] != batch:
+            raise ProtocolError(f"tensors: batch sizes differ ({batch} and {shape[0]})")
+        batch = shape[0]
 
 
-def check_points(tensors: dict[str, torch.Tensor], max_batch: int) -> None:
+def _describe(tensor: WireTensor) -> str:
+    """What a tensor travels as, in the words of a refusal: "dtype float32", "dtype uint8", "6-bit quantised"."""
+    if isinstance(tensor, QuantizedTensor):
+        return f"{tensor.bits}-bit quantised"
+    return f"dtype {str(tensor.dtype).removeprefix('torch.')}"
+
+
+def check_points(tensors: WireTensors, max_batch: int) -> None:
     """Exactly one tensor of 1 <= n <= psi.batch_size encoded points, uint8 [n, 32] (whether each is a valid
     point is checked by the PSI step that uses it)."""
     if set(tensors) != {PSI_POINTS}:
         got = ", ".join(sorted(name[:40] for name in tensors)) or "none"
         raise ProtocolError(f"tensors: expected exactly {PSI_POINTS}; got {got}")
     points = tensors[PSI_POINTS]
-    if points.dtype != torch.uint8 or points.dim() != 2 or points.shape[1] != POINT_BYTES:
-        raise ProtocolError(f"tensors.{PSI_POINTS}: {str(points.dtype).removeprefix('torch.')} "
-                            f"{list(points.shape)}, expected uint8 [n, {POINT_BYTES}]")
+    got = _describe(points).removeprefix("dtype ")  # points are never quantised
+    if got != "uint8" or len(points.shape) != 2 or points.shape[1] != POINT_BYTES:
+        raise ProtocolError(f"tensors.{PSI_POINTS}: {got} {list(points.shape)}, expected uint8 [n, {POINT_BYTES}]")
     if not 1 <= points.shape[0] <= max_batch:
         raise ProtocolError(f"tensors.{PSI_POINTS}: {points.shape[0]} points, expected 1..{max_batch}")
 

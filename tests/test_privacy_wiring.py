@@ -1,0 +1,199 @@
+"""The job's `privacy:` section in the loop: off is bitwise off, each defence acts where it says, the audit's
+figures are the attacks computed directly on what the follower recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from tests.conftest import job_dict, run_vfl, write_job, write_planted_data
+from vfl_cli.audit import audit_run
+from vfl_cli.errors import JobError
+from vfl_cli.job import JobSpec, PrivacySpec, parse_job
+from vfl_cli.peer import BatchKey
+from vfl_cli.privacy.cut_layer import CutLayerDefences
+from vfl_cli.privacy.quantize import QuantizedTensor
+from vfl_cli.train.session import run_local, train_session
+
+KEY = BatchKey("train", 0, 3)
+
+
+def defences(**privacy: object) -> CutLayerDefences:
+    return CutLayerDefences(PrivacySpec.model_validate(privacy), seed=11)
+
+
+def cut_rows(rows: int = 4096, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's returned gradients as the linear top makes them: w * (p - y) / B, and its labels."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(rows, generator=gen) < 0.25).float()
+    p = torch.rand(rows, generator=gen) * 0.5
+    grad = (p - labels)[:, None] / rows  # (B, 1)
+    return grad * 0.7, grad * -1.3, labels
+
+
+def test_all_off_returns_the_inputs_and_draws_nothing() -> None:
+    wide, deep, labels = cut_rows()
+    off = defences()
+    torch_state = torch.get_rng_state()
+    assert off.training_labels(labels, KEY) is labels
+    sent = off.gradients_out(wide, deep, labels, KEY)
+    embeddings = off.embeddings_out(wide, deep, BatchKey("eval", 1, 0))
+    for out in (sent, embeddings):
+        assert set(out) == {"wide", "deep"}
+        assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in out.values())
+        assert torch.equal(out["wide"], wide) and torch.equal(out["deep"], deep)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert CutLayerDefences.received(sent)["wide"] is sent["wide"]
+
+
+def test_label_dp_is_redrawn_each_epoch_and_repeatable_for_a_batch() -> None:
+    labels = (torch.rand(20000, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    dp = defences(label_dp={"eps": 1.0})
+    first = dp.training_labels(labels, BatchKey("train", 0, 5))
+    again = dp.training_labels(labels, BatchKey("train", 0, 5))
+    next_epoch = dp.training_labels(labels, BatchKey("train", 1, 5))
+    assert torch.equal(first, again)  # a resumed run redraws exactly what the interrupted one drew
+    flips, flips_next = (first != labels), (next_epoch != labels)
+    assert not torch.equal(flips, flips_next)
+    # Flip probability 1 / (e + 1) = 0.2689; 20,000 draws: 5 sigma is 0.016.
+    for f in (flips, flips_next):
+        assert abs(f.float().mean().item() - 1 / (np.e + 1)) < 0.016
+
+
+@pytest.mark.parametrize("ratio", [0.5, 2.0, 8.0])
+def test_gradient_noise_std_is_the_ratio_times_the_batch_largest_row(ratio: float) -> None:
+    wide, deep, labels = cut_rows()
+    sent = defences(gradient_noise={"noise_ratio": ratio}).gradients_out(wide, deep, labels, KEY)
+    noise = torch.cat([sent["wide"] - wide, sent["deep"] - deep], dim=1)  # clip bound = largest row: no clipping
+    largest = torch.linalg.vector_norm(torch.cat([wide, deep], dim=1), dim=1).max().item()
+    # 8,192 normal draws: the sample std is within 3% of the true one with overwhelming probability.
+    assert noise.std().item() == pytest.approx(ratio * largest, rel=0.03)
+
+
+def test_gradient_noise_with_a_fixed_clip_bound_clips_rows() -> None:
+    wide, deep, labels = cut_rows()
+    sent = defences(gradient_noise={"noise_ratio": 0.0, "clip_norm": 1e-5}).gradients_out(wide, deep, labels, KEY)
+    norms = torch.linalg.vector_norm(torch.cat([sent["wide"], sent["deep"]], dim=1), dim=1)
+    assert norms.max().item() <= 1e-5 * (1 + 1e-6)
+
+
+def test_marvell_noise_only_where_the_job_asks() -> None:
+    wide, deep, labels = cut_rows()
+    sent = defences(marvell={"power": 4.0}).gradients_out(wide, deep, labels, KEY)
+    assert not torch.equal(sent["wide"], wide)
+    with pytest.raises(ValueError, match="one of gradient_noise and marvell"):
+        PrivacySpec.model_validate({"marvell": {"power": 1}, "gradient_noise": {"noise_ratio": 1}})
+
+
+def test_embedding_defences_act_on_every_phase_and_only_on_embeddings() -> None:
+    wide, deep, labels = cut_rows()
+    wide, deep = wide * 1e4, deep * 1e4  # embedding-sized values
+    dp = defences(embedding_dp={"clip_norm": 1.0, "sigma": 0.5})
+    for phase in ("train", "eval", "infer"):
+        sent = dp.embeddings_out(wide, deep, BatchKey(phase, 0, 0))  # type: ignore[arg-type]
+        assert not torch.equal(sent["wide"], wide)
+    assert torch.equal(dp.gradients_out(wide, deep, labels, KEY)["wide"], wide)
+    rr = defences(embedding_rr={"eps": 2.0}).embeddings_out(wide, deep, KEY)
+    assert set(torch.unique(torch.cat([rr["wide"], rr["deep"]])).tolist()) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("bits", [1, 2, 6, 8])
+def test_quantised_sends_round_trip_within_their_rounding_bound(bits: int) -> None:
+    wide, deep, labels = cut_rows(rows=1001)
+    q = defences(quantize={"gradients": bits, "embeddings": bits})
+    # Embeddings: nearest rounding, at most half a step. Gradients: stochastic rounding, under one step.
+    for sent, bound in ((q.embeddings_out(wide, deep, KEY), 0.5), (q.gradients_out(wide, deep, labels, KEY), 1.0)):
+        assert all(isinstance(t, QuantizedTensor) and t.bits == bits for t in sent.values())
+        assert len(sent["wide"].data) == -(-1001 * bits // 8)  # type: ignore[union-attr]
+        back = CutLayerDefences.received(sent)
+        for name, original in (("wide", wide), ("deep", deep)):
+            step = (original.max() - original.min()).item() / (2**bits - 1)
+            assert (back[name] - original).abs().max().item() <= step * bound * (1 + 1e-5) + 1e-12
+
+
+def test_stochastic_rounding_of_gradients_is_unbiased() -> None:
+    """Nearest rounding to 2 bits moves every small gradient the same way (training diverged); stochastic
+    rounding averages out: over 400 batches the mean of the dequantised gradients is the true one."""
+    wide, deep, labels = cut_rows(rows=256)
+    q = defences(quantize={"gradients": 2})
+    step = (wide.max() - wide.min()).item() / 3
+    mean = torch.stack([CutLayerDefences.received(q.gradients_out(wide, deep, labels, BatchKey("train", 0, s)))["wide"]
+                        for s in range(400)]).mean(dim=0)
+    nearest = CutLayerDefences.received(defences(quantize={"embeddings": 2}).embeddings_out(wide, deep, KEY))["wide"]
+    # Each row's mean of 400 draws is within 5 sigma (sigma <= step / 2 / 20) of its true value.
+    assert (mean - wide).abs().max().item() < 5 * step / 40
+    assert (nearest - wide).abs().mean().item() > 3 * (mean - wide).abs().mean().item()
+
+
+def planted(tmp_path: Path, **privacy: object) -> JobSpec:
+    spec = job_dict(tmp_path, epochs=2)
+    spec["privacy"] = privacy
+    write_planted_data(Path(spec["data"]["dir"]))
+    return parse_job(spec)
+
+
+def test_six_bit_quantised_training_learns_as_well_as_float32(tmp_path: Path) -> None:
+    plain = run_local(planted(tmp_path / "plain"), train_session)["leader"].epochs[-1][2]
+    job = planted(tmp_path / "q", quantize={"embeddings": 6, "gradients": 6})
+    quantised = run_local(job, train_session)["leader"].epochs[-1][2]
+    assert plain is not None and quantised is not None
+    assert quantised.auc != plain.auc  # the quantisation really happened
+    assert quantised.auc > plain.auc - 0.02
+
+
+def direct_leaks(npz: Path) -> tuple[float, float]:
+    """The two attacks written out again from the recorded gradients, with scikit-learn as the AUC oracle."""
+    data = np.load(npz)
+    direction, norm = [], []
+    for step in np.unique(data["batch"]):
+        rows = data["batch"] == step
+        g, y = data["gradients"][rows].astype(np.float64), data["labels"][rows]
+        if y.min() == y.max():
+            continue
+        axis = np.linalg.svd(g, full_matrices=False)[2][0]
+        for scores, out in ((g @ axis, direction), (np.sqrt((g**2).sum(axis=1)), norm)):
+            auc = roc_auc_score(y, scores)
+            out.append(max(auc, 1 - auc))
+    return float(np.mean(direction)), float(np.mean(norm))
+
+
+def test_audit_figures_equal_the_attacks_on_the_recorded_gradients(tmp_path: Path) -> None:
+    job = planted(tmp_path)
+    epochs = audit_run(job, tmp_path / "audit")
+    assert [e.epoch for e in epochs] == [0, 1]
+    for e in epochs:
+        direction, norm = direct_leaks(tmp_path / "audit" / f"epoch-{e.epoch}.npz")
+        assert e.direction_leak == pytest.approx(direction, abs=1e-9)
+        assert e.norm_leak == pytest.approx(norm, abs=1e-9)
+        assert e.direction_leak > 0.99  # no defence: the sign of the gradient is the label
+    recorded = np.load(tmp_path / "audit" / "epoch-1.npz")
+    assert recorded["gradients"].shape == (960, 2) and sorted(np.unique(recorded["labels"])) == [0.0, 1.0]
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert report["epochs"][1]["test_auc"] == epochs[1].test_auc
+    assert not (job.train.run_dir).exists()  # the job's own checkpoints are never touched
+
+
+def test_heavy_gradient_noise_lowers_the_measured_leak(tmp_path: Path) -> None:
+    job = planted(tmp_path, gradient_noise={"noise_ratio": 16.0})
+    epochs = audit_run(job, tmp_path / "audit")
+    assert max(max(e.direction_leak, e.norm_leak) for e in epochs) < 0.65
+
+
+def test_audit_cli_prints_the_table_and_bad_privacy_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = job_dict(tmp_path, epochs=1)
+    write_planted_data(Path(spec["data"]["dir"]))
+    code, err = run_vfl(monkeypatch, capsys, "audit", "--job", write_job(tmp_path, spec), "--out", tmp_path / "a")
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "a" / "audit.json").read_text())["epochs"]) == 1
+    spec["privacy"] = {"label_dp": {"eps": -1}}
+    code, err = run_vfl(monkeypatch, capsys, "audit", "--job", write_job(tmp_path, spec))
+    assert code != 0 and "label_dp" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(JobError):
+        parse_job(spec)

@@ -1,0 +1,112 @@
+"""A job's cut-layer defences (`privacy:`), applied where the loop sends and receives.
+
+The maths lives in `mechanisms` and `quantize`; this module decides, from the job, which of them touch which
+tensor, and gives each call its own random stream:
+
+    leader   training labels   -> label_dp (randomised response, redrawn for every batch of every epoch)
+             gradients it sends -> gradient_noise | marvell, then quantize.gradients
+    follower embeddings it sends (train, eval and infer) -> embedding_dp | embedding_rr, then quantize.embeddings
+    either   what it receives  -> dequantised back to float32 tensors
+
+Gradients are quantised with stochastic rounding (unbiased, so the follower's optimiser still follows the true
+gradient on average; nearest rounding makes 2-bit training diverge), embeddings with nearest rounding (so eval
+and infer stay deterministic).
+
+Randomness comes from a generator seeded by (job seed, purpose, phase, epoch, step), never from torch's global
+stream: a job with every defence off draws nothing and runs bitwise as without this module, and a run resumed
+at step s draws exactly what an uninterrupted one draws there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vfl_cli.job import PrivacySpec
+from vfl_cli.peer import BatchKey, WireTensors
+from vfl_cli.privacy.mechanisms import (
+    embedding_dp,
+    marvell_noise,
+    one_bit_rr,
+    perturb_gradients,
+    randomized_response,
+)
+from vfl_cli.privacy.quantize import QuantizedTensor, dequantize, quantize
+
+_PURPOSES = {"labels": 1, "gradients": 2, "embeddings": 3}
+_PHASES = {"train": 1, "eval": 2, "infer": 3, "psi": 4}
+
+
+def batch_generator(seed: int, purpose: str, key: BatchKey, device: torch.device) -> torch.Generator:
+    """A generator for one (purpose, batch): independent of every other batch and of torch's global stream."""
+    words = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, _PURPOSES[purpose], _PHASES[key.phase], key.epoch, key.step]
+    state = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state) & (1 << 63) - 1)
+
+
+def _join(wide: Tensor, deep: Tensor) -> Tensor:
+    return torch.cat([wide.detach(), deep.detach()], dim=1)  # (B, 2): one row per sample
+
+
+@dataclass(frozen=True)
+class CutLayerDefences:
+    spec: PrivacySpec
+    seed: int
+
+    def training_labels(self, labels: Tensor, key: BatchKey) -> Tensor:
+        """The labels the leader trains this batch on: its own, or randomised response on them."""
+        if self.spec.label_dp is None:
+            return labels
+        generator = batch_generator(self.seed, "labels", key, labels.device)
+        return randomized_response(labels, self.spec.label_dp.eps, generator)
+
+    def gradients_out(self, wide: Tensor, deep: Tensor, labels: Tensor, key: BatchKey) -> WireTensors:
+        """What the leader returns for the follower's (wide, deep) outputs [B, 1] each; `labels` are the ones
+        this batch was trained on (Marvell shapes its noise by class)."""
+        noise, marvell, bits = self.spec.gradient_noise, self.spec.marvell, self.spec.quantize.gradients
+        generator = None
+        if noise is not None or marvell is not None or bits is not None:
+            generator = batch_generator(self.seed, "gradients", key, torch.device("cpu"))
+        if noise is not None or marvell is not None:
+            assert generator is not None
+            rows = _join(wide, deep).cpu()
+            if noise is not None:
+                largest = float(torch.linalg.vector_norm(rows, dim=1).max()) if len(rows) else 0.0
+                clip = noise.clip_norm if noise.clip_norm is not None else largest
+                if clip > 0:  # an all-zero batch (nothing to hide) has no scale for the noise
+                    rows = perturb_gradients(rows, clip, noise.noise_ratio, generator)
+            else:
+                assert marvell is not None
+                rows = marvell_noise(rows, labels.cpu(), marvell.power, generator)
+            wide, deep = rows[:, :1], rows[:, 1:]
+        return self._wire(wide, deep, bits, generator)
+
+    def embeddings_out(self, wide: Tensor, deep: Tensor, key: BatchKey) -> WireTensors:
+        """What the follower sends for its (wide, deep) outputs [B, 1] each, in any phase."""
+        dp, rr = self.spec.embedding_dp, self.spec.embedding_rr
+        if dp is not None or rr is not None:
+            rows = _join(wide, deep).cpu()
+            generator = batch_generator(self.seed, "embeddings", key, rows.device)
+            if dp is not None:
+                rows = embedding_dp(rows, dp.clip_norm, dp.sigma, generator)
+            else:
+                assert rr is not None
+                rows = one_bit_rr(rows, rr.eps, generator)
+            wide, deep = rows[:, :1], rows[:, 1:]
+        return self._wire(wide, deep, self.spec.quantize.embeddings)
+
+    @staticmethod
+    def _wire(wide: Tensor, deep: Tensor, bits: int | None, generator: torch.Generator | None = None) -> WireTensors:
+        """Float32 tensors, or quantised ones (stochastic rounding when given a generator)."""
+        wide, deep = wide.detach().cpu(), deep.detach().cpu()
+        if bits is None:
+            return {"wide": wide, "deep": deep}
+        return {"wide": quantize(wide, bits, generator), "deep": quantize(deep, bits, generator)}
+
+    @staticmethod
+    def received(tensors: WireTensors) -> dict[str, Tensor]:
+        """The peer's cut-layer tensors as float32 (quantised ones dequantised; the server checked their form)."""
+        return {name: dequantize(t) if isinstance(t, QuantizedTensor) else t for name, t in tensors.items()}
