@@ -3,6 +3,7 @@ figures are the attacks computed directly on what the follower recorded."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from tests.conftest import job_dict, run_vfl, write_job, write_planted_data
-from vfl_cli.audit import audit_run
+from vfl_cli.audit import LEADER_ONLY, audit_run, plot, sweep
 from vfl_cli.errors import JobError
 from vfl_cli.job import JobSpec, PrivacySpec, parse_job
 from vfl_cli.peer import BatchKey
@@ -197,3 +198,17 @@ def test_audit_cli_prints_the_table_and_bad_privacy_is_one_line(
     assert code != 0 and "label_dp" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     with pytest.raises(JobError):
         parse_job(spec)
+
+
+def test_sweep_writes_a_csv_row_per_setting_and_epoch_and_a_png(tmp_path: Path) -> None:
+    job = planted(tmp_path)
+    settings = (("none", {}), ("gradient_noise x16", {"gradient_noise": {"noise_ratio": 16.0}}))
+    rows = sweep(job, tmp_path / "sweep", settings=settings)
+    assert [r.setting for r in rows] == ["none", "gradient_noise x16", LEADER_ONLY]
+    with (tmp_path / "sweep" / "sweep.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["setting"], r["epoch"]) for r in table] == [(s, str(e)) for s in [r.setting for r in rows] for e in (0, 1)]
+    assert float(table[0]["direction_leak_auc"]) > 0.99 and table[-1]["direction_leak_auc"] == "nan"
+    plot(rows, tmp_path / "sweep" / "sweep.png", "test")
+    png = (tmp_path / "sweep" / "sweep.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and 10_000 < len(png) < 2_000_000

@@ -57,8 +57,17 @@ def tls_setup(tmp_path: Path) -> tuple[dict[str, Any], Path]:
     return spec, job
 
 
-def test_two_processes_train_like_one(tls_setup: tuple[dict[str, Any], Path]) -> None:
+# Every defence at once (one per tensor): what crosses the wire is noised, flipped and bit-packed, and the two
+# processes must still draw exactly what one process draws.
+ALL_DEFENCES = {"label_dp": {"eps": 2.0}, "marvell": {"power": 4.0},
+                "embedding_dp": {"clip_norm": 2.0, "sigma": 0.1}, "quantize": {"embeddings": 6, "gradients": 3}}
+
+
+@pytest.mark.parametrize("privacy", [None, ALL_DEFENCES], ids=["no-defences", "all-defences"])
+def test_two_processes_train_like_one(tls_setup: tuple[dict[str, Any], Path], privacy: dict | None) -> None:
     spec, job = tls_setup
+    if privacy is not None:
+        job = write_job(job.parent, {**spec, "privacy": privacy})
     local = subprocess.run([*VFL, "train", "--role", "local", "--job", str(job)], capture_output=True, text=True,
                            env=environment())
     local_auc = float(re.search(r"test: AUC (\d\.\d+)", local.stdout).group(1))
