@@ -207,7 +207,8 @@ def test_sweep_writes_a_csv_row_per_setting_and_epoch_and_a_png(tmp_path: Path) 
     assert [r.setting for r in rows] == ["none", "gradient_noise x16", LEADER_ONLY]
     with (tmp_path / "sweep" / "sweep.csv").open() as handle:
         table = list(csv.DictReader(handle))
-    assert [(r["setting"], r["epoch"]) for r in table] == [(s, str(e)) for s in [r.setting for r in rows] for e in (0, 1)]
+    expected = [(row.setting, str(epoch)) for row in rows for epoch in (0, 1)]
+    assert [(r["setting"], r["epoch"]) for r in table] == expected
     assert float(table[0]["direction_leak_auc"]) > 0.99 and table[-1]["direction_leak_auc"] == "nan"
     plot(rows, tmp_path / "sweep" / "sweep.png", "test")
     png = (tmp_path / "sweep" / "sweep.png").read_bytes()
