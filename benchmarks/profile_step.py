@@ -1,0 +1,129 @@
+"""Where a party's training step goes, at the reference configuration, on one thread (what each party has in a
+two-party run on this 2-core machine).
+
+Runs the leader's and the follower's step as the training loop does (`leader_train_step` / `follower_train_step`
+through a `LocalPeer` whose other end is played by this script with precomputed tensors, so only the party's own
+work is timed), under `torch.profiler`, and groups the time of the top-level operators into buckets:
+
+    GEMM (the MLP's matmuls, forward and backward) · embedding gather · embedding backward (dense grad) ·
+    L2 term · Adam · FTRL · other autograd/elementwise · data (reading the batch) · outside torch (Python, wire)
+
+    python -m benchmarks.profile_step [--steps 4] [--role leader|follower] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from benchmarks.train import BENCH_DIR, write_data, write_job
+from data_prep.store import open_party
+from vfl_cli.job import load_job
+from vfl_cli.peer import BatchKey, LocalPeer
+from vfl_cli.train.batches import iterate
+from vfl_cli.train.loop import PartyRun, SilentReporter, follower_train_step, leader_train_step
+from vfl_cli.train.parties import build_party
+from vfl_cli.telemetry import Telemetry
+
+BUCKETS = (
+    ("GEMM", ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul")),
+    ("embedding gather", ("aten::embedding", "aten::index_select")),
+    ("embedding backward", ("aten::embedding_backward", "aten::embedding_dense_backward",
+                            "aten::index_add_", "aten::embedding_dense_backward_cpu")),
+    ("Adam", ("Optimizer.step#Adam.step",)),
+    ("FTRL", ("Optimizer.step#Ftrl.step",)),
+    ("zero_grad", ("Optimizer.zero_grad#Adam.zero_grad", "Optimizer.zero_grad#Ftrl.zero_grad")),
+)
+
+
+def bucket_of(name: str) -> str:
+    for bucket, names in BUCKETS:
+        if name in names:
+            return bucket
+    return "other torch ops"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--role", choices=("leader", "follower"), default="leader")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=BENCH_DIR) as tmp:
+        workdir = Path(tmp)
+        job = load_job(write_job(workdir, "profile", None))
+        warmup = 2
+        write_data(job, train_rows=(warmup + args.steps) * job.train.batch_size)
+        data = open_party(job.data.dir, args.role)
+        party = build_party(job, args.role, data.meta, torch.device("cpu"))
+        mine, theirs = LocalPeer.pair(60)
+        run = PartyRun(job, args.role, data, party, mine, SilentReporter(), workdir / "run", Telemetry(args.role))
+        batch_size = job.train.batch_size
+        # The other party, played with fixed tensors: it answers each message at once.
+        stop = threading.Event()
+
+        def other_side() -> None:
+            fake = {"wide": torch.randn(batch_size, 1) * 0.01, "deep": torch.randn(batch_size, 1) * 0.01}
+            step = 0
+            while not stop.is_set():
+                key = BatchKey("train", 0, step)
+                try:
+                    if args.role == "leader":
+                        theirs.send("embeddings", key, fake)
+                        theirs.receive("gradients", key)
+                    else:
+                        theirs.receive("embeddings", key)
+                        theirs.send("gradients", key, {k: v * 1e-4 for k, v in fake.items()})
+                except Exception:
+                    return
+                step += 1
+
+        helper = threading.Thread(target=other_side, daemon=True)
+        helper.start()
+        batches = iterate(data.split("train"), batch_size, job.seed, 0, shuffle=True)
+        step_fn = leader_train_step if args.role == "leader" else follower_train_step
+        wall: list[float] = []
+        data_s = 0.0
+        totals: dict[str, float] = defaultdict(float)
+        for step in range(warmup + args.steps):
+            started = time.perf_counter()
+            batch = next(batches)
+            loaded = time.perf_counter()
+            profiling = step >= warmup
+            if profiling:
+                data_s += loaded - started
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    step_fn(run, batch, BatchKey("train", 0, step))
+                for event in prof.events():
+                    # Top-level operators only: their times already include the ops they call.
+                    if event.cpu_parent is None:
+                        totals[bucket_of(event.name)] += event.cpu_time_total / 1e6
+                wall.append(time.perf_counter() - loaded)
+            else:
+                step_fn(run, batch, BatchKey("train", 0, step))
+        stop.set()
+        mine.abort("done")
+        steps = args.steps
+        step_s = sum(wall) / steps
+        print(f"{args.role}, {args.threads} thread(s), batch {batch_size}, {steps} profiled steps: "
+              f"{step_s:.3f} s per step (profiled; the profiler adds a little)")
+        print(f"{'bucket':<22} {'s/step':>7} {'share':>6}")
+        accounted = 0.0
+        for bucket, seconds in sorted(totals.items(), key=lambda item: -item[1]):
+            accounted += seconds / steps
+            print(f"{bucket:<22} {seconds / steps:>7.3f} {seconds / steps / step_s:>6.1%}")
+        print(f"{'outside torch ops':<22} {step_s - accounted:>7.3f} {(step_s - accounted) / step_s:>6.1%}")
+        print(f"{'data (read batch)':<22} {data_s / steps:>7.3f}  (before the step, not in the share)")
+
+
+if __name__ == "__main__":
+    main()
