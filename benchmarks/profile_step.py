@@ -8,13 +8,12 @@ work is timed), under `torch.profiler`, and groups the time of the top-level ope
     GEMM (the MLP's matmuls, forward and backward) · embedding gather · embedding backward (dense grad) ·
     L2 term · Adam · FTRL · other autograd/elementwise · data (reading the batch) · outside torch (Python, wire)
 
-    python -m benchmarks.profile_step [--steps 4] [--role leader|follower] [--threads 1]
+    python -m benchmarks.profile_step [--steps 4] [--role leader|follower] [--threads 1] [--precision bf16]
 """
 
 from __future__ import annotations
 
 import argparse
-import queue
 import tempfile
 import threading
 import time
@@ -27,14 +26,15 @@ from benchmarks.train import BENCH_DIR, write_data, write_job
 from data_prep.store import open_party
 from vfl_cli.job import load_job
 from vfl_cli.peer import BatchKey, LocalPeer
+from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import iterate
 from vfl_cli.train.loop import PartyRun, SilentReporter, follower_train_step, leader_train_step
 from vfl_cli.train.parties import build_party
-from vfl_cli.telemetry import Telemetry
 
 BUCKETS = (
     ("GEMM", ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul")),
-    ("embedding gather", ("aten::embedding", "aten::index_select")),
+    ("ReLU", ("aten::relu", "aten::relu_")),
+    ("embedding gather", ("aten::embedding", "aten::index_select", "aten::embedding_bag")),
     ("embedding backward", ("aten::embedding_backward", "aten::embedding_dense_backward",
                             "aten::index_add_", "aten::embedding_dense_backward_cpu")),
     ("Adam", ("Optimizer.step#Adam.step",)),
@@ -43,10 +43,24 @@ BUCKETS = (
 )
 
 
+BACKWARD_BUCKETS = (  # autograd runs each backward node as a top-level "evaluate_function: <Node>" event
+    ("GEMM", ("AddmmBackward", "MmBackward")),
+    ("embedding backward", ("EmbeddingBackward", "EmbeddingBagBackward")),
+    ("L2 term", ("SumBackward", "PowBackward", "MulBackward0", "SquareBackward")),
+    ("ReLU backward", ("ReluBackward", "ThresholdBackward")),
+    ("bf16 casts", ("ToCopyBackward",)),
+)
+
+
 def bucket_of(name: str) -> str:
     for bucket, names in BUCKETS:
         if name in names:
             return bucket
+    if name.startswith("autograd::engine::evaluate_function"):
+        for bucket, markers in BACKWARD_BUCKETS:
+            if any(marker in name for marker in markers):
+                return bucket
+        return "other backward"
     return "other torch ops"
 
 
@@ -55,12 +69,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--role", choices=("leader", "follower"), default="leader")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--top", type=int, default=0, help="also list the N largest top-level operators")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=BENCH_DIR) as tmp:
         workdir = Path(tmp)
         job = load_job(write_job(workdir, "profile", None))
+        job = job.model_copy(update={"train": job.train.model_copy(update={"precision": args.precision})})
         warmup = 2
         write_data(job, train_rows=(warmup + args.steps) * job.train.batch_size)
         data = open_party(job.data.dir, args.role)
@@ -94,6 +111,7 @@ def main() -> None:
         wall: list[float] = []
         data_s = 0.0
         totals: dict[str, float] = defaultdict(float)
+        names: dict[str, float] = defaultdict(float)
         for step in range(warmup + args.steps):
             started = time.perf_counter()
             batch = next(batches)
@@ -107,6 +125,7 @@ def main() -> None:
                     # Top-level operators only: their times already include the ops they call.
                     if event.cpu_parent is None:
                         totals[bucket_of(event.name)] += event.cpu_time_total / 1e6
+                        names[event.name] += event.cpu_time_total / 1e6
                 wall.append(time.perf_counter() - loaded)
             else:
                 step_fn(run, batch, BatchKey("train", 0, step))
@@ -114,7 +133,7 @@ def main() -> None:
         mine.abort("done")
         steps = args.steps
         step_s = sum(wall) / steps
-        print(f"{args.role}, {args.threads} thread(s), batch {batch_size}, {steps} profiled steps: "
+        print(f"{args.role}, {args.precision}, {args.threads} thread(s), batch {batch_size}, {steps} profiled steps: "
               f"{step_s:.3f} s per step (profiled; the profiler adds a little)")
         print(f"{'bucket':<22} {'s/step':>7} {'share':>6}")
         accounted = 0.0
@@ -123,6 +142,10 @@ def main() -> None:
             print(f"{bucket:<22} {seconds / steps:>7.3f} {seconds / steps / step_s:>6.1%}")
         print(f"{'outside torch ops':<22} {step_s - accounted:>7.3f} {(step_s - accounted) / step_s:>6.1%}")
         print(f"{'data (read batch)':<22} {data_s / steps:>7.3f}  (before the step, not in the share)")
+        if args.top:
+            print("\nlargest top-level operators:")
+            for name, seconds in sorted(names.items(), key=lambda item: -item[1])[: args.top]:
+                print(f"  {seconds / steps:7.3f}  {name[:100]}")
 
 
 if __name__ == "__main__":

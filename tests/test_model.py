@@ -69,6 +69,7 @@ def test_l2_penalty_is_half_coef_times_squared_deep_table() -> None:
     expected = 0.5 * 8e-5 * (bottom.deep_embedding.weight.detach().double() ** 2).sum().item()
     assert bottom.l2_penalty(8e-5).item() == pytest.approx(expected, rel=1e-6)
     assert bottom.l2_penalty(1.0).requires_grad
+    assert bottom.l2_value(8e-5) == pytest.approx(expected, rel=1e-6)
 
 
 def test_parts_built_alone_equal_the_joint_model() -> None:
@@ -135,7 +136,8 @@ def test_a_planted_signal_is_learned() -> None:
 
     joint = JointWideDeep.build(20, LEADER_F, 20, FOLLOWER_F, SMALL, seed=0)
     opts = build_optimizers(
-        joint.wide_parameters(), joint.deep_parameters(), FtrlSpec(lr=0.5), AdamSpec(lr=1e-2)
+        joint.wide_parameters(), joint.deep_parameters(), FtrlSpec(lr=0.5), AdamSpec(lr=1e-2), 8e-5,
+        joint.embedding_tables(),
     )
 
     def loss() -> torch.Tensor:
@@ -145,9 +147,49 @@ def test_a_planted_signal_is_learned() -> None:
     for _ in range(40):
         for opt in opts:
             opt.zero_grad()
-        (loss() + joint.l2_penalty(8e-5)).backward()
+        loss().backward()
         for opt in opts:
             opt.step()
     assert loss().item() < first - 0.1
     with torch.no_grad():
         assert roc_auc(labels, joint(lids, lvals, fids, fvals)) > 0.8
+
+
+def test_bottom_forward_equals_embedding_times_values() -> None:
+    """The embedding_bag forward is the reference formula: sum_f wide[id] * val and MLP(deep[ids] * vals)."""
+    bottom = WideDeepBottom(VOCAB, 5, SMALL.emb_dim, SMALL.deep_layers, part_generator(0, "leader"))
+    ids, vals = _batch(5, 33)  # vals uniform in [0, 1), as dense fields have
+    wide, deep = bottom(ids, vals)
+    reference_wide = (bottom.wide_embedding(ids).squeeze(-1) * vals).sum(dim=1, keepdim=True) + bottom.wide_bias
+    reference_deep = bottom.deep_mlp((bottom.deep_embedding(ids) * vals.unsqueeze(-1)).view(len(ids), -1))
+    torch.testing.assert_close(wide, reference_wide, rtol=1e-6, atol=1e-7)
+    assert torch.equal(deep, reference_deep)  # per-row gather and scale: the same float products
+
+
+def test_weight_decay_on_the_tables_is_the_l2_term_in_the_loss() -> None:
+    """build_optimizers' fused Adam with weight decay on the embedding tables follows the same path as plain Adam
+    on loss + 0.5 * l2 * ||tables||^2 (the L2 term of the reference)."""
+    l2 = 1e-2  # large, so a missing or doubled term would show
+    fused = JointWideDeep.build(VOCAB, LEADER_F, VOCAB, FOLLOWER_F, SMALL, seed=0)
+    plain = JointWideDeep.build(VOCAB, LEADER_F, VOCAB, FOLLOWER_F, SMALL, seed=0)
+    fused_opts = build_optimizers(fused.wide_parameters(), fused.deep_parameters(), FtrlSpec(), AdamSpec(lr=1e-2),
+                                  l2, fused.embedding_tables())
+    plain_opts = [Ftrl(plain.wide_parameters(), lr=FtrlSpec().lr, l1=FtrlSpec().l1, l2=FtrlSpec().l2,
+                       initial_accumulator=FtrlSpec().initial_accumulator),
+                  torch.optim.Adam(plain.deep_parameters(), lr=1e-2, eps=AdamSpec().eps)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        lids = torch.randint(0, VOCAB, (16, LEADER_F), generator=gen, dtype=torch.int32)
+        fids = torch.randint(0, VOCAB, (16, FOLLOWER_F), generator=gen, dtype=torch.int32)
+        lvals, fvals, labels = torch.rand(16, LEADER_F), torch.rand(16, FOLLOWER_F), torch.rand(16).round()
+        for model, opts, with_l2 in ((fused, fused_opts, False), (plain, plain_opts, True)):
+            for opt in opts:
+                opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(model(lids, lvals, fids, fvals), labels)
+            (loss + model.l2_penalty(l2) if with_l2 else loss).backward()
+            for opt in opts:
+                opt.step()
+    for (name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    untrained = JointWideDeep.build(VOCAB, LEADER_F, VOCAB, FOLLOWER_F, SMALL, seed=0)
+    assert not torch.allclose(fused.leader.deep_embedding.weight, untrained.leader.deep_embedding.weight)

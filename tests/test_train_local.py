@@ -14,7 +14,8 @@ from data_prep.store import open_party
 from tests.conftest import job_dict, write_planted_data
 from vfl_cli.errors import CheckpointError, DataError, PeerAborted, ProtocolError
 from vfl_cli.job import JobSpec, parse_job
-from vfl_cli.model.wide_deep import JointWideDeep, build_optimizers
+from vfl_cli.model.ftrl import Ftrl
+from vfl_cli.model.wide_deep import JointWideDeep
 from vfl_cli.peer import BatchKey, Hello, LocalPeer
 from vfl_cli.train.batches import iterate
 from vfl_cli.train.parties import build_party
@@ -34,8 +35,12 @@ def joint_losses(job: JobSpec, steps: int) -> list[float]:
     follower = build_party(job, "follower", follower_data.meta, device)
     assert leader.top is not None
     model = JointWideDeep(leader.bottom, follower.bottom, leader.top)
-    optimizers = build_optimizers(model.wide_parameters(), model.deep_parameters(),
-                                  job.train.wide_optimizer, job.train.deep_optimizer)
+    # The plain form of the math: L2 in the loss, Adam's loop over tensors (not build_optimizers' fused Adam
+    # with weight decay), so that split training is checked against the reference, not against itself.
+    ftrl, adam = job.train.wide_optimizer, job.train.deep_optimizer
+    optimizers = [Ftrl(model.wide_parameters(), lr=ftrl.lr, l1=ftrl.l1, l2=ftrl.l2,
+                       initial_accumulator=ftrl.initial_accumulator),
+                  torch.optim.Adam(model.deep_parameters(), lr=adam.lr, eps=adam.eps, foreach=False)]
     losses: list[float] = []
     for epoch in range(job.train.epochs):
         leader_batches = iterate(leader_data.split("train"), job.train.batch_size, job.seed, epoch, True)

@@ -25,6 +25,7 @@ from vfl_cli.job import JobSpec
 from vfl_cli.model.wide_deep import CentralWideDeep, build_optimizers, part_generator
 from vfl_cli.train.batches import Batch, Position, batch_rows, checkpoint_due, steps_per_epoch, take_batch
 from vfl_cli.train.loop import EvalResult, Reporter, TrainOutcome, log_line, score
+from vfl_cli.train.parties import use_bf16
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,20 @@ def build_model(job: JobSpec, data: BaselineData) -> CentralWideDeep:
     return CentralWideDeep(data.vocab_size, data.num_fields, job.model.emb_dim, job.model.deep_layers, generator)
 
 
+def logits(model: CentralWideDeep, job: JobSpec, batch: Batch) -> torch.Tensor:
+    """[B] float32 logits, the matmuls under bfloat16 autocast when the job's precision is bf16 (as a party's)."""
+    if not use_bf16(job.train.precision, torch.device("cpu")):
+        return model(batch.ids, batch.vals)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        return model(batch.ids, batch.vals).float()
+
+
 @torch.no_grad()
 def evaluate_baseline(model: CentralWideDeep, data: BaselineData, job: JobSpec, split: str) -> EvalResult:
     model.eval()
     probabilities = []
     for batch in data.batches(split, job.train.batch_size, job.seed, 0, shuffle=False):
-        probabilities.append(torch.sigmoid(model(batch.ids, batch.vals)))
+        probabilities.append(torch.sigmoid(logits(model, job, batch)))
     return score(data.parties[0].split(split), torch.cat(probabilities).numpy())
 
 
@@ -104,7 +113,8 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
     data = open_baseline_data(job, kind)
     model = build_model(job, data)
     optimizers = build_optimizers(
-        model.wide_parameters(), model.deep_parameters(), job.train.wide_optimizer, job.train.deep_optimizer
+        model.wide_parameters(), model.deep_parameters(), job.train.wide_optimizer, job.train.deep_optimizer,
+        job.train.l2_coef, model.embedding_tables(),
     )
     rows = data.parties[0].meta.splits["train"].rows
     total = steps_per_epoch(rows, job.train.batch_size)
@@ -137,9 +147,8 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             assert batch.labels is not None  # the leader's split always has labels
-            loss = F.binary_cross_entropy_with_logits(model(batch.ids, batch.vals), batch.labels)
-            l2 = model.l2_penalty(job.train.l2_coef)
-            (loss + l2).backward()
+            loss = F.binary_cross_entropy_with_logits(logits(model, job, batch), batch.labels)
+            loss.backward()  # the L2 term is Adam's weight decay (`build_optimizers`)
             for optimizer in optimizers:
                 optimizer.step()
             samples += len(batch)
@@ -147,7 +156,8 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
                 save(epoch * total + step + 1)
             reporter.advance(len(batch))
             if (step + 1) % job.train.log_every == 0 or step + 1 == total:
-                reporter.log(log_line(epoch, step + 1, total, loss.item(), loss.item() + l2.item()))
+                l2 = model.l2_value(job.train.l2_coef)
+                reporter.log(log_line(epoch, step + 1, total, loss.item(), loss.item() + l2))
         reporter.end()
         samples_per_s = samples / max(time.perf_counter() - started, 1e-9)
         results.append((epoch, samples_per_s, evaluate_baseline(model, data, job, "test")))

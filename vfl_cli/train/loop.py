@@ -124,21 +124,20 @@ def _received(tensors: WireTensors, key: BatchKey, rows: int, device: torch.devi
 
 def follower_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> None:
     party = run.party
-    wide, deep = party.bottom(batch.ids, batch.vals)  # (B, 1), (B, 1)
+    wide, deep = party.bottom_forward(batch.ids, batch.vals)  # (B, 1), (B, 1)
     run.peer.send("embeddings", key, run.defences.embeddings_out(wide, deep, key))
     grad_wide, grad_deep = _received(run.peer.receive("gradients", key), key, len(batch), party.device)
     party.zero_grad()
-    l2 = party.bottom.l2_penalty(run.job.train.l2_coef)
-    torch.autograd.backward([wide, deep, l2], [grad_wide, grad_deep, torch.ones_like(l2)])
+    torch.autograd.backward([wide, deep], [grad_wide, grad_deep])  # (the L2 term is Adam's weight decay)
     party.step()
 
 
-def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> tuple[float, float]:
-    """One step at the leader; returns (wide_loss, deep_loss) as in the seed's log."""
+def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> float:
+    """One step at the leader; returns the batch's log loss."""
     party = run.party
     assert party.top is not None and batch.labels is not None
     labels = run.defences.training_labels(batch.labels, key)  # the true ones unless privacy.label_dp
-    own_wide, own_deep = party.bottom(batch.ids, batch.vals)  # (B, 1), (B, 1)
+    own_wide, own_deep = party.bottom_forward(batch.ids, batch.vals)  # (B, 1), (B, 1)
     theirs = _received(run.peer.receive("embeddings", key), key, len(batch), party.device)
     # Cut the graph at both parties' outputs: the top's backward yields the follower's gradients first.
     cut = [own_wide.detach().requires_grad_(), own_deep.detach().requires_grad_()]
@@ -149,11 +148,15 @@ def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> tuple[float
     loss.backward()
     assert cut[2].grad is not None and cut[3].grad is not None
     run.peer.send("gradients", key, run.defences.gradients_out(cut[2].grad, cut[3].grad, labels, key))
-    l2 = party.bottom.l2_penalty(run.job.train.l2_coef)
-    torch.autograd.backward([own_wide, own_deep, l2], [cut[0].grad, cut[1].grad, torch.ones_like(l2)])
+    torch.autograd.backward([own_wide, own_deep], [cut[0].grad, cut[1].grad])  # L2: Adam's weight decay
     party.step()
-    log_loss_value = loss.item()
-    return log_loss_value, log_loss_value + l2.item()
+    return loss.item()
+
+
+def deep_loss(run: PartyRun, loss: float) -> float:
+    """The seed's deep_loss: the log loss plus the leader's L2 term (computed for log lines only: a pass over
+    the whole table)."""
+    return loss + run.party.bottom.l2_value(run.job.train.l2_coef)
 
 
 def save_checkpoint(run: PartyRun, run_id: str, step: int) -> None:
@@ -174,7 +177,7 @@ def train_epoch(run: PartyRun, run_id: str, epoch: int, start: int = 0) -> float
         step_started = time.perf_counter()
         batch = batch.to(run.party.device)
         if run.is_leader:
-            wide_loss, deep_loss = leader_train_step(run, batch, key)
+            loss = leader_train_step(run, batch, key)
         else:
             follower_train_step(run, batch, key)
         samples += len(batch)
@@ -184,9 +187,10 @@ def train_epoch(run: PartyRun, run_id: str, epoch: int, start: int = 0) -> float
             save_checkpoint(run, run_id, done)
         run.reporter.advance(len(batch))
         if run.is_leader and ((step + 1) % job.train.log_every == 0 or step + 1 == total):
-            run.reporter.log(log_line(epoch, step + 1, total, wide_loss, deep_loss))
+            with_l2 = deep_loss(run, loss)
+            run.reporter.log(log_line(epoch, step + 1, total, loss, with_l2))
             run.write_metrics({"event": "step", "epoch": epoch, "step": step + 1, "global_step": done,
-                               "wide_loss": wide_loss, "deep_loss": deep_loss})
+                               "wide_loss": loss, "deep_loss": with_l2})
     run.reporter.end()
     return samples / max(time.perf_counter() - started, 1e-9)
 
@@ -203,7 +207,7 @@ def forward_split(run: PartyRun, split_name: str, phase: Phase, epoch: int) -> E
     for step, batch in enumerate(iterate(split, batch_size, run.job.seed, epoch, shuffle=False)):
         key = BatchKey(phase, epoch, step)
         batch = batch.to(run.party.device)
-        wide, deep = run.party.bottom(batch.ids, batch.vals)
+        wide, deep = run.party.bottom_forward(batch.ids, batch.vals)
         if run.is_leader:
             assert run.party.top is not None
             theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.party.device)

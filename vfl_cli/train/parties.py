@@ -3,15 +3,21 @@ and the optimisers (FTRL for wide parameters, Adam for deep parameters and the t
 
 from __future__ import annotations
 
+import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from data_prep.store import PartyMeta
 from vfl_cli.errors import CheckpointError
 from vfl_cli.job import JobSpec
 from vfl_cli.model.wide_deep import TopModel, WideDeepBottom, build_optimizers, part_generator
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -27,6 +33,19 @@ class PartyModel:
     top: TopModel | None  # the leader's top; None for the follower
     optimizers: list[torch.optim.Optimizer]
     device: torch.device
+    bf16: bool = False  # run the bottom under bfloat16 autocast (`train.precision: bf16`, where supported)
+
+    def bottom_forward(self, ids: Tensor, vals: Tensor) -> tuple[Tensor, Tensor]:
+        """The bottom's (wide, deep), float32 [B, 1] each whatever the precision: they are the cut layer."""
+        with self.autocast():
+            wide, deep = self.bottom(ids, vals)
+        return wide.float(), deep.float()  # no-ops in fp32
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """bfloat16 autocast for the bottom's matmuls (weights stay float32), or nothing in fp32."""
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def train(self, mode: bool = True) -> None:
         self.bottom.train(mode)
@@ -71,6 +90,24 @@ def build_party(job: JobSpec, role: str, meta: PartyMeta, device: torch.device) 
     top = TopModel(part_generator(job.seed, "top")).to(device) if role == "leader" else None
     deep_parameters = list(bottom.deep_parameters()) + ([] if top is None else list(top.parameters()))
     optimizers = build_optimizers(
-        bottom.wide_parameters(), deep_parameters, job.train.wide_optimizer, job.train.deep_optimizer
+        bottom.wide_parameters(), deep_parameters, job.train.wide_optimizer, job.train.deep_optimizer,
+        job.train.l2_coef, bottom.embedding_tables(),
     )
-    return PartyModel(role, bottom, top, optimizers, device)
+    return PartyModel(role, bottom, top, optimizers, device, use_bf16(job.train.precision, device))
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 where the job asks for it and this party's device does it natively; else fp32, with a warning (the
+    results then differ slightly from a bf16 peer's, the protocol does not)."""
+    if precision != "bf16":
+        return False
+    if device.type == "cuda" or cpu_has_bf16():
+        return True
+    log.warning("train.precision bf16: this processor has no native bfloat16 (AVX512-BF16 or AMX); "
+                "this party computes in fp32")
+    return False
+
+
+@cache
+def cpu_has_bf16() -> bool:
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
