@@ -192,8 +192,35 @@ def rates(step_ends: list[float], warmup: int, steps: int, batch_size: int) -> t
     return timed_rate(ends, warmup, batch_size), median_rate(ends, warmup, batch_size)
 
 
+def plain_forward(model: Any, leader: Any, follower: Any) -> Any:
+    """JointWideDeep's logits as the plain torch formulation writes them (and vfl did before issue 10):
+    nn.Embedding lookups times values, out-of-place ReLU. Same weights, same values as the model's forward."""
+    import torch
+
+    def bottom(part: Any, ids: Any, vals: Any) -> tuple[Any, Any]:
+        wide = (part.wide_embedding(ids).squeeze(-1) * vals).sum(dim=1, keepdim=True) + part.wide_bias
+        x = (part.deep_embedding(ids) * vals.unsqueeze(-1)).view(len(ids), -1)
+        for layer in part.deep_mlp:
+            x = torch.relu(x) if isinstance(layer, torch.nn.ReLU) else layer(x)
+        return wide, x
+
+    leader_out = bottom(model.leader, leader.ids, leader.vals)
+    return model.top(*leader_out, *bottom(model.follower, follower.ids, follower.vals))
+
+
 def plain_torch(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
-    """The whole model in one module and one loop: the speed split learning should approach."""
+    """The yardstick: the whole model in one module, trained as a torch user writes it (and as vfl did before
+    issue 10): `plain_forward`, torch.optim.Adam's default loop over tensors, the L2 term in the loss."""
+    return joint_torch(job, warmup, steps, plain=True)
+
+
+def joint_optimised(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
+    """The same single process with vfl's kernels (embedding_bag forward, fused Adam, L2 as weight decay): what
+    the two-party run would be compared with if the yardstick were as tuned as vfl."""
+    return joint_torch(job, warmup, steps, plain=False)
+
+
+def joint_torch(job: JobSpec, warmup: int, steps: int, plain: bool) -> dict[str, Any]:
     from contextlib import nullcontext
 
     import torch
@@ -201,7 +228,7 @@ def plain_torch(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
 
     from data_prep.store import open_party
     from vfl_cli.model.ftrl import Ftrl
-    from vfl_cli.model.wide_deep import JointWideDeep
+    from vfl_cli.model.wide_deep import JointWideDeep, build_optimizers
     from vfl_cli.train.batches import iterate
 
     torch.set_num_threads(2)
@@ -211,10 +238,15 @@ def plain_torch(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
         data["follower"].meta.vocab_size, len(job.follower.fields), job.model, job.seed,
     )
     ftrl, adam = job.train.wide_optimizer, job.train.deep_optimizer
-    optimizers = [
-        Ftrl(model.wide_parameters(), lr=ftrl.lr, l1=ftrl.l1, l2=ftrl.l2, initial_accumulator=ftrl.initial_accumulator),
-        torch.optim.Adam(model.deep_parameters(), lr=adam.lr, eps=adam.eps),
-    ]
+    if plain:
+        optimizers = [
+            Ftrl(model.wide_parameters(), lr=ftrl.lr, l1=ftrl.l1, l2=ftrl.l2,
+                 initial_accumulator=ftrl.initial_accumulator),
+            torch.optim.Adam(model.deep_parameters(), lr=adam.lr, eps=adam.eps),
+        ]
+    else:
+        optimizers = build_optimizers(model.wide_parameters(), model.deep_parameters(), ftrl, adam,
+                                      job.train.l2_coef, model.embedding_tables())
     bf16 = job.train.precision == "bf16"
     batches = [iterate(data[role].split("train"), job.train.batch_size, job.seed, 0, shuffle=True) for role in ROLES]
     start = time.perf_counter()
@@ -222,8 +254,13 @@ def plain_torch(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
     for leader, follower in zip(*batches, strict=True):
         assert leader.labels is not None
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
-            logits = model(leader.ids, leader.vals, follower.ids, follower.vals).float()  # (B,)
-        loss = F.binary_cross_entropy_with_logits(logits, leader.labels) + model.l2_penalty(job.train.l2_coef)
+            if plain:
+                logits = plain_forward(model, leader, follower).float()  # (B,)
+            else:
+                logits = model(leader.ids, leader.vals, follower.ids, follower.vals).float()
+        loss = F.binary_cross_entropy_with_logits(logits, leader.labels)
+        if plain:
+            loss = loss + model.l2_penalty(job.train.l2_coef)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -256,7 +293,7 @@ def local_mode(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
     return {"step_ends": ends, "start": start}
 
 
-WORKERS = {"plain": plain_torch, "local": local_mode}
+WORKERS = {"plain": plain_torch, "joint": joint_optimised, "local": local_mode}
 
 
 def run_worker(kind: str, job_path: Path, warmup: int, steps: int, workdir: Path) -> tuple[dict[str, Any], int]:
@@ -479,8 +516,9 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[Row]:
     batch = data_job.train.batch_size
     write_data(data_job, train_rows=(args.warmup + args.steps) * batch)
     rows: list[Row] = []
-    in_process = ((PLAIN_FP32, "plain", "fp32", "1 process, 2 threads"),
+    in_process = ((PLAIN_FP32, "plain", "fp32", "1 process, 2 threads: the yardstick"),
                   (PLAIN_BF16, "plain", "bf16", "1 process, 2 threads, autocast bfloat16"),
+                  ("joint torch fp32, tuned", "joint", "fp32", "1 process, 2 threads, vfl's kernels and optimiser"),
                   ("local fp32", "local", "fp32", "1 process, both parties, 2 threads"))
     for name, kind, precision, note in in_process:
         job_path = write_job(workdir, f"{kind}-{precision}", None, precision=precision)
