@@ -28,7 +28,7 @@ in runs/bench/: per field, ids drawn Zipf-like within the field's slice of a 200
 party, vals 1.0 for categorical fields and uniform for dense ones, labels from a planted rule on both
 parties' fields. The test split is one small batch, because each epoch ends with an eval.
 
-    python -m benchmarks.train [--steps 8] [--warmup 2] [--skip-two-party] [--keep]
+    python -m benchmarks.train [--steps 12] [--warmup 2] [--skip-two-party] [--keep]
 """
 
 from __future__ import annotations
@@ -487,7 +487,7 @@ def write_json(rows: list[Row], checks: dict[str, bool | None], config: dict[str
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="timed training steps per row (default 8)")
+    parser.add_argument("--steps", type=int, default=12, help="timed training steps per row (default 12)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2, at least 1)")
     parser.add_argument("--skip-two-party", action="store_true", help="skip the two-process HTTPS row")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (data, jobs, logs) in runs/bench/")
