@@ -2,7 +2,8 @@
 leader's and the follower's own tables (80% of customers in common, different rows, different orders), each
 table prepared by its owner, dev certificates, a private set intersection over mutually authenticated HTTPS,
 leader and follower training as two processes, evaluation, then a file of new customers prepared with the
-trained vocabularies, intersected again and scored. Ends with a summary.
+trained vocabularies, intersected again and scored; then `vfl report` plots the training run into one HTML
+page. Ends with a summary.
 
     python scripts/demo.py jobs/demo.yaml            # make demo
     python scripts/demo.py jobs/smoke.yaml --check   # make smoke-test: also asserts the outcome
@@ -230,8 +231,13 @@ def main() -> None:
     two_parties("infer", "--job", job, "--data", str(aligned), "--split", "all", log_dir=new / "logs",
                 role_args={"leader": ["--out", str(predictions)]})
 
+    # --- report: plots and a one-page summary of the training run ---------------------------------------
+    run_dir = Path(spec["train"]["run_dir"])
+    step("report: loss, AUC and speed plots and a one-page HTML summary of the training run")
+    report_page = vfl("report", "--run", str(run_dir), "--job", job).strip()
+
     # --- summary ----------------------------------------------------------------------------------------
-    metrics = [json.loads(line) for line in (Path(spec["train"]["run_dir"]) / "leader" / "metrics.jsonl").open()]
+    metrics = [json.loads(line) for line in (run_dir / "leader" / "metrics.jsonl").open()]
     speeds = [m["train_samples_per_s"] for m in metrics if m["event"] == "epoch"]
     traffic = TRAFFIC_LINE.search(leader_out)
     scored_rows = len(predictions.read_text().splitlines()) - 1
@@ -247,6 +253,7 @@ def main() -> None:
           f"(leader {scored.leader:,}, follower {scored.follower:,})")
     print(f"scored {scored_rows:,} new customers -> {predictions}")
     print(f"AUC on the new customers:          {scored_auc:.6f} (against labels only the simulation knows)")
+    print(f"training report:                   {report_page}")
     print(f"total time:                        {time.perf_counter() - started:,.0f} s")
     if args.check:
         print(f"local (one process) test AUC:      {local_auc:.6f}")
@@ -254,6 +261,7 @@ def main() -> None:
         assert abs(train_auc - local_auc) <= 1e-6, f"two-process AUC {train_auc} != local AUC {local_auc}"
         check_predictions(predictions, common_ids(new, spec))
         assert scored_auc > 0.6, f"AUC {scored_auc} on the new customers: the model does not carry over"
+        assert Path(report_page).is_file(), f"vfl report printed {report_page!r}, not a file"
         print("smoke test passed")
 
 

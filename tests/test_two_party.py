@@ -63,11 +63,17 @@ ALL_DEFENCES = {"label_dp": {"eps": 2.0}, "marvell": {"power": 4.0},
                 "embedding_dp": {"clip_norm": 2.0, "sigma": 0.1}, "quantize": {"embeddings": 6, "gradients": 3}}
 
 
-@pytest.mark.parametrize("privacy", [None, ALL_DEFENCES], ids=["no-defences", "all-defences"])
-def test_two_processes_train_like_one(tls_setup: tuple[dict[str, Any], Path], privacy: dict | None) -> None:
+# Validation with early stopping: the leader's `selection` messages cross the wire after every epoch.
+SELECTION = {"data": {"valid_fraction": 0.25}, "train": {"epochs": 3, "early_stopping": {"patience": 1}}}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"privacy": ALL_DEFENCES}, SELECTION],
+                         ids=["plain", "all-defences", "model-selection"])
+def test_two_processes_train_like_one(tls_setup: tuple[dict[str, Any], Path], overrides: dict) -> None:
     spec, job = tls_setup
-    if privacy is not None:
-        job = write_job(job.parent, {**spec, "privacy": privacy})
+    if overrides:
+        merged = {key: {**spec.get(key, {}), **value} for key, value in overrides.items()}
+        job = write_job(job.parent, {**spec, **merged})
     local = subprocess.run([*VFL, "train", "--role", "local", "--job", str(job)], capture_output=True, text=True,
                            env=environment())
     local_auc = float(re.search(r"test: AUC (\d\.\d+)", local.stdout).group(1))

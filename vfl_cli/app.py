@@ -11,7 +11,7 @@ import sys
 import typer
 
 from vfl_cli import __version__
-from vfl_cli.commands import audit, certs, prep, psi, run
+from vfl_cli.commands import audit, certs, prep, psi, report, run
 from vfl_cli.console import console, print_error
 from vfl_cli.errors import VflError
 
@@ -40,6 +40,7 @@ app.command("train")(run.train)
 app.command("eval")(run.evaluate)
 app.command("infer")(run.infer)
 app.command("audit")(audit.audit)
+app.command("report")(report.report)
 
 
 @app.callback()

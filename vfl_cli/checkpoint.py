@@ -42,6 +42,8 @@ from vfl_cli.train.batches import Position
 FORMAT_VERSION = 2
 KEEP = 2  # the parties can be at most one checkpoint apart (see `agree`), so two always share one
 RUN_FILE = "run.json"
+SELECTED_FILE = "selected.pt"  # a hard link to the best-validation epoch's checkpoint (data.valid_fraction > 0)
+SELECTED_RECORD = "selected.json"  # {run_id, step, epoch, valid_auc} of that checkpoint: the record is what counts
 FILE_PATTERN = re.compile(r"checkpoint-(\d{9})\.pt")
 TEMP_PREFIX = ".tmp-"  # a leftover from a crash mid-write; never matches FILE_PATTERN
 RESTART_HINT = "rerun `vfl train` on both sides with --restart to start over"
@@ -188,6 +190,49 @@ class CheckpointStore:
                 path.unlink(missing_ok=True)
         for temp in self.directory.glob(f"{TEMP_PREFIX}*"):
             temp.unlink(missing_ok=True)
+        selected = self.selected(run_id)
+        if selected is None or selected["step"] > step:  # another run's, or from the history beyond `step`
+            self.drop_selected()
+
+    # -- model selection: the best-validation epoch's checkpoint, kept whatever newer ones come and go
+
+    def select(self, run_id: str, step: int, epoch: int, valid_auc: float | None) -> None:
+        """Keep the checkpoint at `step` (just saved) as the selected one: a hard link, so no copy of the
+        weights; the record is written last, so a crash in between leaves the previous selection's record,
+        which no longer matches the linked file and is then ignored."""
+        temp = self.directory / f"{TEMP_PREFIX}selected"
+        temp.unlink(missing_ok=True)
+        os.link(self.directory / file_name(step), temp)
+        os.replace(temp, self.directory / SELECTED_FILE)
+        record = {"run_id": run_id, "step": step, "epoch": epoch, "valid_auc": valid_auc}
+        _write_atomically(self.directory / SELECTED_RECORD, lambda f: f.write(json.dumps(record).encode()))
+
+    def selected(self, run_id: str) -> dict[str, Any] | None:
+        """The selection record of `run_id` ({run_id, step, epoch, valid_auc}), or None."""
+        try:
+            record = json.loads((self.directory / SELECTED_RECORD).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("run_id") != run_id or not isinstance(record.get("step"), int):
+            return None
+        return record
+
+    def load_selected(self) -> dict[str, Any] | None:
+        """The selected checkpoint of this party's run, or None when there is none (no validation split, or no
+        epoch finished yet)."""
+        run_id = self.run_id()
+        record = self.selected(run_id) if run_id else None
+        if record is None:
+            return None
+        path = self.directory / SELECTED_FILE
+        payload = _check_job(path, _read(path), self.job_fingerprint)
+        if payload.get("run_id") != run_id or payload.get("step") != record["step"]:
+            return None  # a crash between the link and the record: the record's checkpoint is not there
+        return payload
+
+    def drop_selected(self) -> None:
+        (self.directory / SELECTED_RECORD).unlink(missing_ok=True)
+        (self.directory / SELECTED_FILE).unlink(missing_ok=True)
 
     def save(self, run_id: str, step: int, epoch: int, epoch_step: int, state: dict[str, Any]) -> Path:
         """Write the checkpoint at `step`, then drop all but the newest KEEP (only once the new one is safe)."""

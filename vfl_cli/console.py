@@ -91,10 +91,10 @@ class RichReporter:
             self._progress = None
 
 
-def epoch_table(rows: list[tuple[int, float, float | None, float | None]], title: str) -> Table:
-    """Epoch, train samples/s, test AUC, test log loss."""
+def epoch_table(rows: list[tuple[int, float, float | None, float | None]], title: str, scored: str = "test") -> Table:
+    """Epoch, train samples/s, AUC and log loss on the split scored each epoch (valid, or test)."""
     table = Table(title=title, title_justify="left")
-    for name in ("epoch", "samples/s", "test AUC", "test log loss"):
+    for name in ("epoch", "samples/s", f"{scored} AUC", f"{scored} log loss"):
         table.add_column(name, justify="right")
     for epoch, speed, auc, loss in rows:
         table.add_row(str(epoch), f"{speed:,.0f}", "-" if auc is None else f"{auc:.6f}",

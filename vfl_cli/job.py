@@ -103,6 +103,10 @@ class DataSpec(_Spec):
     dir: Path = Path("runs/data")  # where `vfl prep` writes and training reads: <dir>/<role>/{train,test}/
     threshold: Annotated[int, Field(ge=0)] = 100  # a categorical value seen more than this many times gets an id
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # share of rows in the seeded test split
+    # share of the training rows held out for validation (carved at training time from the seed, the same rows
+    # at both parties); > 0 turns on model selection: each epoch is scored on validation, eval and infer use the
+    # best epoch, and the test split is scored once, at the end
+    valid_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
 class ModelSpec(_Spec):
@@ -124,6 +128,10 @@ class AdamSpec(_Spec):
     eps: PositiveFloat = 1e-8
 
 
+class EarlyStoppingSpec(_Spec):
+    patience: PositiveInt  # stop after this many epochs without a better validation AUC
+
+
 class TrainSpec(_Spec):
     epochs: PositiveInt = 15
     batch_size: PositiveInt = 16000  # samples per step
@@ -135,6 +143,7 @@ class TrainSpec(_Spec):
     # fp32, or bf16: the bottoms' matmuls in bfloat16 under autocast (CPUs with AVX512-BF16/AMX, CUDA), with
     # float32 weights, optimiser states and cut-layer tensors; ~2.5x faster at the reference size here
     precision: Literal["fp32", "bf16"] = "fp32"
+    early_stopping: EarlyStoppingSpec | None = None  # needs data.valid_fraction > 0
     run_dir: Path = Path("runs/train")  # checkpoints and metrics.jsonl go to <run_dir>/<role>/
 
 
@@ -264,6 +273,8 @@ class JobSpec(_Spec):
             raise ValueError(f"parties: field(s) {', '.join(sorted(shared))} held by both parties")
         if self.leader.name == self.follower.name:
             raise ValueError("parties: leader and follower need different names")
+        if self.train.early_stopping is not None and self.data.valid_fraction == 0:
+            raise ValueError("train.early_stopping needs a validation split: set data.valid_fraction > 0")
         return self
 
     @property
@@ -289,7 +300,8 @@ class JobSpec(_Spec):
             "seed": self.seed,
             "fields": {role: list(p.fields) for role, p in sorted(self.parties.items())},
             "names": {role: p.name for role, p in sorted(self.parties.items())},
-            "data": {"threshold": self.data.threshold, "test_fraction": self.data.test_fraction},
+            "data": {"threshold": self.data.threshold, "test_fraction": self.data.test_fraction,
+                     "valid_fraction": self.data.valid_fraction},
             "psi": self.psi.model_dump(mode="json"),
             "model": self.model.model_dump(mode="json"),
             "train": self.train.model_dump(mode="json", exclude={"run_dir", "log_every"}),

@@ -33,9 +33,12 @@ from vfl_cli.privacy.quantize import QuantizedTensor
 
 T = TypeVar("T")
 PROTOCOL_VERSION = 2
-Kind = Literal["embeddings", "gradients", "psi_blinded", "psi_reblinded"]
+Kind = Literal["embeddings", "gradients", "selection", "psi_blinded", "psi_reblinded"]
 Phase = Literal["train", "eval", "infer", "psi"]
-KINDS: tuple[Kind, ...] = ("embeddings", "gradients", "psi_blinded", "psi_reblinded")
+KINDS: tuple[Kind, ...] = ("embeddings", "gradients", "selection", "psi_blinded", "psi_reblinded")
+# "selection": after each epoch's validation, the leader tells the follower which step is the best so far and
+# whether to stop early (int64 [1] each), so that both keep the same checkpoint for eval and infer
+SELECTION_TENSORS = ("best_step", "stop")
 PSI_KINDS: tuple[Kind, ...] = ("psi_blinded", "psi_reblinded")  # both parties send and receive these
 PHASES: tuple[Phase, ...] = ("train", "eval", "infer", "psi")
 CUT_TENSORS = ("wide", "deep")  # the names of the cut-layer tensors, each [B, 1], float32 or quantised

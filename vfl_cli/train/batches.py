@@ -36,6 +36,9 @@ class Batch:
         )
 
 
+VALID_STREAM = 0x0A11D  # the validation carve's own random stream, apart from the batch order's (seed, epoch)
+
+
 def steps_per_epoch(rows: int, batch_size: int) -> int:
     return -(-rows // batch_size)
 
@@ -95,9 +98,45 @@ def take_batch(split: SplitArrays, rows: np.ndarray) -> Batch:
 
 
 def iterate(
-    split: SplitArrays, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0
+    split: SplitArrays | SplitView, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0
 ) -> Iterator[Batch]:
     """The epoch's batches from step `start` on. The order depends on (seed, epoch) alone, so a run resumed
     at step s gets the same batches as one that never stopped; the first s are skipped unread."""
-    for rows in batch_rows(len(split), batch_size, seed, epoch, shuffle)[start:]:
-        yield take_batch(split, rows)
+    view = split if isinstance(split, SplitView) else SplitView(split)
+    for rows in batch_rows(len(view), batch_size, seed, epoch, shuffle)[start:]:
+        yield take_batch(view.arrays, view.stored(rows))
+
+
+def carve_valid(rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, valid rows) of a stored training split of `rows` rows, each sorted: `fraction` of them
+    (at least one) held out for validation, chosen from the seed alone, so both parties hold out the same rows."""
+    held_out = max(1, round(rows * fraction))
+    if held_out >= rows:
+        raise ValueError(f"data.valid_fraction {fraction} leaves no training rows of {rows}")
+    order = np.random.Generator(np.random.PCG64([seed, VALID_STREAM])).permutation(rows)
+    return np.sort(order[held_out:]), np.sort(order[:held_out])
+
+
+@dataclass(frozen=True)
+class SplitView:
+    """A stored split, or some of its rows (train and valid carved from the stored train split)."""
+
+    arrays: SplitArrays
+    rows: np.ndarray | None = None  # sorted indices into `arrays`; None = all of them
+
+    def __len__(self) -> int:
+        return len(self.arrays) if self.rows is None else len(self.rows)
+
+    def stored(self, positions: np.ndarray) -> np.ndarray:
+        """Indices into the stored arrays of the view's rows at `positions` (sorted in, sorted out)."""
+        return positions if self.rows is None else self.rows[positions]
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        labels = self.arrays.labels
+        return None if labels is None else np.asarray(labels if self.rows is None else labels[self.rows])
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        ids = self.arrays.sample_ids
+        return np.asarray(ids if self.rows is None else ids[self.rows])

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 
 from data_prep.store import PartyData, SplitArrays
 from vfl_cli.checkpoint import CheckpointStore
-from vfl_cli.errors import ProtocolError
+from vfl_cli.errors import CheckpointError, ProtocolError
 from vfl_cli.job import JobSpec
 from vfl_cli.metrics import log_loss, roc_auc
 from vfl_cli.peer import BatchKey, Peer, Phase, WireTensors
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.telemetry import Telemetry
-from vfl_cli.train.batches import Batch, Position, checkpoint_due, iterate, steps_per_epoch
+from vfl_cli.train.batches import Batch, Position, SplitView, carve_valid, checkpoint_due, iterate, steps_per_epoch
 from vfl_cli.train.parties import PartyModel
 
 
@@ -76,7 +76,8 @@ class TrainOutcome:
     run_id: str
     start: Position  # where the session began: step 0 of a new run, or the agreed step of a resumed one
     resumed: bool  # continued a run already under way (possibly rolled back), rather than starting one
-    epochs: list[tuple[int, float, EvalResult | None]]  # (epoch, train samples/s, test result at the leader)
+    epochs: list[tuple[int, float, EvalResult | None]]  # (epoch, train samples/s, valid or test result at leader)
+    final_test: EvalResult | None = None  # with validation: the selected epoch on the test split (leader only)
 
 
 @dataclass
@@ -105,8 +106,25 @@ class PartyRun:
         return CutLayerDefences(self.job.privacy, self.job.seed)
 
     @property
+    def validating(self) -> bool:
+        """Model selection on a validation split (data.valid_fraction > 0)."""
+        return self.job.data.valid_fraction > 0
+
+    @cached_property
+    def _carved(self) -> tuple[np.ndarray, np.ndarray]:
+        return carve_valid(len(self.data.split("train")), self.job.data.valid_fraction, self.job.seed)
+
+    def view(self, name: str) -> SplitView:
+        """The rows this run uses as split `name`: with validation, "train" and "valid" are carved from the
+        stored train split (the same rows at both parties: the carve depends on the seed alone)."""
+        if not self.validating or name not in ("train", "valid"):
+            return SplitView(self.data.split(name))
+        train_rows, valid_rows = self._carved
+        return SplitView(self.data.split("train"), train_rows if name == "train" else valid_rows)
+
+    @property
     def steps_per_epoch(self) -> int:
-        return steps_per_epoch(self.data.meta.splits["train"].rows, self.job.train.batch_size)
+        return steps_per_epoch(len(self.view("train")), self.job.train.batch_size)
 
     def write_metrics(self, record: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +184,7 @@ def save_checkpoint(run: PartyRun, run_id: str, step: int) -> None:
 
 def train_epoch(run: PartyRun, run_id: str, epoch: int, start: int = 0) -> float:
     """One pass over the training split from step `start` on; returns samples per second."""
-    job, split = run.job, run.data.split("train")
+    job, split = run.job, run.view("train")
     total = run.steps_per_epoch
     run.party.train(True)
     run.reporter.begin(f"{run.role} epoch {epoch}", len(split) - min(start * job.train.batch_size, len(split)))
@@ -199,7 +217,7 @@ def train_epoch(run: PartyRun, run_id: str, epoch: int, start: int = 0) -> float
 def forward_split(run: PartyRun, split_name: str, phase: Phase, epoch: int) -> EvalResult | None:
     """Predict a whole split together: the follower sends embeddings, the leader scores.
     Returns the leader's result (AUC and log loss where it has labels); None at the follower."""
-    split: SplitArrays = run.data.split(split_name)
+    split = run.view(split_name)
     batch_size = run.job.train.batch_size
     run.party.train(False)
     run.reporter.begin(f"{run.role} {phase} {split_name}", len(split))
@@ -222,7 +240,7 @@ def forward_split(run: PartyRun, split_name: str, phase: Phase, epoch: int) -> E
     return score(split, probs)
 
 
-def score(split: SplitArrays, probs: np.ndarray) -> EvalResult:
+def score(split: SplitArrays | SplitView, probs: np.ndarray) -> EvalResult:
     """AUC and log loss of `probs` against the split's labels (NaN where they are undefined)."""
     labels = split.labels
     has_both_classes = labels is not None and len(labels) > 0 and 0 < float(np.sum(labels)) < len(labels)
@@ -241,17 +259,81 @@ def log_line(epoch: int, step: int, total: int, wide_loss: float, deep_loss: flo
 
 
 def train(run: PartyRun, run_id: str, start: Position) -> Iterator[tuple[int, float, EvalResult | None]]:
-    """Train from `start` to the last epoch; after each, evaluate on the test split and checkpoint.
-    Yields (epoch, train samples/s, test result at the leader) as each epoch ends."""
+    """Train from `start` to the last epoch (or an early stop); after each epoch, score the validation split
+    (the test split when there is none), checkpoint, and with validation agree on the best epoch so far.
+    Yields (epoch, train samples/s, that epoch's result at the leader) as each epoch ends."""
+    scored = "valid" if run.validating else "test"
+    if run.validating and stopped_before(run, run_id, start):
+        return
     for epoch in range(start.epoch, run.job.train.epochs):
         started = time.perf_counter()
         samples_per_s = train_epoch(run, run_id, epoch, start.epoch_step if epoch == start.epoch else 0)
-        result = forward_split(run, "test", "eval", epoch)
-        save_checkpoint(run, run_id, (epoch + 1) * run.steps_per_epoch)
+        result = forward_split(run, scored, "eval", epoch)
+        step = (epoch + 1) * run.steps_per_epoch
+        save_checkpoint(run, run_id, step)
         record = {"event": "epoch", "epoch": epoch, "train_samples_per_s": samples_per_s,
                   "seconds": time.perf_counter() - started}
         if result is not None:
-            record |= {"test_auc": result.auc, "test_log_loss": result.log_loss}
+            record |= {f"{scored}_auc": result.auc, f"{scored}_log_loss": result.log_loss}
             run.telemetry.evaluated(result.auc)
         run.write_metrics(record)
+        stop = run.validating and select(run, run_id, epoch, step, result)
         yield epoch, samples_per_s, result
+        if stop:
+            run.reporter.log(f"early stop after epoch {epoch}: no better validation AUC for "
+                             f"{run.job.train.early_stopping.patience if run.job.train.early_stopping else 0} epochs")
+            return
+
+
+def select(run: PartyRun, run_id: str, epoch: int, step: int, result: EvalResult | None) -> bool:
+    """After epoch `epoch` (checkpointed at `step`): the leader, which alone sees the validation AUC, picks the
+    best epoch so far and whether to stop, and tells the follower (one `selection` message: two integers);
+    both keep the best epoch's checkpoint as the selected one. Returns whether to stop.
+
+    What the follower learns from it: which epoch scored best on validation, one number per epoch."""
+    store, key = run.checkpoints, BatchKey("eval", epoch, 0)
+    patience = run.job.train.early_stopping
+    if run.is_leader:
+        assert result is not None
+        best = store.selected(run_id)
+        better = best is None or result.auc > best["valid_auc"]  # NaN (one class) is never better
+        best_step, best_epoch = (step, epoch) if better else (best["step"], best["epoch"])  # type: ignore[index]
+        stop = patience is not None and epoch - best_epoch >= patience.patience
+        if better:
+            store.select(run_id, step, epoch, result.auc)
+        run.peer.send("selection", key, {"best_step": torch.tensor([best_step]), "stop": torch.tensor([int(stop)])})
+        run.write_metrics({"event": "selected", "epoch": best_epoch, "step": best_step,
+                           "valid_auc": result.auc if better else best["valid_auc"]})  # type: ignore[index]
+        return stop
+    message = run.peer.receive("selection", key)
+    best_step, stop = int(message["best_step"][0]), bool(message["stop"][0])  # type: ignore[index]
+    held = store.selected(run_id)
+    if best_step == step:
+        store.select(run_id, step, epoch, None)
+    elif held is None or held["step"] != best_step:
+        raise ProtocolError(f"the leader selected step {best_step}, which this side never selected "
+                            f"(it holds {held['step'] if held else 'none'}); rerun both sides with --restart")
+    return stop
+
+
+def stopped_before(run: PartyRun, run_id: str, start: Position) -> bool:
+    """Whether a resumed run had already stopped early: both sides read it from their own selection record."""
+    patience, held = run.job.train.early_stopping, run.checkpoints.selected(run_id)
+    if patience is None or held is None or start.epoch_step != 0 or start.epoch == 0:
+        return False
+    return start.epoch - 1 - held["epoch"] >= patience.patience
+
+
+def final_test(run: PartyRun) -> EvalResult | None:
+    """With validation: load the selected checkpoint and score the test split, once. The leader's result;
+    None at the follower, or when no epoch was selected."""
+    payload = run.checkpoints.load_selected()
+    if payload is None:
+        raise CheckpointError(f"{run.checkpoints.directory}: no selected checkpoint to score the test split with")
+    run.party.load_state_dict(payload["state"])
+    result = forward_split(run, "test", "eval", run.job.train.epochs)  # an epoch number no training eval uses
+    if result is not None:
+        epoch = payload["step"] // run.steps_per_epoch - 1  # selected checkpoints are epoch ends
+        run.write_metrics({"event": "final_test", "epoch": epoch, "step": payload["step"],
+                           "auc": result.auc, "log_loss": result.log_loss, "rows": result.rows})
+    return result

@@ -37,6 +37,7 @@ from vfl_cli.train.loop import (
     Reporter,
     SilentReporter,
     TrainOutcome,
+    final_test,
     forward_split,
     train,
 )
@@ -134,7 +135,9 @@ def train_session(run: PartyRun, restart: bool = False) -> TrainOutcome:
                            "epoch_step": start.epoch_step})
     else:
         run.write_metrics({"event": "start", "run_id": agreed.run_id})
-    return TrainOutcome(agreed.run_id, start, agreed.resumed, list(train(run, agreed.run_id, start)))
+    epochs = list(train(run, agreed.run_id, start))
+    final = final_test(run) if run.validating else None
+    return TrainOutcome(agreed.run_id, start, agreed.resumed, epochs, final)
 
 
 def load_agreed_model(run: PartyRun, run_dir: Path, command: str, extra: dict[str, str]) -> None:
@@ -144,7 +147,8 @@ def load_agreed_model(run: PartyRun, run_dir: Path, command: str, extra: dict[st
     payload: dict[str, Any] | None = None
     problem: CheckpointError | None = None
     try:
-        payload = store.newest()
+        # With validation, the best epoch's checkpoint (model selection); else the newest.
+        payload = store.load_selected() or store.newest()
     except CheckpointError as exc:
         problem = exc
     run_id, steps = (payload["run_id"], (payload["step"],)) if payload else ("", ())

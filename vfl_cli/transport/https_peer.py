@@ -45,7 +45,7 @@ from vfl_cli.transport.codec import (
 )
 from vfl_cli.transport.inbox import Inbox
 from vfl_cli.transport.listener import ServerThread
-from vfl_cli.transport.server import RECEIVES, create_app
+from vfl_cli.transport.server import CONTROL, RECEIVES, create_app
 from vfl_cli.transport.tls import (
     CertificateSummary,
     client_ssl_context,
@@ -153,7 +153,7 @@ class HttpsPeer(Peer):
         self.telemetry.sent(kind, len(body))
 
     def receive(self, kind: Kind, key: BatchKey) -> WireTensors:
-        if kind not in (RECEIVES[self._role], *PSI_KINDS):
+        if kind not in (RECEIVES[self._role], *CONTROL[self._role], *PSI_KINDS):
             raise ValueError(f"the {self._role} never receives {kind}")
         timeout_s = self._job.transport.timeout_s
         message = self._inbox.next_tensors(self._peer.name, kind, timeout_s)

@@ -22,6 +22,7 @@ from collections.abc import MutableMapping
 from functools import lru_cache
 from typing import Any
 
+import torch
 from cryptography import x509
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -30,7 +31,7 @@ from starlette.requests import ClientDisconnect
 
 from vfl_cli.errors import ProtocolError
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import CUT_TENSORS, PSI_KINDS, PSI_POINTS, Kind, WireTensor, WireTensors
+from vfl_cli.peer import CUT_TENSORS, PSI_KINDS, PSI_POINTS, SELECTION_TENSORS, Kind, WireTensor, WireTensors
 from vfl_cli.privacy.quantize import QuantizedTensor
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import AbortMessage, HelloMessage, Message, TensorMessage, decode
@@ -40,6 +41,7 @@ from vfl_cli.transport.tls import peer_common_name
 log = logging.getLogger(__name__)
 
 RECEIVES: dict[Role, Kind] = {"leader": "embeddings", "follower": "gradients"}  # the cut-layer kind each takes
+CONTROL: dict[Role, tuple[Kind, ...]] = {"leader": (), "follower": ("selection",)}  # and the control kinds
 POINT_BYTES = 32  # a ristretto255 point
 RETRY_AFTER_S = 1  # what a 503 asks the sender to wait at most; it backs off from much shorter pauses
 
@@ -66,7 +68,7 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
     peer_role = job.peer_role(role)
     peer_name = job.party(peer_role).name
     fingerprint = job.fingerprint()
-    accepts = (RECEIVES[role], *PSI_KINDS)
+    accepts = (RECEIVES[role], *CONTROL[role], *PSI_KINDS)
     limit = job.transport.max_body_bytes
     # Both sides run the same job (its fingerprint is checked on every message), so the bits are known here.
     quantize = job.privacy.quantize
@@ -120,6 +122,8 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
         try:
             if message.kind in PSI_KINDS:
                 check_points(message.tensors, job.psi.batch_size)
+            elif message.kind == "selection":
+                check_selection(message.tensors)
             else:
                 check_cut_tensors(message.tensors, job.train.batch_size, bits)
             status = inbox.offer(sender, message, size)
@@ -215,6 +219,19 @@ def _describe(tensor: WireTensor) -> str:
     if isinstance(tensor, QuantizedTensor):
         return f"{tensor.bits}-bit quantised"
     return f"dtype {str(tensor.dtype).removeprefix('torch.')}"
+
+
+def check_selection(tensors: WireTensors) -> None:
+    """Exactly best_step and stop, each int64 [1]; stop is 0 or 1, best_step at least 1 (an epoch end)."""
+    if set(tensors) != set(SELECTION_TENSORS):
+        got = ", ".join(sorted(name[:40] for name in tensors)) or "none"
+        raise ProtocolError(f"tensors: expected exactly {', '.join(SELECTION_TENSORS)}; got {got}")
+    for name in SELECTION_TENSORS:
+        tensor = tensors[name]
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tuple(tensor.shape) != (1,):
+            raise ProtocolError(f"tensors.{name}: expected int64 [1]")
+    if int(tensors["stop"][0]) not in (0, 1) or int(tensors["best_step"][0]) < 1:  # type: ignore[index]
+        raise ProtocolError("tensors: stop must be 0 or 1 and best_step at least 1")
 
 
 def check_points(tensors: WireTensors, max_batch: int) -> None:
