@@ -6,7 +6,10 @@ writer in `data_prep.store`.
 - Columns of ids/vals follow the order of the party's `fields` in the job.
 - Ids per party: fields in that order get consecutive ranges. A dense field has one id; a categorical field
   has its OOV id first, then one id per frequent value in lexicographic order of the raw string.
-- Dense val = value / column max over all input rows (1.0 if that max <= 0); missing -> 0.0, same id.
+- Dense val, by the job's `data.dense`: `max`, value / column max over all input rows; `log`,
+  log(1 + max(value, 0)) / column max of that over all input rows (so in [0, 1]). The divisor is 1.0 where
+  that max <= 0; missing -> 0.0, same id. dense_max.json keeps the divisors, and `"scaling": "log"` for
+  `log` (absent = `max`, so `max` output is byte for byte what it was before the setting existed).
 - A categorical value counted more than `threshold` times gets its own id; rarer values and missing ones
   get the field's OOV id; categorical val = 1.0.
 - Row r (0-based line number) is in the test split iff u(seed, r) < test_fraction, where u is the
@@ -21,8 +24,9 @@ import resource
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +38,8 @@ from vfl_cli.errors import DataError
 from vfl_cli.job import DENSE_FIELDS, JobSpec, PartySpec, Role
 
 COMPACT_MIN_VALUES = 100_000  # pending distinct values per field before a first merge (~2 MB)
+DenseScaling = Literal["max", "log"]  # the job's data.dense
+SCALING_KEY = "scaling"  # in dense_max.json beside the fields' divisors; absent = "max"
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -97,13 +103,14 @@ class _ValueCounter:
 
 @dataclass
 class Counts:
-    """What pass 1 learns about the input: sizes, dense column maxima, frequent categorical values."""
+    """What pass 1 learns about the input: sizes, dense divisors, frequent categorical values."""
 
     rows: int
     test_rows: int
     positives: int | None  # label-1 rows, when the label was read
-    dense_max: dict[str, float]
+    dense_max: dict[str, float]  # dense field -> divisor: the column max of its scaled values, 1.0 if <= 0
     frequent: dict[str, pa.Array]
+    dense_scaling: DenseScaling = "max"
 
 
 def count_pass(
@@ -113,6 +120,7 @@ def count_pass(
     seed: int,
     test_fraction: float,
     on_batch: Callable[[int, pa.RecordBatch], None] | None = None,
+    dense_scaling: DenseScaling = "max",
 ) -> Counts:
     """Pass 1: rows, test rows, label-1 rows, dense maxima and categorical counts over the whole input.
 
@@ -142,9 +150,28 @@ def count_pass(
         rows=rows,
         test_rows=test_rows,
         positives=positives,
-        dense_max={f: maxima[f] if maxima.get(f, 0.0) > 0 else 1.0 for f in dense},
+        dense_max={f: _divisor(maxima.get(f), dense_scaling) for f in dense},
         frequent={f: counter.frequent(threshold) for f, counter in counters.items()},
+        dense_scaling=dense_scaling,
     )
+
+
+def _divisor(top: float | None, scaling: DenseScaling) -> float:
+    """The column max of the scaled values from the raw column max (None: all missing); 1.0 if it is <= 0.
+
+    log1p(max(x, 0)) grows with x, so its column max is log1p of the raw one: no pass of its own.
+    """
+    if top is None or top <= 0:
+        return 1.0
+    return float(np.log1p(top)) if scaling == "log" else top
+
+
+def scale_dense(values: np.ndarray, divisor: float, scaling: DenseScaling) -> np.ndarray:
+    """Raw dense values (NaN where missing) -> their vals: scaled, divided by `divisor`, missing -> 0.0."""
+    if scaling == "log":
+        values = np.log1p(np.maximum(values, 0))  # negatives (Criteo's I2 has some) -> 0; NaN stays NaN
+    values = values / divisor
+    return np.where(np.isnan(values), 0.0, values)
 
 
 # --- the per-party vocabulary ----------------------------------------------------------------------------
@@ -160,6 +187,7 @@ class PartyVocab:
     size: int  # total ids
     frequent: dict[str, pa.Array]  # categorical field -> its frequent values in id order
     dense_max: dict[str, float]  # dense field -> divisor
+    dense_scaling: DenseScaling = "max"  # how dense values are scaled before the divisor
 
     @classmethod
     def build(cls, role: Role, party: PartySpec, counts: Counts) -> PartyVocab:
@@ -175,6 +203,7 @@ class PartyVocab:
             size=next_id,
             frequent={f: counts.frequent[f] for f in party.categorical_fields},
             dense_max={f: counts.dense_max[f] for f in party.dense_fields},
+            dense_scaling=counts.dense_scaling,
         )
 
     @classmethod
@@ -186,10 +215,13 @@ class PartyVocab:
             dense_max = json.loads((directory / "dense_max.json").read_text())
             fields, offsets, size = tuple(meta["fields"]), dict(meta["field_offsets"]), int(meta["vocab_size"])
             scales = {f: float(dense_max[f]) for f in party.dense_fields if f in fields}
+            scaling = dense_max.get(SCALING_KEY, "max")  # written before the setting existed: max
         except FileNotFoundError as exc:
             raise DataError(f"{exc.filename}: missing; --vocab-from needs a prepared party's directory") from exc
         except (ValueError, TypeError, KeyError) as exc:
             raise DataError(f"{directory}: unreadable vocabulary ({exc!r})") from exc
+        if scaling not in get_args(DenseScaling):
+            raise DataError(f"{directory / 'dense_max.json'}: unknown {SCALING_KEY} {scaling!r}")
         if meta.get("role") != role:
             raise DataError(f"{directory}: holds the {meta.get('role')}'s vocabulary, not the {role}'s")
         if fields != party.fields:
@@ -201,6 +233,7 @@ class PartyVocab:
             size=size,
             frequent={f: pa.array(frequent.get(f, []), pa.string()) for f in party.categorical_fields},
             dense_max=scales,
+            dense_scaling=scaling,
         )
         expected, next_id = {}, 0  # the offsets must follow from the value lists, else the files disagree
         for field in fields:
@@ -214,6 +247,11 @@ class PartyVocab:
         """vocab.json: categorical field -> frequent values in id order, enough to encode new rows."""
         return json.dumps({f: values.to_pylist() for f, values in self.frequent.items()}, indent=1)
 
+    def scales_json(self) -> str:
+        """dense_max.json: dense field -> divisor, and the scaling unless it is `max` (then as before it existed)."""
+        scaling = {} if self.dense_scaling == "max" else {SCALING_KEY: self.dense_scaling}
+        return json.dumps({**self.dense_max, **scaling}, indent=1)
+
     def encode(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
         """One batch -> (ids int32 [N, F], vals float32 [N, F]), vectorised per column."""
         ids = np.empty((batch.num_rows, len(self.fields)), dtype=np.int32)
@@ -223,8 +261,8 @@ class PartyVocab:
             column = batch.column(field)
             if field in self.dense_max:
                 ids[:, j] = offset
-                values = column.to_numpy(zero_copy_only=False) / self.dense_max[field]  # NaN where missing
-                vals[:, j] = np.where(np.isnan(values), 0.0, values)
+                raw = column.to_numpy(zero_copy_only=False)  # NaN where missing
+                vals[:, j] = scale_dense(raw, self.dense_max[field], self.dense_scaling)
             else:
                 # Look up each distinct value of the batch once, then map every row through that table.
                 found = pc.index_in(column.dictionary, value_set=self.frequent[field]).fill_null(-1).to_numpy()
@@ -263,9 +301,12 @@ def _peak_rss_mb() -> float:
 
 
 def _encode_pass(
-    reader: BatchReader, vocabs: list[PartyVocab], staging: dict[str, Path], counts: Counts, job: JobSpec
+    reader: BatchReader, vocabs: list[PartyVocab], staging: dict[str, Path], counts: Counts, job: JobSpec,
+    test_readers: Sequence[BatchReader] = (),
 ) -> dict[str, dict[str, SplitWriter]]:
-    """Pass 2: encode every batch for each party and append its rows to that party's train or test arrays."""
+    """Pass 2: encode every batch for each party and append its rows to that party's train or test arrays.
+    With `test_readers`, the input is all train and their rows are the test split, numbered after it."""
+    test_fraction = 0.0 if test_readers else job.data.test_fraction
     sizes = {"train": counts.rows - counts.test_rows, "test": counts.test_rows}
     writers: dict[str, dict[str, SplitWriter]] = {
         v.role: {
@@ -275,15 +316,23 @@ def _encode_pass(
         for v in vocabs
     }
     try:
-        for first_row, batch in reader.batches("encode", total_rows=counts.rows):
-            in_test = in_test_split(job.seed, first_row, batch.num_rows, job.data.test_fraction)
-            sample_ids = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
-            labels = batch.column(LABEL).to_numpy().astype(np.float32) if reader.with_label else None
-            for vocab in vocabs:
-                ids, vals = vocab.encode(batch)
-                for split, rows in (("train", ~in_test), ("test", in_test)):
-                    split_labels = labels[rows] if labels is not None and vocab.role == "leader" else None
-                    writers[vocab.role][split].append(ids[rows], vals[rows], split_labels, sample_ids[rows])
+        offset = 0
+        for source in (reader, *test_readers):
+            last = 0
+            for first_row, batch in source.batches("encode", total_rows=counts.rows):
+                if source is reader:
+                    in_test = in_test_split(job.seed, first_row, batch.num_rows, test_fraction)
+                else:
+                    in_test = np.ones(batch.num_rows, dtype=bool)
+                sample_ids = np.arange(offset + first_row, offset + first_row + batch.num_rows, dtype=np.int64)
+                labels = batch.column(LABEL).to_numpy().astype(np.float32) if source.with_label else None
+                for vocab in vocabs:
+                    ids, vals = vocab.encode(batch)
+                    for split, rows in (("train", ~in_test), ("test", in_test)):
+                        split_labels = labels[rows] if labels is not None and vocab.role == "leader" else None
+                        writers[vocab.role][split].append(ids[rows], vals[rows], split_labels, sample_ids[rows])
+                last = first_row + batch.num_rows
+            offset += last
     except BaseException:
         for split_writers in writers.values():
             for writer in split_writers.values():
@@ -300,10 +349,16 @@ def prepare_criteo(
     roles: Sequence[Role],
     on_progress: ProgressFn | None = None,
     block_size: int = BLOCK_SIZE,
+    test_files: Sequence[Path] = (),
 ) -> PrepResult:
-    """Prepare `roles` from raw Criteo text at `path` into `<out>/<role>/`, replacing it only when complete."""
+    """Prepare `roles` from raw Criteo text at `path` into `<out>/<role>/`, replacing it only when complete.
+
+    With `test_files`, every row of `path` is a training row (the vocabulary and dense divisors come from them
+    alone) and the test split is the rows of `test_files`, in order: a held-out file, as a user who has one
+    would evaluate on it, instead of the seeded random test_fraction of `path`."""
     fields = [f for role in roles for f in job.party(role).fields]
     reader = BatchReader(path, fields, "leader" in roles, on_progress, block_size)
+    test_readers = [BatchReader(p, fields, "leader" in roles, on_progress, block_size) for p in test_files]
     staging: dict[str, Path] = {}
     try:
         for role in roles:
@@ -313,11 +368,15 @@ def prepare_criteo(
         raise DataError(f"{out}: cannot write the output directory: {exc.strerror or exc}") from exc
     try:
         started = time.perf_counter()
-        counts = count_pass(reader, fields, threshold, job.seed, job.data.test_fraction)
+        counts = count_pass(reader, fields, threshold, job.seed, 0.0 if test_files else job.data.test_fraction,
+                            dense_scaling=job.data.dense)
+        if test_readers:  # the held-out rows: counted (for the arrays' sizes), never learnt from
+            held_out = sum(batch.num_rows for r in test_readers for _, batch in r.batches("count"))
+            counts = replace(counts, rows=counts.rows + held_out, test_rows=held_out)
         passes = [PassStats("count", counts.rows, time.perf_counter() - started, _peak_rss_mb())]
         vocabs = [PartyVocab.build(role, job.party(role), counts) for role in roles]
         started = time.perf_counter()
-        writers = _encode_pass(reader, vocabs, staging, counts, job)
+        writers = _encode_pass(reader, vocabs, staging, counts, job, test_readers)
         for vocab in vocabs:
             meta = PartyMeta(
                 role=vocab.role,
@@ -326,12 +385,12 @@ def prepare_criteo(
                 vocab_size=vocab.size,
                 field_offsets=vocab.offsets,
                 threshold=threshold,
-                source=path.name,
+                source=", ".join([path.name, *(p.name for p in test_files)]),
                 splits={split: writer.close() for split, writer in writers[vocab.role].items()},
             )
             write_meta(staging[vocab.role], meta)
             (staging[vocab.role] / "vocab.json").write_text(vocab.to_json() + "\n")
-            scales = json.dumps(vocab.dense_max, indent=1)  # dense divisors, also needed to encode new rows
+            scales = vocab.scales_json()  # dense divisors and scaling, also needed to encode new rows
             (staging[vocab.role] / "dense_max.json").write_text(scales + "\n")
         passes.append(PassStats("encode", counts.rows, time.perf_counter() - started, _peak_rss_mb()))
         for role in roles:
@@ -344,7 +403,8 @@ def prepare_criteo(
         out=out,
         split_rows={"train": counts.rows - counts.test_rows, "test": counts.test_rows},
         vocab_sizes={v.role: v.size for v in vocabs},
-        label_rate=counts.positives / counts.rows if counts.positives is not None else None,
+        label_rate=counts.positives / (counts.rows - (counts.test_rows if test_files else 0))
+        if counts.positives is not None else None,
         passes=tuple(passes),
     )
 

@@ -6,7 +6,8 @@
     <data.dir>/<role>/<split>/labels.npy      float32 [N]     0/1 click labels, leader only
     <data.dir>/<role>/<split>/sample_ids.npy  int64   [N]     row number in the raw input (the join key)
     <data.dir>/<role>/vocab.json              categorical field -> its frequent raw values in id order
-    <data.dir>/<role>/dense_max.json          dense field -> the divisor of its values (column max)
+    <data.dir>/<role>/dense_max.json          dense field -> the divisor of its values (column max), and
+                                              "scaling": "log" when values were log1p-scaled (absent = max)
 
 The two JSON files are what `vfl prep` used to encode; a later step needs them to encode new rows the
 same way. The reader below does not need them.

@@ -9,15 +9,16 @@ BOM; an empty cell (quoted or not) is missing. Blank lines are skipped; a value 
 Customer ids are compared byte for byte (no trimming) and must be unique and non-empty.
 
 Semantics are `vfl prep criteo`'s (`data_prep.criteo`), fitted on this party's rows only: dense value /
-column max (missing -> 0.0, same id), a categorical value seen more than `threshold` times gets an id,
-others the field's OOV id. Two streaming passes: count (vocabulary, maxima, ids), then encode. Memory is
-bounded by a batch except for the duplicate-id check, which keeps 8 bytes per row (a 64-bit hash of each id;
-equal hashes are confirmed on the real ids by re-reading, on the error path only).
+column max, or log(1 + max(value, 0)) / its column max with `data.dense: log` (missing -> 0.0, same id), a
+categorical value seen more than `threshold` times gets an id, others the field's OOV id. Two streaming
+passes: count (vocabulary, maxima, ids), then encode. Memory is bounded by a batch except for the
+duplicate-id check, which keeps 8 bytes per row (a 64-bit hash of each id; equal hashes are confirmed on the
+real ids by re-reading, on the error path only).
 
 With `vocab_from` (scoring new customers with a trained model's encoding) nothing is fitted: pass 1 reads
 only the id column (rows, id width, duplicates), pass 2 encodes with the directory's vocab.json and
-dense_max.json (unseen values -> OOV id, dense values divided by the training max); the leader's label
-column is optional then.
+dense_max.json (unseen values -> OOV id, dense values scaled as that directory's were, whatever the job's
+`data.dense` says, and divided by the training max); the leader's label column is optional then.
 
 Output, `<data.dir>/tables/<role>/` by default, written to a staging directory and renamed into place only when
 complete (the format is drawn in `data_prep.store`):
@@ -289,7 +290,8 @@ def prepare_table(
     passes: list[PassStats] = []
     started = time.perf_counter()
     if loaded is None:
-        counts = count_pass(reader, party.fields, job.data.threshold, job.seed, 0.0, on_batch=tally)
+        counts = count_pass(reader, party.fields, job.data.threshold, job.seed, 0.0, on_batch=tally,
+                            dense_scaling=job.data.dense)
         rows = counts.rows
         vocab = PartyVocab.build(role, party, counts)
         threshold = job.data.threshold
@@ -331,7 +333,7 @@ def prepare_table(
         )
         (staging / "meta.json").write_text(meta.to_json() + "\n")
         (staging / "vocab.json").write_text(vocab.to_json() + "\n")
-        (staging / "dense_max.json").write_text(json.dumps(vocab.dense_max, indent=1) + "\n")
+        (staging / "dense_max.json").write_text(vocab.scales_json() + "\n")
         passes.append(PassStats("encode", rows, time.perf_counter() - started, _peak_rss_mb()))
         publish(staging, out)
     except OSError as exc:

@@ -103,6 +103,7 @@ class DataSpec(_Spec):
     dir: Path = Path("runs/data")  # where `vfl prep` writes and training reads: <dir>/<role>/{train,test}/
     threshold: Annotated[int, Field(ge=0)] = 100  # a categorical value seen more than this many times gets an id
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # share of rows in the seeded test split
+    dense: Literal["max", "log"] = "max"  # dense value scaling: x / column max, or log(1 + max(x, 0)) / its column max
     # share of the training rows held out for validation (carved at training time from the seed, the same rows
     # at both parties); > 0 turns on model selection: each epoch is scored on validation, eval and infer use the
     # best epoch, and the test split is scored once, at the end
@@ -301,7 +302,9 @@ class JobSpec(_Spec):
             "fields": {role: list(p.fields) for role, p in sorted(self.parties.items())},
             "names": {role: p.name for role, p in sorted(self.parties.items())},
             "data": {"threshold": self.data.threshold, "test_fraction": self.data.test_fraction,
-                     "valid_fraction": self.data.valid_fraction},
+                     "valid_fraction": self.data.valid_fraction,
+                     # named only when not the default, so jobs from before the setting keep their fingerprint
+                     **({"dense": self.data.dense} if self.data.dense != "max" else {})},
             "psi": self.psi.model_dump(mode="json"),
             "model": self.model.model_dump(mode="json"),
             "train": self.train.model_dump(mode="json", exclude={"run_dir", "log_every"}),

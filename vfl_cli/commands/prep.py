@@ -108,6 +108,11 @@ def criteo(
         typer.Option("--role", help="Prepare only this party's view, reading only its columns. Default: both parties."),
     ] = None,
     bench: BenchOption = False,
+    test: Annotated[
+        list[Path] | None,
+        typer.Option("--test", help="A held-out raw Criteo file to use as the test split (repeat for several, e.g. "
+                     "dev.txt and test.txt); then every --input row trains and data.test_fraction is not used."),
+    ] = None,
 ) -> None:
     """Encode raw Criteo text into each party's ids/vals arrays, in two streaming passes."""
     spec = load_job(job)
@@ -120,6 +125,7 @@ def criteo(
             threshold if threshold is not None else spec.data.threshold,
             roles,
             on_progress=_Bars(progress),
+            test_files=test or (),
         )
     _summary(result, bench)
 
