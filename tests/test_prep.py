@@ -251,3 +251,25 @@ def test_real_criteo_sample(tmp_path: Path) -> None:
         assert ids.min() >= 0 and ids.max() < party.meta.vocab_size
     config = yaml.safe_load((REPO / "jobs/criteo.yaml").read_text())
     assert list(leader.meta.fields) == config["parties"]["leader"]["fields"]
+
+
+def test_held_out_test_files_are_the_test_split_and_teach_nothing(tmp_path: Path) -> None:
+    """--test: every input row trains; the held-out rows are the test split, in file order, numbered after the
+    input, encoded with the input's vocabulary and divisors (a value seen only in them is out-of-vocabulary)."""
+    train = write_rows(tmp_path / "train.txt", ROWS)
+    dev = write_rows(tmp_path / "dev.txt", [criteo_line(1, I1=16, C1="a", C2="w"), criteo_line(0, C1="new")])
+    test = write_rows(tmp_path / "test.txt", [criteo_line(0, I1=2, C1="b")])
+    result = prepare_criteo(train, small_job(), tmp_path / "out", 1, ("leader", "follower"), test_files=[dev, test])
+    assert result.split_rows == {"train": 6, "test": 3}
+    leader = open_party(tmp_path / "out", "leader")
+    assert list(leader.split("train").sample_ids) == [0, 1, 2, 3, 4, 5]
+    assert list(leader.split("test").sample_ids) == [6, 7, 8]
+    assert list(leader.split("test").labels) == [1.0, 0.0, 0.0]
+    held_out = leader.split("test")
+    i1 = leader.meta.fields.index("I1")
+    assert held_out.vals[0, i1] == pytest.approx(16 / 8)  # divided by the training rows' max (8), not 16
+    reference = prepare_criteo(train, small_job(), tmp_path / "plain", 1, ("leader",))
+    assert leader.meta.vocab_size == reference.vocab_sizes["leader"]  # the vocabulary is the input's alone
+    c1 = leader.meta.fields.index("C1")
+    offset = leader.meta.field_offsets["C1"]
+    assert held_out.ids[1, c1] == offset  # "new" is the field's out-of-vocabulary id
