@@ -99,3 +99,19 @@ def test_a_selection_message_is_checked() -> None:
                 {**good, "stop": torch.tensor([0, 1])}):
         with pytest.raises(ProtocolError):
             check_selection(bad)
+
+
+def test_baselines_select_on_validation_too(tmp_path: Path) -> None:
+    """central and leader-only train on the same carved rows, select the same way, score test once."""
+    from vfl_cli.train.baseline import evaluate_baseline_checkpoint, train_baseline
+    from vfl_cli.train.loop import SilentReporter
+
+    job = overfitting_job(tmp_path, early_stopping={"patience": 1})
+    outcome = train_baseline(job, "leader-only", SilentReporter(), restart=True)
+    assert outcome.final_test is not None and len(outcome.epochs) < job.train.epochs
+    aucs = [result.auc for _, _, result in outcome.epochs if result is not None]
+    store = CheckpointStore(job.train.run_dir / "leader-only", job.fingerprint())
+    run_id = store.run_id()
+    assert run_id is not None and store.selected(run_id)["epoch"] == int(np.argmax(aucs))  # type: ignore[index]
+    evaluated = evaluate_baseline_checkpoint(job, "leader-only", job.train.run_dir, "test")
+    assert evaluated.auc == pytest.approx(outcome.final_test.auc, abs=1e-12)

@@ -134,7 +134,7 @@ def train(
         outcome, peer = _two_party(spec, role.value, lambda run: train_session(run, restart))
     results = outcome.epochs  # (a resumed session said so on the console when it began)
     rows = [(e, speed, r.auc if r else None, r.log_loss if r else None) for e, speed, r in results]
-    validating = spec.data.valid_fraction > 0 and role not in (RunRole.central, RunRole.leader_only)
+    validating = spec.data.valid_fraction > 0
     if rows:
         console.print(epoch_table(rows, f"{spec.name}: {role.value}", "valid" if validating else "test"))
     final = outcome.final_test if validating else (results[-1][2] if results else None)

@@ -15,15 +15,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.store import PartyData, SplitArrays, open_party
+from data_prep.store import PartyData, open_party
 from vfl_cli.checkpoint import CheckpointStore, file_name, new_run_id
 from vfl_cli.errors import CheckpointError, DataError
 from vfl_cli.job import JobSpec
 from vfl_cli.model.wide_deep import CentralWideDeep, build_optimizers, part_generator
-from vfl_cli.train.batches import Batch, Position, batch_rows, checkpoint_due, steps_per_epoch, take_batch
+from vfl_cli.train.batches import (
+    Batch,
+    Position,
+    SplitView,
+    batch_rows,
+    carve_valid,
+    checkpoint_due,
+    steps_per_epoch,
+    take_batch,
+)
 from vfl_cli.train.loop import EvalResult, Reporter, TrainOutcome, log_line, score
 from vfl_cli.train.parties import use_bf16
 
@@ -34,6 +44,7 @@ class BaselineData:
 
     parties: list[PartyData]
     offsets: list[int]
+    carved: tuple[np.ndarray, np.ndarray] | None = None  # (train rows, valid rows) with data.valid_fraction
 
     @property
     def vocab_size(self) -> int:
@@ -47,15 +58,22 @@ class BaselineData:
         self, split: str, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0
     ) -> Iterator[Batch]:
         """As `batches.iterate`, both parties' columns side by side."""
-        splits: list[SplitArrays] = [p.split(split) for p in self.parties]
-        for rows in batch_rows(len(splits[0]), batch_size, seed, epoch, shuffle)[start:]:
-            parts = [take_batch(s, rows) for s in splits]
+        views = [self.view(p, split) for p in self.parties]
+        for positions in batch_rows(len(views[0]), batch_size, seed, epoch, shuffle)[start:]:
+            parts = [take_batch(v.arrays, v.stored(positions)) for v in views]
             yield Batch(
                 ids=torch.cat([part.ids + offset for part, offset in zip(parts, self.offsets, strict=True)], dim=1),
                 vals=torch.cat([part.vals for part in parts], dim=1),
                 labels=parts[0].labels,
                 sample_ids=parts[0].sample_ids,
             )
+
+
+    def view(self, party: PartyData, split: str) -> SplitView:
+        """The split as the parties' runs see it: train and valid carved from the stored train split."""
+        if self.carved is None or split not in ("train", "valid"):
+            return SplitView(party.split(split))
+        return SplitView(party.split("train"), self.carved[0] if split == "train" else self.carved[1])
 
 
 def open_baseline_data(job: JobSpec, kind: str) -> BaselineData:
@@ -70,7 +88,10 @@ def open_baseline_data(job: JobSpec, kind: str) -> BaselineData:
     offsets = [0]
     for party in parties[:-1]:
         offsets.append(offsets[-1] + party.meta.vocab_size)
-    return BaselineData(parties, offsets)
+    carved = None
+    if job.data.valid_fraction > 0:
+        carved = carve_valid(len(leader.split("train")), job.data.valid_fraction, job.seed)
+    return BaselineData(parties, offsets, carved)
 
 
 def build_model(job: JobSpec, data: BaselineData) -> CentralWideDeep:
@@ -92,7 +113,7 @@ def evaluate_baseline(model: CentralWideDeep, data: BaselineData, job: JobSpec, 
     probabilities = []
     for batch in data.batches(split, job.train.batch_size, job.seed, 0, shuffle=False):
         probabilities.append(torch.sigmoid(logits(model, job, batch)))
-    return score(data.parties[0].split(split), torch.cat(probabilities).numpy())
+    return score(data.view(data.parties[0], split), torch.cat(probabilities).numpy())
 
 
 def _restore(
@@ -116,8 +137,9 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
         model.wide_parameters(), model.deep_parameters(), job.train.wide_optimizer, job.train.deep_optimizer,
         job.train.l2_coef, model.embedding_tables(),
     )
-    rows = data.parties[0].meta.splits["train"].rows
+    rows = len(data.view(data.parties[0], "train"))
     total = steps_per_epoch(rows, job.train.batch_size)
+    validating = data.carved is not None
 
     # One party, so no agreement to reach: resume at the newest checkpoint of the recorded run.
     store = CheckpointStore(job.train.run_dir / kind, job.fingerprint())
@@ -160,15 +182,35 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
                 reporter.log(log_line(epoch, step + 1, total, loss.item(), loss.item() + l2))
         reporter.end()
         samples_per_s = samples / max(time.perf_counter() - started, 1e-9)
-        results.append((epoch, samples_per_s, evaluate_baseline(model, data, job, "test")))
+        result = evaluate_baseline(model, data, job, "valid" if validating else "test")
+        results.append((epoch, samples_per_s, result))
         save((epoch + 1) * total)
-    return TrainOutcome(run_id, start, recorded is not None, results)
+        if validating and select_epoch(store, run_id, job, epoch, (epoch + 1) * total, result.auc):
+            reporter.log(f"early stop after epoch {epoch}")
+            break
+    final = None
+    if validating:  # the selected epoch's weights on the test split, once
+        payload = store.load_selected()
+        if payload is not None:
+            _restore(model, None, payload, store.directory / "selected.pt")
+            final = evaluate_baseline(model, data, job, "test")
+    return TrainOutcome(run_id, start, recorded is not None, results, final)
+
+
+def select_epoch(store: CheckpointStore, run_id: str, job: JobSpec, epoch: int, step: int, auc: float) -> bool:
+    """Keep the epoch's checkpoint as the selected one if its validation AUC is the best; whether to stop."""
+    best = store.selected(run_id)
+    if best is None or auc > best["valid_auc"]:
+        store.select(run_id, step, epoch, auc)
+        best = store.selected(run_id)
+    patience = job.train.early_stopping
+    return patience is not None and best is not None and epoch - best["epoch"] >= patience.patience
 
 
 def evaluate_baseline_checkpoint(job: JobSpec, kind: str, run_dir: Path, split: str) -> EvalResult:
     data = open_baseline_data(job, kind)
     model = build_model(job, data)
     store = CheckpointStore(run_dir / kind, job.fingerprint())
-    payload = store.newest()
+    payload = store.load_selected() or store.newest()
     _restore(model, None, payload, store.directory / file_name(payload["step"]))
     return evaluate_baseline(model, data, job, split)
