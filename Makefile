@@ -64,16 +64,21 @@ bench-train: $(STAMP)
 # fails if they differ by more than 0.002. Prepares both jobs' data first if needed.
 precision-auc: $(STAMP)
 	test -f runs/demo/data/leader/meta.json || $(BIN)/python scripts/demo.py jobs/demo.yaml
-	test -f runs/sample/data/leader/meta.json || $(BIN)/vfl prep criteo --input $(SAMPLE) --job jobs/sample.yaml
+	test -f runs/sample/data/leader/meta.json || $(BIN)/vfl prep criteo $(SAMPLE_PREP) --job jobs/sample.yaml
 	$(BIN)/python scripts/precision_auc.py jobs/demo.yaml jobs/sample.yaml
 
-# Local (split), central (pooled) and leader-only test AUC on the real 8,000-row Criteo sample.
-SAMPLE ?= ../shared/data/criteo-sample/train.txt
+# The real Criteo sample (../shared/data/criteo-sample): trained on train.txt (validation carved from it), tested
+# on dev.txt + test.txt (800 rows): split learning, central (pooled), leader-only, and the logistic-regression
+# oracle (scikit-learn) on the same rows.
+SAMPLE_DIR ?= ../shared/data/criteo-sample
+SAMPLE_PREP = --input $(SAMPLE_DIR)/train.txt --test $(SAMPLE_DIR)/dev.txt --test $(SAMPLE_DIR)/test.txt
 sample-auc: $(STAMP)
-	$(BIN)/vfl prep criteo --input $(SAMPLE) --job jobs/sample.yaml
+	$(BIN)/vfl prep criteo $(SAMPLE_PREP) --job jobs/sample.yaml
 	for role in local central leader-only; do \
 		VFL_NO_PROGRESS=1 $(BIN)/vfl train --role $$role --job jobs/sample.yaml --restart | grep "test: AUC" || exit 1; \
 	done
+	printf "logistic regression (scikit-learn oracle) test: AUC %s\n" \
+		"$$($(BIN)/python -m tests.lr_oracle $(SAMPLE_DIR)/train.txt $(SAMPLE_DIR)/dev.txt $(SAMPLE_DIR)/test.txt)"
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -34,6 +34,11 @@ SPACE: list[tuple[str, list[Any]]] = [
     ("train.deep_optimizer.lr", [3.0e-4, 1.0e-3, 3.0e-3]),
     ("train.wide_optimizer.lr", [2.0e-2, 5.0e-2, 1.0e-1]),
     ("train.batch_size", [128, 256, 512]),
+    # the wide part is a logistic regression on the ids: regularise it as one
+    ("train.wide_optimizer.l2", [1.0e-8, 0.1, 1.0, 10.0]),
+    ("train.wide_optimizer.l1", [1.0e-8, 0.1, 1.0]),
+    ("data.threshold", [2, 5, 10, 20, 40, 60, 100]),
+    ("model.emb_dim", [4, 8, 16]),
 ]
 
 
@@ -77,6 +82,7 @@ def main() -> None:
     parser.add_argument("job", type=Path)
     parser.add_argument("--input", type=Path, required=True)
     parser.add_argument("--test", type=Path, action="append", default=[])
+    parser.add_argument("--from", dest="start", type=int, default=0, help="start at this entry of the space")
     args = parser.parse_args()
     best = yaml.safe_load(args.job.read_text())
     prepared: dict[str, Path] = {}
@@ -84,7 +90,7 @@ def main() -> None:
         workdir = Path(tmp)
         best_auc = valid_auc(best, workdir, args, prepared)
         print(f"base: valid AUC {best_auc:.4f}", flush=True)
-        for setting, values in SPACE:
+        for setting, values in SPACE[args.start :]:
             for value in values:
                 candidate = copy.deepcopy(best)
                 put(candidate, setting, value)
