@@ -115,3 +115,17 @@ def test_baselines_select_on_validation_too(tmp_path: Path) -> None:
     assert run_id is not None and store.selected(run_id)["epoch"] == int(np.argmax(aucs))  # type: ignore[index]
     evaluated = evaluate_baseline_checkpoint(job, "leader-only", job.train.run_dir, "test")
     assert evaluated.auc == pytest.approx(outcome.final_test.auc, abs=1e-12)
+
+
+def test_a_baseline_writes_the_records_vfl_report_reads(tmp_path: Path) -> None:
+    from vfl_cli.report import baseline_auc
+    from vfl_cli.train.baseline import train_baseline
+    from vfl_cli.train.loop import SilentReporter
+
+    job = overfitting_job(tmp_path, epochs=2)
+    outcome = train_baseline(job, "central", SilentReporter(), restart=True)
+    records = [json.loads(line) for line in (job.train.run_dir / "central" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records if r["event"] in ("start", "epoch", "final_test")] == [
+        "start", "epoch", "epoch", "final_test"]
+    assert outcome.final_test is not None
+    assert baseline_auc(job.train.run_dir, "central") == f"{outcome.final_test.auc:.6f}"

@@ -184,14 +184,17 @@ def read_run(path: Path) -> RunMetrics:
 
 
 def baseline_auc(run_dir: Path, kind: str) -> str:
-    """The last test AUC of a baseline's metrics, or why there is none."""
+    """A baseline's test AUC (its final test with validation, else its last epoch's), or why there is none."""
     path = run_dir / kind / "metrics.jsonl"
     if not path.exists():
         return "not run"
     try:
-        aucs = [e.test_auc for e in read_run(path).epochs if e.test_auc is not None]
+        run = read_run(path)
     except DataError:
         return "not run"  # an empty or stepless file: started, never finished an epoch
+    if run.final_test is not None and run.final_test.auc is not None:
+        return f"{run.final_test.auc:.6f}"
+    aucs = [e.test_auc for e in run.epochs if e.test_auc is not None]
     return f"{aucs[-1]:.6f}" if aucs else "not run"
 
 

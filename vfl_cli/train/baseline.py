@@ -10,6 +10,7 @@ resumes the same way (`--restart` starts over).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -153,6 +154,12 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
     if recorded:
         reporter.log(f"resumed run {run_id} at {start}")
 
+    def write(record: dict) -> None:  # the same metrics.jsonl records as a party's, for `vfl report`
+        with (store.directory / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps({"time": round(time.time(), 3), "role": kind, **record}) + "\n")
+
+    write({"event": "resume" if recorded else "start", "run_id": run_id, "step": start.step})
+
     def save(step: int) -> None:
         at = Position.at(step, total)
         state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers]}
@@ -180,11 +187,16 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
             if (step + 1) % job.train.log_every == 0 or step + 1 == total:
                 l2 = model.l2_value(job.train.l2_coef)
                 reporter.log(log_line(epoch, step + 1, total, loss.item(), loss.item() + l2))
+                write({"event": "step", "epoch": epoch, "step": step + 1, "global_step": epoch * total + step + 1,
+                       "wide_loss": loss.item(), "deep_loss": loss.item() + l2})
         reporter.end()
         samples_per_s = samples / max(time.perf_counter() - started, 1e-9)
-        result = evaluate_baseline(model, data, job, "valid" if validating else "test")
+        scored = "valid" if validating else "test"
+        result = evaluate_baseline(model, data, job, scored)
         results.append((epoch, samples_per_s, result))
         save((epoch + 1) * total)
+        write({"event": "epoch", "epoch": epoch, "train_samples_per_s": samples_per_s,
+               f"{scored}_auc": result.auc, f"{scored}_log_loss": result.log_loss})
         if validating and select_epoch(store, run_id, job, epoch, (epoch + 1) * total, result.auc):
             reporter.log(f"early stop after epoch {epoch}")
             break
@@ -194,6 +206,8 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
         if payload is not None:
             _restore(model, None, payload, store.directory / "selected.pt")
             final = evaluate_baseline(model, data, job, "test")
+            write({"event": "final_test", "epoch": payload["step"] // total - 1, "step": payload["step"],
+                   "auc": final.auc, "log_loss": final.log_loss, "rows": final.rows})
     return TrainOutcome(run_id, start, recorded is not None, results, final)
 
 
