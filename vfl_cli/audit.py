@@ -92,16 +92,20 @@ class GradientRecorder(Peer):
         self.inner.abort(reason)
 
 
-def with_privacy(job: JobSpec, privacy: dict[str, Any], run_dir: Path) -> JobSpec:
-    """The job with another privacy section, training into run_dir (never the job's own)."""
-    return job.model_copy(update={"privacy": PrivacySpec.model_validate(privacy),
-                                  "train": job.train.model_copy(update={"run_dir": run_dir})})
+def with_privacy(job: JobSpec, privacy: dict[str, Any]) -> JobSpec:
+    """The job with another privacy section."""
+    return job.model_copy(update={"privacy": PrivacySpec.model_validate(privacy)})
+
+
+def in_run_dir(job: JobSpec, run_dir: Path) -> JobSpec:
+    """The job training into run_dir: an audit never touches the job's own checkpoints."""
+    return job.model_copy(update={"train": job.train.model_copy(update={"run_dir": run_dir})})
 
 
 def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None) -> list[AuditEpoch]:
     """Train `job` from scratch in both roles here, recording the follower's gradients; write and return
     the per-epoch audit (files under `out`, see the module docstring)."""
-    job = with_privacy(job, job.privacy.model_dump(), out / "run")
+    job = in_run_dir(job, out / "run")
     leader_peer, follower_peer = LocalPeer.pair(job.transport.timeout_s)
     recorder = GradientRecorder(follower_peer)
     leader = open_run(job, "leader", leader_peer, reporter)
@@ -162,9 +166,9 @@ def sweep(job: JobSpec, out: Path, progress: Callable[[int, int, str], Reporter]
     for index, (name, privacy) in enumerate(settings):
         reporter = progress(index + 1, total, name) if progress else SilentReporter()
         folder = out / slug(name)
-        rows.append(SweepRow(name, audit_run(with_privacy(job, privacy, folder), folder, reporter)))
+        rows.append(SweepRow(name, audit_run(with_privacy(job, privacy), folder, reporter)))
     reporter = progress(total, total, LEADER_ONLY) if progress else SilentReporter()
-    baseline = train_baseline(with_privacy(job, {}, out / "leader-only"), "leader-only", reporter, restart=True)
+    baseline = train_baseline(in_run_dir(job, out / "leader-only"), "leader-only", reporter, restart=True)
     rows.append(SweepRow(LEADER_ONLY, [AuditEpoch(e, r.auc if r else math.nan, math.nan, math.nan)
                                        for e, _, r in baseline.epochs]))
     write_csv(rows, out / "sweep.csv")

@@ -67,11 +67,10 @@ class CutLayerDefences:
         """What the leader returns for the follower's (wide, deep) outputs [B, 1] each; `labels` are the ones
         this batch was trained on (Marvell shapes its noise by class)."""
         noise, marvell, bits = self.spec.gradient_noise, self.spec.marvell, self.spec.quantize.gradients
-        generator = None
-        if noise is not None or marvell is not None or bits is not None:
-            generator = batch_generator(self.seed, "gradients", key, torch.device("cpu"))
+        if noise is None and marvell is None and bits is None:
+            return self._wire(wide, deep, None)  # no defence: no generator, nothing drawn
+        generator = batch_generator(self.seed, "gradients", key, torch.device("cpu"))
         if noise is not None or marvell is not None:
-            assert generator is not None
             rows = _join(wide, deep).cpu()
             if noise is not None:
                 largest = float(torch.linalg.vector_norm(rows, dim=1).max()) if len(rows) else 0.0

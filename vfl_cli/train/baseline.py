@@ -35,7 +35,7 @@ from vfl_cli.train.batches import (
     steps_per_epoch,
     take_batch,
 )
-from vfl_cli.train.loop import EvalResult, Reporter, TrainOutcome, log_line, score
+from vfl_cli.train.loop import EvalResult, Reporter, TrainOutcome, choose, log_line, score
 from vfl_cli.train.parties import use_bf16
 
 
@@ -91,7 +91,7 @@ def open_baseline_data(job: JobSpec, kind: str) -> BaselineData:
         offsets.append(offsets[-1] + party.meta.vocab_size)
     carved = None
     if job.data.valid_fraction > 0:
-        carved = carve_valid(len(leader.split("train")), job.data.valid_fraction, job.seed)
+        carved = carve_valid(leader.meta.splits["train"].rows, job.data.valid_fraction, job.seed)
     return BaselineData(parties, offsets, carved)
 
 
@@ -197,7 +197,7 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
         save((epoch + 1) * total)
         write({"event": "epoch", "epoch": epoch, "train_samples_per_s": samples_per_s,
                f"{scored}_auc": result.auc, f"{scored}_log_loss": result.log_loss})
-        if validating and select_epoch(store, run_id, job, epoch, (epoch + 1) * total, result.auc):
+        if validating and choose(store, run_id, job, epoch, (epoch + 1) * total, result.auc).stop:
             reporter.log(f"early stop after epoch {epoch}")
             break
     final = None
@@ -209,16 +209,6 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
             write({"event": "final_test", "epoch": payload["step"] // total - 1, "step": payload["step"],
                    "auc": final.auc, "log_loss": final.log_loss, "rows": final.rows})
     return TrainOutcome(run_id, start, recorded is not None, results, final)
-
-
-def select_epoch(store: CheckpointStore, run_id: str, job: JobSpec, epoch: int, step: int, auc: float) -> bool:
-    """Keep the epoch's checkpoint as the selected one if its validation AUC is the best; whether to stop."""
-    best = store.selected(run_id)
-    if best is None or auc > best["valid_auc"]:
-        store.select(run_id, step, epoch, auc)
-        best = store.selected(run_id)
-    patience = job.train.early_stopping
-    return patience is not None and best is not None and epoch - best["epoch"] >= patience.patience
 
 
 def evaluate_baseline_checkpoint(job: JobSpec, kind: str, run_dir: Path, split: str) -> EvalResult:

@@ -112,7 +112,7 @@ class PartyRun:
 
     @cached_property
     def _carved(self) -> tuple[np.ndarray, np.ndarray]:
-        return carve_valid(len(self.data.split("train")), self.job.data.valid_fraction, self.job.seed)
+        return carve_valid(self.data.meta.splits["train"].rows, self.job.data.valid_fraction, self.job.seed)
 
     def view(self, name: str) -> SplitView:
         """The rows this run uses as split `name`: with validation, "train" and "valid" are carved from the
@@ -124,7 +124,9 @@ class PartyRun:
 
     @property
     def steps_per_epoch(self) -> int:
-        return steps_per_epoch(len(self.view("train")), self.job.train.batch_size)
+        # From the metadata, not the arrays: every checkpoint asks.
+        rows = len(self._carved[0]) if self.validating else self.data.meta.splits["train"].rows
+        return steps_per_epoch(rows, self.job.train.batch_size)
 
     def write_metrics(self, record: dict) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -280,9 +282,29 @@ def train(run: PartyRun, run_id: str, start: Position) -> Iterator[tuple[int, fl
         stop = run.validating and select(run, run_id, epoch, step, result)
         yield epoch, samples_per_s, result
         if stop:
-            run.reporter.log(f"early stop after epoch {epoch}: no better validation AUC for "
-                             f"{run.job.train.early_stopping.patience if run.job.train.early_stopping else 0} epochs")
+            run.reporter.log(f"early stop after epoch {epoch}: no better validation AUC since the best epoch")
             return
+
+
+@dataclass(frozen=True)
+class Selection:
+    step: int  # the best epoch's checkpoint so far
+    epoch: int
+    valid_auc: float
+    stop: bool  # early stopping ends training here
+
+
+def choose(store: CheckpointStore, run_id: str, job: JobSpec, epoch: int, step: int, auc: float) -> Selection:
+    """After epoch `epoch` (checkpointed at `step`, validation AUC `auc`): the best epoch so far, kept as the
+    selected checkpoint when it is this one, and whether `train.early_stopping` ends training. One rule for the
+    leader of a split run and for the baselines."""
+    best = store.selected(run_id)
+    if best is None or auc > best["valid_auc"]:  # NaN (one class) is never better
+        store.select(run_id, step, epoch, auc)
+        best = {"step": step, "epoch": epoch, "valid_auc": auc}
+    patience = job.train.early_stopping
+    stop = patience is not None and epoch - best["epoch"] >= patience.patience
+    return Selection(best["step"], best["epoch"], best["valid_auc"], stop)
 
 
 def select(run: PartyRun, run_id: str, epoch: int, step: int, result: EvalResult | None) -> bool:
@@ -292,19 +314,14 @@ def select(run: PartyRun, run_id: str, epoch: int, step: int, result: EvalResult
 
     What the follower learns from it: which epoch scored best on validation, one number per epoch."""
     store, key = run.checkpoints, BatchKey("eval", epoch, 0)
-    patience = run.job.train.early_stopping
     if run.is_leader:
         assert result is not None
-        best = store.selected(run_id)
-        better = best is None or result.auc > best["valid_auc"]  # NaN (one class) is never better
-        best_step, best_epoch = (step, epoch) if better else (best["step"], best["epoch"])  # type: ignore[index]
-        stop = patience is not None and epoch - best_epoch >= patience.patience
-        if better:
-            store.select(run_id, step, epoch, result.auc)
-        run.peer.send("selection", key, {"best_step": torch.tensor([best_step]), "stop": torch.tensor([int(stop)])})
-        run.write_metrics({"event": "selected", "epoch": best_epoch, "step": best_step,
-                           "valid_auc": result.auc if better else best["valid_auc"]})  # type: ignore[index]
-        return stop
+        chosen = choose(store, run_id, run.job, epoch, step, result.auc)
+        run.peer.send("selection", key, {"best_step": torch.tensor([chosen.step]),
+                                         "stop": torch.tensor([int(chosen.stop)])})
+        run.write_metrics({"event": "selected", "epoch": chosen.epoch, "step": chosen.step,
+                           "valid_auc": chosen.valid_auc})
+        return chosen.stop
     message = run.peer.receive("selection", key)
     best_step, stop = int(message["best_step"][0]), bool(message["stop"][0])  # type: ignore[index]
     held = store.selected(run_id)
@@ -326,7 +343,7 @@ def stopped_before(run: PartyRun, run_id: str, start: Position) -> bool:
 
 def final_test(run: PartyRun) -> EvalResult | None:
     """With validation: load the selected checkpoint and score the test split, once. The leader's result;
-    None at the follower, or when no epoch was selected."""
+    None at the follower. A side without a selected checkpoint (no epoch ended) stops with CheckpointError."""
     payload = run.checkpoints.load_selected()
     if payload is None:
         raise CheckpointError(f"{run.checkpoints.directory}: no selected checkpoint to score the test split with")
