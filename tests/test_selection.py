@@ -31,6 +31,30 @@ def test_carve_is_disjoint_sorted_and_fixed_by_the_seed() -> None:
         carve_valid(1, 0.5, seed=0)
 
 
+def test_a_tail_carve_holds_out_the_last_rows_whatever_the_seed() -> None:
+    train, valid = carve_valid(1000, 0.2, seed=5, split="tail")
+    assert np.array_equal(valid, np.arange(800, 1000)) and np.array_equal(train, np.arange(800))
+    assert np.array_equal(carve_valid(1000, 0.2, seed=6, split="tail")[1], valid)
+
+
+def test_a_tail_split_validates_on_the_last_stored_rows_at_both_parties(tmp_path: Path) -> None:
+    from vfl_cli.peer import LocalPeer
+    from vfl_cli.train.session import open_run
+
+    spec = job_dict(tmp_path)
+    spec["data"].update(valid_fraction=0.25, valid_split="tail")
+    write_planted_data(Path(spec["data"]["dir"]), rows=400)
+    job = parse_job(spec)
+    leader_end, follower_end = LocalPeer.pair()
+    for role, end in (("leader", leader_end), ("follower", follower_end)):
+        run = open_run(job, role, end)
+        stored = np.asarray(run.data.split("train").sample_ids)
+        valid = run.view("valid").sample_ids
+        assert len(valid) == round(0.25 * len(stored)) and np.array_equal(valid, stored[-len(valid):])
+    random_spec = {**spec, "data": {**spec["data"], "valid_split": "random"}}
+    assert parse_job(random_spec).fingerprint() != job.fingerprint()  # both parties must carve alike
+
+
 def test_early_stopping_needs_a_validation_split(tmp_path: Path) -> None:
     spec = job_dict(tmp_path, early_stopping={"patience": 2})
     with pytest.raises(JobError, match="valid_fraction"):

@@ -108,6 +108,9 @@ class DataSpec(_Spec):
     # at both parties); > 0 turns on model selection: each epoch is scored on validation, eval and infer use the
     # best epoch, and the test split is scored once, at the end
     valid_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # which training rows are held out: "random" (seeded) or "tail" (the last rows in the input file's order:
+    # for time-ordered data, the ones most like a later test file)
+    valid_split: Literal["random", "tail"] = "random"
 
 
 class ModelSpec(_Spec):
@@ -304,7 +307,8 @@ class JobSpec(_Spec):
             "data": {"threshold": self.data.threshold, "test_fraction": self.data.test_fraction,
                      "valid_fraction": self.data.valid_fraction,
                      # named only when not the default, so jobs from before the setting keep their fingerprint
-                     **({"dense": self.data.dense} if self.data.dense != "max" else {})},
+                     **({"dense": self.data.dense} if self.data.dense != "max" else {}),
+                     **({"valid_split": self.data.valid_split} if self.data.valid_split != "random" else {})},
             "psi": self.psi.model_dump(mode="json"),
             "model": self.model.model_dump(mode="json"),
             "train": self.train.model_dump(mode="json", exclude={"run_dir", "log_every"}),

@@ -91,7 +91,7 @@ def open_baseline_data(job: JobSpec, kind: str) -> BaselineData:
         offsets.append(offsets[-1] + party.meta.vocab_size)
     carved = None
     if job.data.valid_fraction > 0:
-        carved = carve_valid(leader.meta.splits["train"].rows, job.data.valid_fraction, job.seed)
+        carved = carve_valid(leader.meta.splits["train"].rows, job.data.valid_fraction, job.seed, job.data.valid_split)
     return BaselineData(parties, offsets, carved)
 
 

@@ -112,7 +112,8 @@ class PartyRun:
 
     @cached_property
     def _carved(self) -> tuple[np.ndarray, np.ndarray]:
-        return carve_valid(self.data.meta.splits["train"].rows, self.job.data.valid_fraction, self.job.seed)
+        data = self.job.data
+        return carve_valid(self.data.meta.splits["train"].rows, data.valid_fraction, self.job.seed, data.valid_split)
 
     def view(self, name: str) -> SplitView:
         """The rows this run uses as split `name`: with validation, "train" and "valid" are carved from the
