@@ -153,3 +153,20 @@ def test_a_baseline_writes_the_records_vfl_report_reads(tmp_path: Path) -> None:
         "start", "epoch", "epoch", "final_test"]
     assert outcome.final_test is not None
     assert baseline_auc(job.train.run_dir, "central") == f"{outcome.final_test.auc:.6f}"
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_run_again(tmp_path: Path) -> None:
+    """Rerunning `vfl train` without --restart after an early stop trains no further epoch (split and baseline)."""
+    from vfl_cli.train.baseline import train_baseline
+    from vfl_cli.train.loop import SilentReporter
+
+    job = overfitting_job(tmp_path, early_stopping={"patience": 1})
+    first = run_local(job, train_session)["leader"]
+    again = run_local(job, train_session)["leader"]
+    assert len(first.epochs) < job.train.epochs and again.resumed and again.epochs == []
+    assert again.final_test is not None and again.final_test.auc == first.final_test.auc  # type: ignore[union-attr]
+
+    stopped = train_baseline(job, "central", SilentReporter(), restart=True)
+    resumed = train_baseline(job, "central", SilentReporter())
+    assert len(stopped.epochs) < job.train.epochs and resumed.resumed and resumed.epochs == []
+    assert resumed.final_test is not None and resumed.final_test.auc == stopped.final_test.auc  # type: ignore[union-attr]

@@ -35,7 +35,7 @@ from vfl_cli.train.batches import (
     steps_per_epoch,
     take_batch,
 )
-from vfl_cli.train.loop import EvalResult, Reporter, TrainOutcome, choose, log_line, score
+from vfl_cli.train.loop import EvalResult, Reporter, TrainOutcome, choose, log_line, score, stopped_before
 from vfl_cli.train.parties import use_bf16
 
 
@@ -166,7 +166,8 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
         store.save(run_id, step, at.epoch, at.epoch_step, state)
 
     results: list[tuple[int, float, EvalResult | None]] = []
-    for epoch in range(start.epoch, job.train.epochs):
+    last_epoch = start.epoch if validating and stopped_before(store, job, run_id, start) else job.train.epochs
+    for epoch in range(start.epoch, last_epoch):
         first = start.epoch_step if epoch == start.epoch else 0
         model.train()
         reporter.begin(f"{kind} epoch {epoch}", rows - min(first * job.train.batch_size, rows))

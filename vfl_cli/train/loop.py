@@ -266,7 +266,7 @@ def train(run: PartyRun, run_id: str, start: Position) -> Iterator[tuple[int, fl
     (the test split when there is none), checkpoint, and with validation agree on the best epoch so far.
     Yields (epoch, train samples/s, that epoch's result at the leader) as each epoch ends."""
     scored = "valid" if run.validating else "test"
-    if run.validating and stopped_before(run, run_id, start):
+    if run.validating and stopped_before(run.checkpoints, run.job, run_id, start):
         return
     for epoch in range(start.epoch, run.job.train.epochs):
         started = time.perf_counter()
@@ -334,9 +334,10 @@ def select(run: PartyRun, run_id: str, epoch: int, step: int, result: EvalResult
     return stop
 
 
-def stopped_before(run: PartyRun, run_id: str, start: Position) -> bool:
-    """Whether a resumed run had already stopped early: both sides read it from their own selection record."""
-    patience, held = run.job.train.early_stopping, run.checkpoints.selected(run_id)
+def stopped_before(store: CheckpointStore, job: JobSpec, run_id: str, start: Position) -> bool:
+    """Whether a resumed run had already stopped early, read from the store's own selection record (so both
+    parties, and a baseline, decide alike)."""
+    patience, held = job.train.early_stopping, store.selected(run_id)
     if patience is None or held is None or start.epoch_step != 0 or start.epoch == 0:
         return False
     return start.epoch - 1 - held["epoch"] >= patience.patience
