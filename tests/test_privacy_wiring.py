@@ -213,3 +213,15 @@ def test_sweep_writes_a_csv_row_per_setting_and_epoch_and_a_png(tmp_path: Path) 
     plot(rows, tmp_path / "sweep" / "sweep.png", "test")
     png = (tmp_path / "sweep" / "sweep.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and 10_000 < len(png) < 2_000_000
+
+
+def test_audit_of_a_job_with_validation_scores_test_every_epoch_and_joins_the_right_labels(tmp_path: Path) -> None:
+    spec = job_dict(tmp_path, epochs=2, early_stopping={"patience": 1})
+    spec["data"]["valid_fraction"] = 0.25
+    write_planted_data(Path(spec["data"]["dir"]))
+    job = parse_job(spec)
+    epochs = audit_run(job, tmp_path / "audit")
+    assert [e.epoch for e in epochs] == [0, 1]
+    assert all(e.direction_leak > 0.99 for e in epochs)  # each recorded gradient joined with its own row's label
+    stored_train_rows = len(np.load(job.data.dir / "leader" / "train" / "labels.npy"))
+    assert len(np.load(tmp_path / "audit" / "epoch-0.npz")["labels"]) == stored_train_rows  # no validation carve

@@ -5,7 +5,8 @@ job's `privacy:` defences; nothing about the run changes) while the follower's e
 every training gradient it receives, which is exactly what a curious follower holds. After the run, each
 epoch's gradients go through the attacks of `vfl_cli.privacy.attacks` and are scored against the leader's
 true labels (the audit holds both parties' data, so it is a tool for a simulation or a joint review, not
-something either party runs alone). Per epoch it reports the leader's test AUC and both attacks' leak AUC.
+something either party runs alone). Per epoch it reports the leader's test AUC and both attacks' leak AUC
+(a job's validation carve and early stopping are left out: see `audited`).
 
 The sweep repeats that for a fixed list of settings plus the leader-only baseline, and writes a table, a CSV
 and a plot of test AUC against leak AUC.
@@ -97,15 +98,19 @@ def with_privacy(job: JobSpec, privacy: dict[str, Any]) -> JobSpec:
     return job.model_copy(update={"privacy": PrivacySpec.model_validate(privacy)})
 
 
-def in_run_dir(job: JobSpec, run_dir: Path) -> JobSpec:
-    """The job training into run_dir: an audit never touches the job's own checkpoints."""
-    return job.model_copy(update={"train": job.train.model_copy(update={"run_dir": run_dir})})
+def audited(job: JobSpec, run_dir: Path) -> JobSpec:
+    """The job as an audit trains it: into run_dir (never the job's own checkpoints), on every training row,
+    scoring the test split after each epoch (no validation carve, no early stopping), so that each epoch's
+    AUC is comparable across settings and each recorded gradient joins the label of a stored training row."""
+    data = job.data.model_copy(update={"valid_fraction": 0.0})
+    train = job.train.model_copy(update={"run_dir": run_dir, "early_stopping": None})
+    return job.model_copy(update={"data": data, "train": train})
 
 
 def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None) -> list[AuditEpoch]:
     """Train `job` from scratch in both roles here, recording the follower's gradients; write and return
     the per-epoch audit (files under `out`, see the module docstring)."""
-    job = in_run_dir(job, out / "run")
+    job = audited(job, out / "run")
     leader_peer, follower_peer = LocalPeer.pair(job.transport.timeout_s)
     recorder = GradientRecorder(follower_peer)
     leader = open_run(job, "leader", leader_peer, reporter)
@@ -168,7 +173,7 @@ def sweep(job: JobSpec, out: Path, progress: Callable[[int, int, str], Reporter]
         folder = out / slug(name)
         rows.append(SweepRow(name, audit_run(with_privacy(job, privacy), folder, reporter)))
     reporter = progress(total, total, LEADER_ONLY) if progress else SilentReporter()
-    baseline = train_baseline(in_run_dir(job, out / "leader-only"), "leader-only", reporter, restart=True)
+    baseline = train_baseline(audited(job, out / "leader-only"), "leader-only", reporter, restart=True)
     rows.append(SweepRow(LEADER_ONLY, [AuditEpoch(e, r.auc if r else math.nan, math.nan, math.nan)
                                        for e, _, r in baseline.epochs]))
     write_csv(rows, out / "sweep.csv")
