@@ -41,6 +41,20 @@ SPACE: list[tuple[str, list[Any]]] = [
     ("data.threshold", [5, 10, 20, 40, 60, 100, 150]),
     ("train.wide_optimizer.l2", [0.1, 1.0, 3.0, 10.0]),
     ("train.l2_coef", [1.0e-4, 1.0e-3, 3.0e-3, 1.0e-2]),
+    # round 3 (--from 12): past the edges round 2 stopped at
+    ("train.l2_coef", [1.0e-2, 3.0e-2, 1.0e-1]),
+    ("data.threshold", [2, 3, 5, 10]),
+    ("model.emb_dim", [8, 16, 32]),
+    ("train.batch_size", [64, 128]),
+    ("train.deep_optimizer.lr", [1.0e-3, 3.0e-3]),
+    # round 4 (--from 17): past the edges of the cross-validated search
+    ("train.deep_optimizer.lr", [3.0e-3, 6.0e-3, 1.0e-2]),
+    ("model.deep_layers", [[64, 32], [128, 64], [256, 128]]),
+    ("model.emb_dim", [4, 8, 16]),
+    ("data.threshold", [60, 100, 150, 200]),
+    ("train.l2_coef", [3.0e-3, 1.0e-2, 3.0e-2]),
+    ("train.wide_optimizer.lr", [5.0e-2, 1.0e-1, 2.0e-1]),
+    ("train.batch_size", [128, 256, 512]),
 ]
 
 
@@ -52,38 +66,59 @@ def put(spec: dict[str, Any], dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def prepare(spec: dict[str, Any], workdir: Path, args: argparse.Namespace, prepared: dict[str, Path]) -> Path:
-    """The prepared data for the spec's prep settings (prepared once per distinct setting)."""
-    prep_key = json.dumps([spec["data"].get("threshold"), spec["data"].get("dense", "max")])
+def fold_input(args: argparse.Namespace, workdir: Path, fold: int | None) -> Path:
+    """The training file for one fold: the input itself, or (with --folds K) its lines rotated so that fold
+    `fold` (the fold-th of K equal blocks) comes last, where a `valid_split: tail` carve finds it."""
+    if fold is None:
+        return args.input
+    rotated = workdir / f"train-fold-{fold}.txt"
+    if not rotated.exists():
+        lines = args.input.read_text().splitlines(keepends=True)
+        end = len(lines) * (fold + 1) // args.folds
+        rotated.write_text("".join(lines[end:] + lines[:end]))
+    return rotated
+
+
+def prepare(spec: dict[str, Any], workdir: Path, args: argparse.Namespace, prepared: dict[str, Path],
+            fold: int | None) -> Path:
+    """The prepared data for the spec's prep settings and fold (prepared once each)."""
+    prep_key = json.dumps([spec["data"].get("threshold"), spec["data"].get("dense", "max"), fold])
     if prep_key not in prepared:
         prepared[prep_key] = workdir / f"data-{len(prepared)}"
         spec = copy.deepcopy(spec)
         spec["data"]["dir"] = str(prepared[prep_key])
-        job = workdir / "prep.yaml"
+        job = workdir / f"prep-{fold}.yaml"
         job.write_text(yaml.safe_dump(spec))
         tests = [flag for path in args.test for flag in ("--test", str(path))]
-        run([*VFL, "prep", "criteo", "--input", str(args.input), *tests, "--job", str(job)])
+        run([*VFL, "prep", "criteo", "--input", str(fold_input(args, workdir, fold)), *tests, "--job", str(job)])
     return prepared[prep_key]
 
 
 def valid_auc(spec: dict[str, Any], workdir: Path, args: argparse.Namespace, prepared: dict[str, Path]) -> float:
-    """Train locally once per seed; the mean of the selected epochs' validation AUCs."""
-    data_dir = prepare(spec, workdir, args, prepared)
+    """Train locally once per seed (and per fold, with --folds); the mean of the selected epochs' validation
+    AUCs."""
+    folds: list[int | None] = list(range(args.folds)) if args.folds > 1 else [None]
+    trials = [(seed, fold) for seed in args.seeds for fold in folds]
+    data_dirs = {fold: prepare(spec, workdir, args, prepared, fold) for fold in folds}
 
-    def one_seed(seed: int) -> float:
-        seeded = copy.deepcopy(spec)
-        seeded["seed"] = seed
-        seeded["data"]["dir"] = str(data_dir)
-        seeded["train"]["run_dir"] = str(workdir / f"run-{seed}")
-        job = workdir / f"train-{seed}.yaml"
-        job.write_text(yaml.safe_dump(seeded))
+    def one_trial(trial: tuple[int, int | None]) -> float:
+        seed, fold = trial
+        name = f"{seed}-{fold}"
+        trained = copy.deepcopy(spec)
+        trained["seed"] = seed
+        trained["data"]["dir"] = str(data_dirs[fold])
+        if fold is not None:
+            trained["data"].update(valid_split="tail", valid_fraction=1 / args.folds)
+        trained["train"]["run_dir"] = str(workdir / f"run-{name}")
+        job = workdir / f"train-{name}.yaml"
+        job.write_text(yaml.safe_dump(trained))
         run([*VFL, "train", "--role", "local", "--job", str(job), "--restart"])
-        metrics = workdir / f"run-{seed}" / "leader" / "metrics.jsonl"
+        metrics = workdir / f"run-{name}" / "leader" / "metrics.jsonl"
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         return float([r for r in records if r.get("event") == "selected"][-1]["valid_auc"])
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        aucs = list(pool.map(one_seed, args.seeds))
+        aucs = list(pool.map(one_trial, trials))
     return sum(aucs) / len(aucs)
 
 
@@ -100,6 +135,9 @@ def main() -> None:
     parser.add_argument("--test", type=Path, action="append", default=[])
     parser.add_argument("--seeds", type=lambda text: [int(seed) for seed in text.split(",")], default=[7],
                         help="comma-separated seeds; each setting's score is the mean over them")
+    parser.add_argument("--folds", type=int, default=1,
+                        help="K > 1: K-fold cross-validation (each fold of the input validates once, 1/K of the "
+                             "rows); the score is the mean over folds and seeds")
     parser.add_argument("--from", dest="start", type=int, default=0, help="start at this entry of the space")
     args = parser.parse_args()
     best = yaml.safe_load(args.job.read_text())
@@ -119,7 +157,7 @@ def main() -> None:
                 if auc > best_auc:
                     best, best_auc = candidate, auc
         print(f"\nchosen (valid AUC {best_auc:.4f}):")
-        for setting, _ in SPACE:
+        for setting in dict.fromkeys(setting for setting, _ in SPACE):
             node: Any = best
             for key in setting.split("."):
                 node = node.get(key) if isinstance(node, dict) else None

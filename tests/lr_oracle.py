@@ -3,6 +3,7 @@ the package): hashed one-hot categoricals + log(1 + x) dense values, C = 0.1, tr
 file and scored on others.
 
     python -m tests.lr_oracle TRAIN EVAL [EVAL ...] [--fields I1,...,C13]     # prints the AUC
+    python -m tests.lr_oracle TRAIN --folds 5     # K-fold cross-validation on TRAIN's K contiguous blocks
 """
 
 from __future__ import annotations
@@ -55,13 +56,39 @@ def logistic_regression_auc(
     return float(roc_auc_score(eval_labels, model.predict_proba(hasher.transform(eval_rows))[:, 1]))
 
 
+def cross_validated_auc(train: Path, folds: int, fields: Sequence[str] = DENSE + CATEGORICAL) -> float:
+    """Mean validation AUC over `folds` contiguous blocks of the file, each validating a model fitted on the
+    rest: the blocks `scripts/sample_recipe.py --folds` validates vfl on."""
+    from sklearn.feature_extraction import FeatureHasher
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    hasher = FeatureHasher(n_features=HASHED_FEATURES, input_type="dict", alternate_sign=False)
+    rows, labels = read_rows([train], fields)
+    features = hasher.transform(rows)
+    aucs = []
+    for fold in range(folds):
+        held_out = np.arange(len(rows) * fold // folds, len(rows) * (fold + 1) // folds)
+        fitted = np.setdiff1d(np.arange(len(rows)), held_out)
+        model = LogisticRegression(C=0.1, max_iter=2000).fit(features[fitted], labels[fitted])
+        aucs.append(roc_auc_score(labels[held_out], model.predict_proba(features[held_out])[:, 1]))
+    return float(np.mean(aucs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("train", type=Path)
-    parser.add_argument("evaluate", type=Path, nargs="+")
+    parser.add_argument("evaluate", type=Path, nargs="*")
     parser.add_argument("--fields", default=",".join(DENSE + CATEGORICAL))
+    parser.add_argument("--folds", type=int, default=0, help="K > 1: K-fold cross-validation on TRAIN instead")
     args = parser.parse_args()
-    print(f"{logistic_regression_auc(args.train, args.evaluate, args.fields.split(',')):.6f}")
+    fields = args.fields.split(",")
+    if args.folds > 1:
+        print(f"{cross_validated_auc(args.train, args.folds, fields):.6f}")
+    elif args.evaluate:
+        print(f"{logistic_regression_auc(args.train, args.evaluate, fields):.6f}")
+    else:
+        parser.error("give files to evaluate on, or --folds K")
 
 
 if __name__ == "__main__":
