@@ -112,10 +112,11 @@ def valid_auc(spec: dict[str, Any], workdir: Path, args: argparse.Namespace, pre
         trained["train"]["run_dir"] = str(workdir / f"run-{name}")
         job = workdir / f"train-{name}.yaml"
         job.write_text(yaml.safe_dump(trained))
-        run([*VFL, "train", "--role", "local", "--job", str(job), "--restart"])
-        metrics = workdir / f"run-{name}" / "leader" / "metrics.jsonl"
+        run([*VFL, "train", "--role", args.role, "--job", str(job), "--restart"])
+        kind = "leader" if args.role == "local" else args.role
+        metrics = workdir / f"run-{name}" / kind / "metrics.jsonl"
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
-        return float([r for r in records if r.get("event") == "selected"][-1]["valid_auc"])
+        return max(float(r["valid_auc"]) for r in records if r.get("event") == "epoch")  # the selected epoch's
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         aucs = list(pool.map(one_trial, trials))
@@ -138,6 +139,9 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=1,
                         help="K > 1: K-fold cross-validation (each fold of the input validates once, 1/K of the "
                              "rows); the score is the mean over folds and seeds")
+    parser.add_argument("--role", choices=["local", "central", "leader-only"], default="local",
+                        help="what to train (the baselines: to score them on the same folds)")
+    parser.add_argument("--score-only", action="store_true", help="print the job's own score and stop")
     parser.add_argument("--from", dest="start", type=int, default=0, help="start at this entry of the space")
     args = parser.parse_args()
     best = yaml.safe_load(args.job.read_text())
@@ -146,6 +150,8 @@ def main() -> None:
         workdir = Path(tmp)
         best_auc = valid_auc(best, workdir, args, prepared)
         print(f"base: valid AUC {best_auc:.4f}", flush=True)
+        if args.score_only:
+            return
         for setting, values in SPACE[args.start :]:
             for value in values:
                 candidate = copy.deepcopy(best)
