@@ -1,0 +1,34 @@
+"""`vfl report`: a training run's metrics.jsonl read back into typed records, three PNG plots and one HTML page.
+
+    <run_dir>/leader/metrics.jsonl      what the loop wrote (`PartyRun.write_metrics`): start/resume, step, epoch,
+                                        and, with validation, selected and final_test records
+    <out>/loss.png  auc.png  speed.png  losses per global step, AUCs per epoch, train samples/s per epoch
+    <out>/report.html                   one self-contained page (inline CSS, no JS, no external URLs)
+
+`records` reads the file (which run, which records win after a resume), `plots` draws, `page` writes the HTML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vfl_cli.errors import DataError
+from vfl_cli.job import JobSpec
+from vfl_cli.report.page import render_html
+from vfl_cli.report.plots import PLOTS, write_plots
+from vfl_cli.report.records import RunMetrics, baseline_auc, read_run
+
+__all__ = ["PLOTS", "RunMetrics", "baseline_auc", "build_report", "read_run"]
+
+
+def build_report(run_dir: Path, out: Path, job: JobSpec | None = None) -> Path:
+    """Read `<run_dir>/leader/metrics.jsonl`, write the plots and report.html into `out`; returns the page."""
+    run = read_run(run_dir / "leader" / "metrics.jsonl")
+    page = out / "report.html"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_plots(run, out, job.name if job else run_dir.name)
+        page.write_text(render_html(run, run_dir, job))
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write the report ({exc})") from exc
+    return page
