@@ -112,3 +112,19 @@ def test_bf16_without_native_support_falls_back_to_fp32_with_a_warning(
         assert use_bf16("bf16", torch.device("cpu")) is False
     assert "computes in fp32" in caplog.text
     assert use_bf16("fp32", torch.device("cpu")) is False
+
+
+@needs_bf16
+def test_a_bf16_baseline_computes_in_bfloat16_and_returns_float32_logits(tmp_path: Path) -> None:
+    from vfl_cli.train.baseline import build_model, logits, open_baseline_data
+    from vfl_cli.train.batches import Batch
+
+    job = planted_job(tmp_path, "bf16")
+    fp32 = job.model_copy(update={"train": job.train.model_copy(update={"precision": "fp32"})})
+    data = open_baseline_data(job, "central")
+    model = build_model(job, data)
+    batch: Batch = next(data.batches("train", 64, job.seed, 0, shuffle=False))
+    in_bf16, in_fp32 = logits(model, job, batch), logits(model, fp32, batch)
+    assert in_bf16.dtype == torch.float32 and in_bf16.shape == in_fp32.shape == (64,)
+    assert not torch.equal(in_bf16, in_fp32)  # the matmuls really ran in bfloat16...
+    assert torch.allclose(in_bf16, in_fp32, atol=0.05)  # ...and agree to bfloat16's precision

@@ -36,7 +36,7 @@ from vfl_cli.train.batches import (
     take_batch,
 )
 from vfl_cli.train.loop import EvalResult, Reporter, TrainOutcome, choose, log_line, score, stopped_before
-from vfl_cli.train.parties import use_bf16
+from vfl_cli.train.parties import bf16_autocast, use_bf16
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,9 @@ def build_model(job: JobSpec, data: BaselineData) -> CentralWideDeep:
 
 def logits(model: CentralWideDeep, job: JobSpec, batch: Batch) -> torch.Tensor:
     """[B] float32 logits, the matmuls under bfloat16 autocast when the job's precision is bf16 (as a party's)."""
-    if not use_bf16(job.train.precision, torch.device("cpu")):
-        return model(batch.ids, batch.vals)
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        return model(batch.ids, batch.vals).float()
+    cpu = torch.device("cpu")
+    with bf16_autocast(use_bf16(job.train.precision, cpu), cpu):
+        return model(batch.ids, batch.vals).float()  # a no-op in fp32
 
 
 @torch.no_grad()

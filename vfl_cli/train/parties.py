@@ -42,10 +42,7 @@ class PartyModel:
         return wide.float(), deep.float()  # no-ops in fp32
 
     def autocast(self) -> AbstractContextManager[Any]:
-        """bfloat16 autocast for the bottom's matmuls (weights stay float32), or nothing in fp32."""
-        if not self.bf16:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return bf16_autocast(self.bf16, self.device)
 
     def train(self, mode: bool = True) -> None:
         self.bottom.train(mode)
@@ -94,6 +91,13 @@ def build_party(job: JobSpec, role: str, meta: PartyMeta, device: torch.device) 
         job.train.l2_coef, bottom.embedding_tables(),
     )
     return PartyModel(role, bottom, top, optimizers, device, use_bf16(job.train.precision, device))
+
+
+def bf16_autocast(enabled: bool, device: torch.device) -> AbstractContextManager[Any]:
+    """bfloat16 autocast for a bottom's matmuls (weights stay float32), or nothing in fp32."""
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
