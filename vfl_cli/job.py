@@ -149,6 +149,9 @@ class TrainSpec(_Spec):
     precision: Literal["fp32", "bf16"] = "fp32"
     early_stopping: EarlyStoppingSpec | None = None  # needs data.valid_fraction > 0
     run_dir: Path = Path("runs/train")  # checkpoints and metrics.jsonl go to <run_dir>/<role>/
+    # also write TensorBoard event files to <run_dir>/<role>/tensorboard/ (needs `pip install 'vfl[tensorboard]'`);
+    # a local choice, not part of the fingerprint
+    tensorboard: bool = False
 
 
 class TransportSpec(_Spec):
@@ -311,7 +314,7 @@ class JobSpec(_Spec):
                      **({"valid_split": self.data.valid_split} if self.data.valid_split != "random" else {})},
             "psi": self.psi.model_dump(mode="json"),
             "model": self.model.model_dump(mode="json"),
-            "train": self.train.model_dump(mode="json", exclude={"run_dir", "log_every"}),
+            "train": self.train.model_dump(mode="json", exclude={"run_dir", "log_every", "tensorboard"}),
             "privacy": self.privacy.model_dump(mode="json"),
         }
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]

@@ -10,7 +10,6 @@ resumes the same way (`--restart` starts over).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from vfl_cli.train.batches import (
     take_batch,
 )
 from vfl_cli.train.loop import EvalResult, Reporter, TrainOutcome, choose, log_line, score, stopped_before
+from vfl_cli.train.metrics_log import MetricsLog
 from vfl_cli.train.parties import bf16_autocast, use_bf16
 
 
@@ -153,9 +153,7 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
     if recorded:
         reporter.log(f"resumed run {run_id} at {start}")
 
-    def write(record: dict) -> None:  # the same metrics.jsonl records as a party's, for `vfl report`
-        with (store.directory / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps({"time": round(time.time(), 3), "role": kind, **record}) + "\n")
+    write = MetricsLog(store.directory, kind, job.train.tensorboard).write  # the records a party writes
 
     write({"event": "resume" if recorded else "start", "run_id": run_id, "step": start.step})
 

@@ -13,7 +13,6 @@ end after its test evaluation), so a resumed run finds a step both hold; see `vf
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from vfl_cli.peer import BatchKey, Peer, Phase, WireTensors
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import Batch, Position, SplitView, carve_valid, checkpoint_due, iterate, steps_per_epoch
+from vfl_cli.train.metrics_log import MetricsLog
 from vfl_cli.train.parties import PartyModel
 
 
@@ -129,10 +129,12 @@ class PartyRun:
         rows = len(self._carved[0]) if self.validating else self.data.meta.splits["train"].rows
         return steps_per_epoch(rows, self.job.train.batch_size)
 
+    @cached_property
+    def metrics_log(self) -> MetricsLog:
+        return MetricsLog(self.run_dir, self.role, self.job.train.tensorboard)
+
     def write_metrics(self, record: dict) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with (self.run_dir / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps({"time": round(time.time(), 3), "role": self.role, **record}) + "\n")
+        self.metrics_log.write(record)
 
 
 def _received(tensors: WireTensors, key: BatchKey, rows: int, device: torch.device) -> list[torch.Tensor]:

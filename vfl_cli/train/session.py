@@ -122,6 +122,7 @@ def train_session(run: PartyRun, restart: bool = False) -> TrainOutcome:
     """Agree with the peer on where training stands, roll back to it, and train the remaining steps.
     Our Hello offers the run in run.json and the checkpoints held for it; --restart offers a new run."""
     require_labels(run)
+    run.metrics_log  # noqa: B018 - opened first: a missing optional package stops before the peer is contacted
     store = run.checkpoints
     recorded = None if restart else store.run_id()
     held = store.steps(recorded) if recorded else ()
