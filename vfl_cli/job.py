@@ -108,8 +108,9 @@ class DataSpec(_Spec):
     # at both parties); > 0 turns on model selection: each epoch is scored on validation, eval and infer use the
     # best epoch, and the test split is scored once, at the end
     valid_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    # which training rows are held out: "random" (seeded) or "tail" (the last rows in the input file's order:
-    # for time-ordered data, the ones most like a later test file)
+    # which training rows are held out: "random" (seeded) or "tail" (the last rows in stored order: the input
+    # file's order after `vfl prep criteo`, so for time-ordered data the ones most like a later test file;
+    # after a PSI the order is by customer id, so there "tail" is no more than another fixed carve)
     valid_split: Literal["random", "tail"] = "random"
 
 

@@ -110,8 +110,8 @@ def iterate(
 def carve_valid(rows: int, fraction: float, seed: int, split: str = "random") -> tuple[np.ndarray, np.ndarray]:
     """(train rows, valid rows) of a stored training split of `rows` rows, each sorted: `fraction` of them
     (at least one) held out for validation, the same rows at both parties. `split` "random" draws them from the
-    seed alone; "tail" takes the last rows in stored order (the input file's order after `vfl prep criteo`),
-    which for time-ordered data such as Criteo's are the rows nearest to a later test file."""
+    seed alone; "tail" takes the last rows in stored order (the input file's order after `vfl prep criteo`,
+    customer-id order after a PSI), which for time-ordered data are the rows nearest to a later test file."""
     held_out = max(1, round(rows * fraction))
     if held_out >= rows:
         raise ValueError(f"data.valid_fraction {fraction} leaves no training rows of {rows}")
