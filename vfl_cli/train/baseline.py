@@ -15,26 +15,34 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from data_prep.store import PartyData, open_party
-from vfl_cli.checkpoint import CheckpointStore, file_name, new_run_id
+from vfl_cli.checkpoint import SELECTED_FILE, CheckpointStore, file_name, new_run_id
 from vfl_cli.errors import CheckpointError, DataError
 from vfl_cli.job import JobSpec
 from vfl_cli.model.wide_deep import CentralWideDeep, build_optimizers, part_generator
 from vfl_cli.train.batches import (
     Batch,
+    Carve,
     Position,
-    SplitView,
     batch_rows,
-    carve_valid,
     checkpoint_due,
     steps_per_epoch,
     take_batch,
+    view_of,
 )
-from vfl_cli.train.loop import EvalResult, Reporter, TrainOutcome, choose, log_line, score, stopped_before
+from vfl_cli.train.loop import (
+    EvalResult,
+    Reporter,
+    TrainOutcome,
+    choose,
+    job_carve,
+    log_line,
+    score,
+    stopped_before,
+)
 from vfl_cli.train.metrics_log import MetricsLog
 from vfl_cli.train.parties import bf16_autocast, use_bf16
 
@@ -45,7 +53,7 @@ class BaselineData:
 
     parties: list[PartyData]
     offsets: list[int]
-    carved: tuple[np.ndarray, np.ndarray] | None = None  # (train rows, valid rows) with data.valid_fraction
+    carve: Carve | None = None  # with data.valid_fraction: the validation carve, as the parties' runs have it
 
     @property
     def vocab_size(self) -> int:
@@ -59,7 +67,7 @@ class BaselineData:
         self, split: str, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0
     ) -> Iterator[Batch]:
         """As `batches.iterate`, both parties' columns side by side."""
-        views = [self.view(p, split) for p in self.parties]
+        views = [view_of(p, split, self.carve) for p in self.parties]
         for positions in batch_rows(len(views[0]), batch_size, seed, epoch, shuffle)[start:]:
             parts = [take_batch(v.arrays, v.stored(positions)) for v in views]
             yield Batch(
@@ -68,13 +76,6 @@ class BaselineData:
                 labels=parts[0].labels,
                 sample_ids=parts[0].sample_ids,
             )
-
-
-    def view(self, party: PartyData, split: str) -> SplitView:
-        """The split as the parties' runs see it: train and valid carved from the stored train split."""
-        if self.carved is None or split not in ("train", "valid"):
-            return SplitView(party.split(split))
-        return SplitView(party.split("train"), self.carved[0] if split == "train" else self.carved[1])
 
 
 def open_baseline_data(job: JobSpec, kind: str) -> BaselineData:
@@ -89,10 +90,7 @@ def open_baseline_data(job: JobSpec, kind: str) -> BaselineData:
     offsets = [0]
     for party in parties[:-1]:
         offsets.append(offsets[-1] + party.meta.vocab_size)
-    carved = None
-    if job.data.valid_fraction > 0:
-        carved = carve_valid(leader.meta.splits["train"].rows, job.data.valid_fraction, job.seed, job.data.valid_split)
-    return BaselineData(parties, offsets, carved)
+    return BaselineData(parties, offsets, job_carve(job, leader.meta.splits["train"].rows))
 
 
 def build_model(job: JobSpec, data: BaselineData) -> CentralWideDeep:
@@ -113,7 +111,7 @@ def evaluate_baseline(model: CentralWideDeep, data: BaselineData, job: JobSpec, 
     probabilities = []
     for batch in data.batches(split, job.train.batch_size, job.seed, 0, shuffle=False):
         probabilities.append(torch.sigmoid(logits(model, job, batch)))
-    return score(data.view(data.parties[0], split), torch.cat(probabilities).numpy())
+    return score(view_of(data.parties[0], split, data.carve), torch.cat(probabilities).numpy())
 
 
 def _restore(
@@ -137,9 +135,9 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
         model.wide_parameters(), model.deep_parameters(), job.train.wide_optimizer, job.train.deep_optimizer,
         job.train.l2_coef, model.embedding_tables(),
     )
-    rows = len(data.view(data.parties[0], "train"))
+    rows = len(view_of(data.parties[0], "train", data.carve))
     total = steps_per_epoch(rows, job.train.batch_size)
-    validating = data.carved is not None
+    validating = data.carve is not None
 
     # One party, so no agreement to reach: resume at the newest checkpoint of the recorded run.
     store = CheckpointStore(job.train.run_dir / kind, job.fingerprint())
@@ -202,7 +200,7 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
     if validating:  # the selected epoch's weights on the test split, once
         payload = store.load_selected()
         if payload is not None:
-            _restore(model, None, payload, store.directory / "selected.pt")
+            _restore(model, None, payload, store.directory / SELECTED_FILE)
             final = evaluate_baseline(model, data, job, "test")
             write({"event": "final_test", "epoch": payload["step"] // total - 1, "step": payload["step"],
                    "auc": final.auc, "log_loss": final.log_loss, "rows": final.rows})

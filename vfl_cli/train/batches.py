@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_prep.store import SplitArrays
+from data_prep.store import PartyData, SplitArrays
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,10 @@ def iterate(
         yield take_batch(view.arrays, view.stored(rows))
 
 
-def carve_valid(rows: int, fraction: float, seed: int, split: str = "random") -> tuple[np.ndarray, np.ndarray]:
+Carve = tuple[np.ndarray, np.ndarray]  # (train rows, valid rows) of a stored train split, each sorted
+
+
+def carve_valid(rows: int, fraction: float, seed: int, split: str = "random") -> Carve:
     """(train rows, valid rows) of a stored training split of `rows` rows, each sorted: `fraction` of them
     (at least one) held out for validation, the same rows at both parties. `split` "random" draws them from the
     seed alone; "tail" takes the last rows in stored order (the input file's order after `vfl prep criteo`,
@@ -145,3 +148,11 @@ class SplitView:
     def sample_ids(self) -> np.ndarray:
         ids = self.arrays.sample_ids
         return np.asarray(ids if self.rows is None else ids[self.rows])
+
+
+def view_of(party: PartyData, name: str, carve: Carve | None) -> SplitView:
+    """The rows a run uses as split `name`: with a validation carve, "train" and "valid" are its two parts of the
+    stored train split; any other split, or any split without a carve, is the stored one whole."""
+    if carve is None or name not in ("train", "valid"):
+        return SplitView(party.split(name))
+    return SplitView(party.split("train"), carve[0] if name == "train" else carve[1])

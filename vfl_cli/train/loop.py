@@ -32,7 +32,17 @@ from vfl_cli.metrics import log_loss, roc_auc
 from vfl_cli.peer import BatchKey, Peer, Phase, WireTensors
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.telemetry import Telemetry
-from vfl_cli.train.batches import Batch, Position, SplitView, carve_valid, checkpoint_due, iterate, steps_per_epoch
+from vfl_cli.train.batches import (
+    Batch,
+    Carve,
+    Position,
+    SplitView,
+    carve_valid,
+    checkpoint_due,
+    iterate,
+    steps_per_epoch,
+    view_of,
+)
 from vfl_cli.train.metrics_log import MetricsLog
 from vfl_cli.train.parties import PartyModel
 
@@ -58,6 +68,12 @@ class SilentReporter:
 
     def end(self) -> None:
         pass
+
+
+def job_carve(job: JobSpec, train_rows: int) -> Carve | None:
+    """The job's validation carve of a stored train split of `train_rows` rows; None without validation."""
+    data = job.data
+    return carve_valid(train_rows, data.valid_fraction, job.seed, data.valid_split) if data.valid_fraction > 0 else None
 
 
 @dataclass(frozen=True)
@@ -108,25 +124,21 @@ class PartyRun:
     @property
     def validating(self) -> bool:
         """Model selection on a validation split (data.valid_fraction > 0)."""
-        return self.job.data.valid_fraction > 0
+        return self.carve is not None
 
     @cached_property
-    def _carved(self) -> tuple[np.ndarray, np.ndarray]:
-        data = self.job.data
-        return carve_valid(self.data.meta.splits["train"].rows, data.valid_fraction, self.job.seed, data.valid_split)
+    def carve(self) -> Carve | None:
+        return job_carve(self.job, self.data.meta.splits["train"].rows)
 
     def view(self, name: str) -> SplitView:
-        """The rows this run uses as split `name`: with validation, "train" and "valid" are carved from the
-        stored train split (the same rows at both parties: the carve depends on the seed alone)."""
-        if not self.validating or name not in ("train", "valid"):
-            return SplitView(self.data.split(name))
-        train_rows, valid_rows = self._carved
-        return SplitView(self.data.split("train"), train_rows if name == "train" else valid_rows)
+        """The rows this run uses as split `name` (the same rows at both parties: the carve depends on the job
+        alone)."""
+        return view_of(self.data, name, self.carve)
 
     @property
     def steps_per_epoch(self) -> int:
         # From the metadata, not the arrays: every checkpoint asks.
-        rows = len(self._carved[0]) if self.validating else self.data.meta.splits["train"].rows
+        rows = self.data.meta.splits["train"].rows if self.carve is None else len(self.carve[0])
         return steps_per_epoch(rows, self.job.train.batch_size)
 
     @cached_property
