@@ -124,11 +124,14 @@ class PartyRun:
     @property
     def validating(self) -> bool:
         """Model selection on a validation split (data.valid_fraction > 0)."""
-        return self.carve is not None
+        return self.job.data.valid_fraction > 0
 
     @cached_property
     def carve(self) -> Carve | None:
-        return job_carve(self.job, self.data.meta.splits["train"].rows)
+        """The job's validation carve of this party's train split; None without validation, or on data with no
+        train split (new customers to score)."""
+        train = self.data.meta.splits.get("train")
+        return None if train is None else job_carve(self.job, train.rows)
 
     def view(self, name: str) -> SplitView:
         """The rows this run uses as split `name` (the same rows at both parties: the carve depends on the job
