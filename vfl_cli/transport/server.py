@@ -194,9 +194,7 @@ async def read_body(request: Request, limit: int) -> bytes:
 def check_cut_tensors(tensors: WireTensors, max_batch: int, bits: int | None = None) -> None:
     """Exactly the cut-layer tensors, each [B, 1] with the same 1 <= B <= batch size: float32 when `bits` is
     None, else QuantizedTensors of exactly `bits` bits (finiteness and packing are checked by the codec)."""
-    if set(tensors) != set(CUT_TENSORS):
-        got = ", ".join(sorted(name[:40] for name in tensors)) or "none"
-        raise ProtocolError(f"tensors: expected exactly {', '.join(CUT_TENSORS)}; got {got}")
+    _exactly(tensors, CUT_TENSORS)
     expected = "float32" if bits is None else f"{bits}-bit quantised"
     batch = None
     for name in CUT_TENSORS:
@@ -214,6 +212,13 @@ def check_cut_tensors(tensors: WireTensors, max_batch: int, bits: int | None = N
         batch = shape[0]
 
 
+def _exactly(tensors: WireTensors, names: tuple[str, ...]) -> None:
+    """The message holds exactly these named tensors, no more, no fewer."""
+    if set(tensors) != set(names):
+        got = ", ".join(sorted(name[:40] for name in tensors)) or "none"
+        raise ProtocolError(f"tensors: expected exactly {', '.join(names)}; got {got}")
+
+
 def _describe(tensor: WireTensor) -> str:
     """What a tensor travels as, in the words of a refusal: "dtype float32", "dtype uint8", "6-bit quantised"."""
     if isinstance(tensor, QuantizedTensor):
@@ -223,9 +228,7 @@ def _describe(tensor: WireTensor) -> str:
 
 def check_selection(tensors: WireTensors) -> None:
     """Exactly best_step and stop, each int64 [1]; stop is 0 or 1, best_step at least 1 (an epoch end)."""
-    if set(tensors) != set(SELECTION_TENSORS):
-        got = ", ".join(sorted(name[:40] for name in tensors)) or "none"
-        raise ProtocolError(f"tensors: expected exactly {', '.join(SELECTION_TENSORS)}; got {got}")
+    _exactly(tensors, SELECTION_TENSORS)
     for name in SELECTION_TENSORS:
         tensor = tensors[name]
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tuple(tensor.shape) != (1,):
@@ -237,9 +240,7 @@ def check_selection(tensors: WireTensors) -> None:
 def check_points(tensors: WireTensors, max_batch: int) -> None:
     """Exactly one tensor of 1 <= n <= psi.batch_size encoded points, uint8 [n, 32] (whether each is a valid
     point is checked by the PSI step that uses it)."""
-    if set(tensors) != {PSI_POINTS}:
-        got = ", ".join(sorted(name[:40] for name in tensors)) or "none"
-        raise ProtocolError(f"tensors: expected exactly {PSI_POINTS}; got {got}")
+    _exactly(tensors, (PSI_POINTS,))
     points = tensors[PSI_POINTS]
     got = _describe(points).removeprefix("dtype ")  # points are never quantised
     if got != "uint8" or len(points.shape) != 2 or points.shape[1] != POINT_BYTES:
