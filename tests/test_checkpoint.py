@@ -102,7 +102,7 @@ def test_an_unreadable_file_is_not_held_in_training(tmp_path: Path) -> None:
     [
         (b"not a checkpoint", "not a readable vfl checkpoint"),
         (b"", "not a readable vfl checkpoint"),
-        ("list", "not a vfl checkpoint of format 2"),
+        ("list", "not a vfl checkpoint of format 3"),
         ("other-job", "made by another job (fingerprint other, this job job-fingerprint); rerun `vfl train`"),
     ],
 )

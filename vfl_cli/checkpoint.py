@@ -11,17 +11,25 @@ resumed. Every file is written atomically (temp file, flush, fsync, rename, fsyn
 crash leaves either the old set of files or the new one, never half a checkpoint; the newest `KEEP` stay.
 Files load with `weights_only=True`, so a checkpoint can never run code.
 
+Each file is torch.save's bytes followed by a trailer, `\nvfl-sha256:<64 hex digits>\n`, the SHA-256 of
+those bytes (torch's zip reader ignores what follows the archive, so the file still `torch.load`s). Every
+read checks it first, as it checks readability: a file that fails is not held in training (one warning
+naming it; the parties agree on an older step, as for a truncated file) and is refused by eval, infer and the
+baselines (CheckpointError). Files written before the digest (format 2) have none: they load with a warning,
+so a run trained then still resumes and evaluates; a format-3 file without its trailer is refused.
+
 At the handshake, `agree(leader, follower)` picks the newest step both hold (step 0, the seeded initial
 weights, is held by every party on the run); both roll back to it. Two different histories are refused.
 `vfl eval`/`vfl infer` use each side's newest checkpoint and `same_checkpoint` refuses a pair that differs.
 
 Errors: two sides whose runs or checkpoints differ -> ProtocolError (exit 5, a handshake mismatch; each
-file alone is fine); a checkpoint that is missing, unreadable or from another job -> CheckpointError (exit 6),
-one line naming the file.
+file alone is fine); a checkpoint that is missing, unreadable, corrupt or from another job -> CheckpointError
+(exit 6), one line naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +39,7 @@ import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -39,7 +47,11 @@ from vfl_cli.errors import CheckpointError, ProtocolError
 from vfl_cli.peer import Hello
 from vfl_cli.train.batches import Position
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: with the digest trailer
+UNDIGESTED_FORMAT = 2  # written before the trailer: loaded unchecked, with a warning
+DIGEST_TAG = b"\nvfl-sha256:"  # the trailer is DIGEST_TAG, the hex SHA-256 of all bytes before it, b"\n"
+TRAILER_SIZE = len(DIGEST_TAG) + 64 + 1
+CORRUPT = "corrupt: its bytes do not match the SHA-256 digest saved with them"
 KEEP = 2  # the parties can be at most one checkpoint apart (see `agree`), so two always share one
 RUN_FILE = "run.json"
 SELECTED_FILE = "selected.pt"  # a hard link to the best-validation epoch's checkpoint (data.valid_fraction > 0)
@@ -73,7 +85,7 @@ def _write_atomically(path: Path, write: Any) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
-        with os.fdopen(handle, "wb") as file:
+        with os.fdopen(handle, "w+b") as file:  # readable too: a checkpoint's digest is of the bytes on disk
             write(file)
             file.flush()
             os.fsync(file.fileno())
@@ -89,17 +101,59 @@ def _write_atomically(path: Path, write: Any) -> None:
         os.close(fd)
 
 
-def _read(path: Path, mmap: bool = False) -> dict[str, Any]:
-    """The payload of one checkpoint file; anything else is a one-line CheckpointError naming the file."""
+def _trailer(file: IO[bytes], size: int) -> bytes:
+    """The trailer for the first `size` bytes of `file`, hashed in chunks: a checkpoint can be gigabytes."""
+    file.seek(0)
+    digest = hashlib.sha256()
+    while size > 0 and (chunk := file.read(min(size, 1 << 20))):
+        digest.update(chunk)
+        size -= len(chunk)
+    return DIGEST_TAG + digest.hexdigest().encode() + b"\n"
+
+
+def _save_with_digest(payload: dict[str, Any], file: IO[bytes]) -> None:
+    """torch.save `payload`, then append the trailer: the digest of exactly the bytes now in the file."""
+    torch.save(payload, file)
+    file.flush()
+    size = file.seek(0, os.SEEK_END)
+    trailer = _trailer(file, size)
+    file.seek(size)
+    file.write(trailer)
+
+
+def _digested(path: Path) -> bool:
+    """Whether `path` ends with a digest trailer; CheckpointError when it does and the bytes do not match."""
+    with path.open("rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        if size < TRAILER_SIZE:
+            return False
+        file.seek(size - TRAILER_SIZE)
+        trailer = file.read(TRAILER_SIZE)
+        if not trailer.startswith(DIGEST_TAG):
+            return False
+        if _trailer(file, size - TRAILER_SIZE) != trailer:
+            raise CheckpointError(f"{path}: {CORRUPT}")
+    return True
+
+
+def _read(path: Path, mmap: bool = False, warn_undigested: bool = True) -> dict[str, Any]:
+    """The payload of one checkpoint file, its digest checked before torch reads a byte; anything else is a
+    one-line CheckpointError naming the file. `warn_undigested`: say so when a file from before the digest is
+    loaded (not when merely listed, so that a resume says it once)."""
     try:
+        digested = _digested(path)
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: no checkpoint here") from exc
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]  # an empty file raises a bare EOFError
         raise CheckpointError(f"{path}: not a readable vfl checkpoint ({reason})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT_VERSION, UNDIGESTED_FORMAT):
         raise CheckpointError(f"{path}: not a vfl checkpoint of format {FORMAT_VERSION}")
+    if not digested and payload["format"] == FORMAT_VERSION:  # its trailer cut off or damaged
+        raise CheckpointError(f"{path}: corrupt: its SHA-256 digest is missing (the file ends early or was altered)")
+    if not digested and warn_undigested:
+        log.warning("%s: written before checkpoints carried a digest; loaded unchecked", path)
     return payload
 
 
@@ -146,7 +200,8 @@ class CheckpointStore:
         held = []
         for step, path in sorted(self._files().items()):
             try:
-                payload = _read(path, mmap=True)  # mmap: reads the header, not the weights
+                # mmap: torch reads the header, not the weights (the digest check reads every byte)
+                payload = _read(path, mmap=True, warn_undigested=False)
             except CheckpointError as exc:
                 log.warning("%s; not counted as held", exc)
                 continue
@@ -239,7 +294,7 @@ class CheckpointStore:
         payload = {"format": FORMAT_VERSION, "job": self.job_fingerprint, "run_id": run_id, "step": step,
                    "epoch": epoch, "epoch_step": epoch_step, "state": state}
         path = self.directory / file_name(step)
-        _write_atomically(path, lambda f: torch.save(payload, f))
+        _write_atomically(path, lambda f: _save_with_digest(payload, f))
         for old_step in sorted(self._files())[:-KEEP]:
             (self.directory / file_name(old_step)).unlink(missing_ok=True)
         return path
@@ -295,7 +350,8 @@ def same_checkpoint(leader: Hello, follower: Hello, steps_per_epoch: int | None)
     Each Hello carries its checkpoint as (run_id, (step,)); run_id "" means the side has none."""
     for role, hello in (("leader", leader), ("follower", follower)):
         if not hello.run_id or not hello.checkpoint_steps:
-            raise CheckpointError(f"the {role} has no usable checkpoint: run `vfl train` on both sides first")
+            raise CheckpointError(f"the {role} has no usable checkpoint (missing, or refused there: its own error "
+                                  "names the file): run `vfl train` on both sides first")
     leader_step, follower_step = leader.checkpoint_steps[-1], follower.checkpoint_steps[-1]
     if leader.run_id != follower.run_id:
         leader_at, follower_at = _where(leader_step, steps_per_epoch), _where(follower_step, steps_per_epoch)
