@@ -1,19 +1,20 @@
 """`vfl audit`: what a curious follower learns about the labels, and what each defence costs.
 
-An audit trains the job as `vfl train --role local` does (both parties in this process, the real loop and the
-job's `privacy:` defences; nothing about the run changes) while the follower's end of the pipe keeps a copy of
-every training gradient it receives, which is exactly what a curious follower holds. After the run, each
-epoch's gradients go through the attacks of `vfl_cli.privacy.attacks` and are scored against the leader's
-true labels (the audit holds both parties' data, so it is a tool for a simulation or a joint review, not
-something either party runs alone). Per epoch it reports the leader's test AUC and both attacks' leak AUC
-(a job's validation carve and early stopping are left out: see `audited`).
+An audit trains the job as `vfl train --role local` does (both parties in this process, the real loop, the job's
+`privacy:` defences, its validation carve and model selection: the run a user would get) while the follower's end of
+the pipe keeps a copy of every training gradient it receives, which is exactly what a curious follower holds. After
+the run, every attack of `vfl_cli.privacy.leakage` (unsupervised, per batch and pooled; with 1% and 5% of the labels
+known; each averaged over every epoch kept so far) is scored against the leader's true labels, and the defence's
+leak is the strongest of them, named. The audit holds both parties' data, so it is a tool for a simulation or a
+joint review, not something either party runs alone. The test AUC is the run's own final figure: the selected
+epoch's with validation, the last epoch's without.
 
 The sweep repeats that for a fixed list of settings plus the leader-only baseline, and writes a table, a CSV
-and a plot of test AUC against leak AUC.
+and a plot of test AUC against the strongest attack's leak AUC.
 
     <out>/<setting>/run/           the audit run's checkpoints (never the job's own run_dir)
-    <out>/<setting>/epoch-E.npz    gradients [N, 2] as received, labels [N], batch [N]: the attack's inputs
-    <out>/<setting>/audit.json     per-epoch figures
+    <out>/<setting>/epoch-E.npz    gradients [N, k] as received, labels [N], batch [N], rows [N]: the attacks' inputs
+    <out>/<setting>/audit.json     per-epoch figures, every attack
     <out>/sweep.csv, sweep.png     the sweep
 """
 
@@ -23,7 +24,7 @@ import csv
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,8 @@ import torch
 from vfl_cli.errors import JobError
 from vfl_cli.job import JobSpec, PrivacySpec
 from vfl_cli.peer import BatchKey, Hello, Kind, LocalPeer, Peer, WireTensors, run_both
-from vfl_cli.privacy.attacks import Leak, epoch_leak
 from vfl_cli.privacy.cut_layer import CutLayerDefences
+from vfl_cli.privacy.leakage import EpochLeak, Received, epoch_leaks
 from vfl_cli.train.batches import batch_rows
 from vfl_cli.train.loop import Reporter, SilentReporter, TrainOutcome
 from vfl_cli.train.session import open_run, train_session
@@ -47,16 +48,15 @@ SWEEP: tuple[tuple[str, dict[str, Any]], ...] = (
     ("label_dp eps=0.5", {"label_dp": {"eps": 0.5}}),
     ("label_dp eps=1", {"label_dp": {"eps": 1.0}}),
     ("label_dp eps=2", {"label_dp": {"eps": 2.0}}),
-    ("label_dp eps=4", {"label_dp": {"eps": 4.0}}),
     ("gradient_noise x1", {"gradient_noise": {"noise_ratio": 1.0}}),
     ("gradient_noise x4", {"gradient_noise": {"noise_ratio": 4.0}}),
     ("gradient_noise x16", {"gradient_noise": {"noise_ratio": 16.0}}),
     ("marvell power=4", {"marvell": {"power": 4.0}}),
     ("marvell power=16", {"marvell": {"power": 16.0}}),
+    ("marvell power=64", {"marvell": {"power": 64.0}}),
+    ("marvell power=256", {"marvell": {"power": 256.0}}),
     ("embedding_dp sigma=1", {"embedding_dp": {"clip_norm": 1.0, "sigma": 1.0}}),
-    ("embedding_rr eps=2", {"embedding_rr": {"eps": 2.0}}),
     ("quantize 6-bit", {"quantize": {"embeddings": 6, "gradients": 6}}),
-    ("quantize 2-bit", {"quantize": {"embeddings": 2, "gradients": 2}}),
 )
 LEADER_ONLY = "leader-only (no follower)"
 
@@ -64,9 +64,29 @@ LEADER_ONLY = "leader-only (no follower)"
 @dataclass(frozen=True)
 class AuditEpoch:
     epoch: int
-    test_auc: float
-    direction_leak: float  # mean per-batch max(AUC, 1 - AUC) of the direction attack; nan without gradients
-    norm_leak: float
+    scored_auc: float  # the epoch's validation AUC (its test AUC without validation)
+    leaks: dict[str, float]  # attack -> leak AUC; empty for the leader-only baseline
+
+    @property
+    def strongest(self) -> tuple[str, float]:
+        return EpochLeak(self.epoch, self.leaks).strongest
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    setting: str
+    test_auc: float  # the run's final test AUC: the selected epoch's with validation, else the last epoch's
+    epochs: list[AuditEpoch]
+
+    @property
+    def strongest(self) -> tuple[str, float, int]:
+        """(attack, leak AUC, epoch) of the strongest attack over every epoch; ("-", nan, -1) without gradients."""
+        best = ("-", float("nan"), -1)
+        for e in self.epochs:
+            name, leak = e.strongest
+            if leak == leak and not leak <= best[1]:
+                best = (name, leak, e.epoch)
+        return best
 
 
 class GradientRecorder(Peer):
@@ -74,7 +94,7 @@ class GradientRecorder(Peer):
 
     def __init__(self, inner: Peer) -> None:
         self.inner = inner
-        self.received: dict[tuple[int, int], np.ndarray] = {}  # (epoch, step) -> [B, 2] as the follower reads it
+        self.received: dict[tuple[int, int], np.ndarray] = {}  # (epoch, step) -> [B, k] as the follower reads it
 
     def handshake(self, mine: Hello) -> Hello:
         return self.inner.handshake(mine)
@@ -99,17 +119,14 @@ def with_privacy(job: JobSpec, privacy: dict[str, Any]) -> JobSpec:
 
 
 def audited(job: JobSpec, run_dir: Path) -> JobSpec:
-    """The job as an audit trains it: into run_dir (never the job's own checkpoints), on every training row,
-    scoring the test split after each epoch (no validation carve, no early stopping), so that each epoch's
-    AUC is comparable across settings and each recorded gradient joins the label of a stored training row."""
-    data = job.data.model_copy(update={"valid_fraction": 0.0})
-    train = job.train.model_copy(update={"run_dir": run_dir, "early_stopping": None})
-    return job.model_copy(update={"data": data, "train": train})
+    """The job as an audit trains it: exactly as the user's job (validation, model selection, early stopping),
+    from scratch, into run_dir (never the job's own checkpoints)."""
+    return job.model_copy(update={"train": job.train.model_copy(update={"run_dir": run_dir})})
 
 
-def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None) -> list[AuditEpoch]:
-    """Train `job` from scratch in both roles here, recording the follower's gradients; write and return
-    the per-epoch audit (files under `out`, see the module docstring)."""
+def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None, setting: str | None = None) -> AuditResult:
+    """Train `job` from scratch in both roles here, recording the follower's gradients; attack them, write the
+    audit (files under `out`, see the module docstring) and return it."""
     job = audited(job, out / "run")
     leader_peer, follower_peer = LocalPeer.pair(job.transport.timeout_s)
     recorder = GradientRecorder(follower_peer)
@@ -119,50 +136,43 @@ def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None) -> list
         "leader": (partial(train_session, leader, True), leader_peer),
         "follower": (partial(train_session, follower, True), recorder),
     })["leader"]
-    train_split = leader.data.split("train")
-    labels = np.asarray(train_split.labels, dtype=np.float64)
-    epochs = []
-    for epoch, _, result in outcome.epochs:
-        leak = leak_of_epoch(recorder.received, labels, job, epoch, out / f"epoch-{epoch}.npz")
-        epochs.append(AuditEpoch(epoch, result.auc if result else math.nan, leak.direction, leak.norm))
-    (out / "audit.json").write_text(json.dumps({"job": job.name, "privacy": job.privacy.model_dump(mode="json"),
-                                                "epochs": [asdict(e) for e in epochs]}, indent=1) + "\n")
-    return epochs
+    labels = np.asarray(leader.view("train").labels, dtype=np.float64)  # the rows the run trains on, carve applied
+    received = [received_in_epoch(recorder.received, labels, job, epoch, out / f"epoch-{epoch}.npz")
+                for epoch, _, _ in outcome.epochs]
+    leaks = epoch_leaks(received, seed=job.seed)
+    epochs = [AuditEpoch(epoch, result.auc if result else math.nan, leak.leaks)
+              for (epoch, _, result), leak in zip(outcome.epochs, leaks, strict=True)]
+    final = outcome.final_test if outcome.final_test is not None else outcome.epochs[-1][2]
+    result = AuditResult(setting or (", ".join(job.privacy.enabled) or "none"),
+                         final.auc if final is not None else math.nan, epochs)
+    write_json(result, job, out / "audit.json")
+    return result
 
 
-def leak_of_epoch(received: dict[tuple[int, int], np.ndarray], labels: np.ndarray, job: JobSpec, epoch: int,
-                  save_to: Path) -> Leak:
-    """Join one epoch's recorded gradients with the true labels of their rows (the batch order is the seed's),
-    save the attack's inputs, and run both attacks."""
+def received_in_epoch(received: dict[tuple[int, int], np.ndarray], labels: np.ndarray, job: JobSpec, epoch: int,
+                      save_to: Path) -> Received:
+    """Join one epoch's recorded gradients with their training rows and those rows' true labels (the batch order
+    is the seed's), and save the attacks' inputs."""
     rows_of_step = batch_rows(len(labels), job.train.batch_size, job.seed, epoch, shuffle=True)
     steps = sorted(step for e, step in received if e == epoch)
-    gradients = np.concatenate([received[(epoch, step)] for step in steps])
-    row_labels = np.concatenate([labels[rows_of_step[step]] for step in steps])
-    batch = np.concatenate([np.full(len(rows_of_step[step]), step) for step in steps])
-    np.savez(save_to, gradients=gradients, labels=row_labels, batch=batch)
-    return epoch_leak(gradients, row_labels, batch)
+    rows = np.concatenate([rows_of_step[step] for step in steps])
+    got = Received(gradients=np.concatenate([received[(epoch, step)] for step in steps]), labels=labels[rows],
+                   batch=np.concatenate([np.full(len(rows_of_step[step]), step) for step in steps]), rows=rows)
+    np.savez(save_to, gradients=got.gradients, labels=got.labels, batch=got.batch, rows=got.rows)
+    return got
 
 
-@dataclass(frozen=True)
-class SweepRow:
-    setting: str
-    epochs: list[AuditEpoch]
-
-    @property
-    def final(self) -> AuditEpoch:
-        return self.epochs[-1]
-
-    @property
-    def worst_direction(self) -> float:
-        return max(e.direction_leak for e in self.epochs)
-
-    @property
-    def worst_norm(self) -> float:
-        return max(e.norm_leak for e in self.epochs)
+def write_json(result: AuditResult, job: JobSpec, path: Path) -> None:
+    name, leak, epoch = result.strongest
+    path.write_text(json.dumps({
+        "job": job.name, "setting": result.setting, "privacy": job.privacy.model_dump(mode="json"),
+        "test_auc": result.test_auc, "strongest": {"attack": name, "leak_auc": leak, "epoch": epoch},
+        "epochs": [{"epoch": e.epoch, "scored_auc": e.scored_auc, "leaks": e.leaks} for e in result.epochs],
+    }, indent=1) + "\n")
 
 
 def sweep(job: JobSpec, out: Path, progress: Callable[[int, int, str], Reporter] | None = None,
-          settings: tuple[tuple[str, dict[str, Any]], ...] = SWEEP) -> list[SweepRow]:
+          settings: tuple[tuple[str, dict[str, Any]], ...] = SWEEP) -> list[AuditResult]:
     """Audit each setting (the job's own privacy section is replaced), then the leader-only baseline."""
     from vfl_cli.train.baseline import train_baseline
 
@@ -170,12 +180,12 @@ def sweep(job: JobSpec, out: Path, progress: Callable[[int, int, str], Reporter]
     total = len(settings) + 1
     for index, (name, privacy) in enumerate(settings):
         reporter = progress(index + 1, total, name) if progress else SilentReporter()
-        folder = out / slug(name)
-        rows.append(SweepRow(name, audit_run(with_privacy(job, privacy), folder, reporter)))
+        rows.append(audit_run(with_privacy(job, privacy), out / slug(name), reporter, setting=name))
     reporter = progress(total, total, LEADER_ONLY) if progress else SilentReporter()
     baseline = train_baseline(audited(job, out / "leader-only"), "leader-only", reporter, restart=True)
-    rows.append(SweepRow(LEADER_ONLY, [AuditEpoch(e, r.auc if r else math.nan, math.nan, math.nan)
-                                       for e, _, r in baseline.epochs]))
+    final = baseline.final_test if baseline.final_test is not None else baseline.epochs[-1][2]
+    rows.append(AuditResult(LEADER_ONLY, final.auc if final else math.nan,
+                            [AuditEpoch(e, r.auc if r else math.nan, {}) for e, _, r in baseline.epochs]))
     write_csv(rows, out / "sweep.csv")
     return rows
 
@@ -184,18 +194,22 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "-" for c in name).strip("-")
 
 
-def write_csv(rows: list[SweepRow], path: Path) -> None:
+def write_csv(rows: list[AuditResult], path: Path) -> None:
+    """One line per setting and epoch: the run's test AUC, the epoch's strongest attack, then every attack."""
+    attacks = sorted({name for r in rows for e in r.epochs for name in e.leaks})
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["setting", "epoch", "test_auc", "direction_leak_auc", "norm_leak_auc"])
+        writer.writerow(["setting", "test_auc", "epoch", "scored_auc", "strongest_attack", "strongest_leak_auc",
+                         *attacks])
         for row in rows:
             for e in row.epochs:
-                writer.writerow([row.setting, e.epoch, f"{e.test_auc:.6f}", f"{e.direction_leak:.6f}",
-                                 f"{e.norm_leak:.6f}"])
+                name, leak = e.strongest
+                writer.writerow([row.setting, f"{row.test_auc:.6f}", e.epoch, f"{e.scored_auc:.6f}", name,
+                                 f"{leak:.6f}", *(f"{e.leaks.get(a, math.nan):.6f}" for a in attacks)])
 
 
-def plot(rows: list[SweepRow], path: Path, title: str) -> None:
-    """Test AUC (x) against leak AUC (y) at the final epoch: one colour per setting, one marker per attack."""
+def plot(rows: list[AuditResult], path: Path, title: str) -> None:
+    """Test AUC (x) against the strongest attack's leak AUC (y): one point per setting."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a server
@@ -207,22 +221,20 @@ def plot(rows: list[SweepRow], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
     colours = plt.get_cmap("tab20")
     for index, r in enumerate(defended):
-        colour = colours(index % 20)
-        ax.scatter([r.final.test_auc], [r.final.direction_leak], marker="o", s=50, color=colour, label=r.setting)
-        ax.scatter([r.final.test_auc], [r.final.norm_leak], marker="^", s=50, color=colour)
+        ax.scatter([r.test_auc], [r.strongest[1]], marker="o", s=50, color=colours(index % 20),
+                   label=f"{r.setting} ({r.strongest[0]})")
     none = next((r for r in defended if r.setting == "none"), None)
     if none is not None:
-        ax.axvline(none.final.test_auc - 0.01, color="grey", linestyle=":", label="no defence - 0.01 AUC")
+        ax.axvline(none.test_auc - 0.01, color="grey", linestyle=":", label="no defence - 0.01 AUC")
     leader_only = next((r for r in rows if r.setting == LEADER_ONLY), None)
     if leader_only is not None:
-        ax.axvline(leader_only.final.test_auc, color="red", linestyle="--", label="leader-only test AUC")
+        ax.axvline(leader_only.test_auc, color="red", linestyle="--", label="leader-only test AUC")
     ax.axhline(0.6, color="grey", linestyle="--", label="leak AUC 0.60")
-    ax.set_xlabel("leader's test AUC (final epoch)")
-    ax.set_ylabel("label leak AUC (final epoch; 0.5 = none, 1 = every label)\n"
-                  "circle: direction attack, triangle: norm attack")
+    ax.set_xlabel("leader's test AUC (the run's final figure, as the job runs)")
+    ax.set_ylabel("label leak AUC of the strongest attack\n(0.5 = none, 1 = every label)")
     ax.set_title(title)
     ax.set_ylim(0.45, 1.03)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -6,10 +6,10 @@ Marvell's class-dependent gradient noise at the leader, embedding DP and 1-bit r
 explicit generator where random; the training loop, job spec and wire format decide when to call them.
 """
 
+from vfl_cli.privacy.marvell import marvell_noise
 from vfl_cli.privacy.mechanisms import (
     embedding_dp,
     flip_probability,
-    marvell_noise,
     one_bit_rr,
     perturb_gradients,
     randomized_response,

@@ -1,41 +1,39 @@
-"""The curious follower's label attacks: scores computed from the gradients it receives, and their leak AUC.
+"""The curious follower's label attacks without a single known label: scores from the gradients it receives.
 
-The follower gets, for every training row, the gradient of the leader's loss w.r.t. its two cut-layer outputs,
-a row g in R^2. With a linear top that row is w * (p - y) / B, so all of a batch's rows lie on one line and
-the side of the origin a row lies on is its label (p < 1 always). Two attacks from Li et al., "Label Leakage and
-Protection in Two-party Split Learning" (ICLR 2022), adapted to using nothing but the batch itself:
+The follower gets, for every training row, the gradient of the leader's loss w.r.t. its cut-layer outputs, a row
+g in R^k. With a linear top that row is w * (p - y) / B, so a batch's rows lie on one line and the side of the
+origin a row lies on is its label. A defence moves the rows off that line; these attacks look for what is left.
 
-- direction: project each row on the batch's principal axis (top right-singular vector of the uncentred B x 2
-  matrix). Without noise the projection's sign is the label; the paper's cosine attack against one known
-  positive row does the same given that row.
+Per batch (a batch shares one w and one scale; each scorer sees one batch at a time, [B, k] -> [B]):
+- direction: projection on the batch's principal axis (top right-singular vector of the uncentred rows); the
+  paper's cosine attack against one known positive does the same (Li et al., "Label Leakage and Protection in
+  Two-party Split Learning", ICLR 2022).
 - norm: |g|. Positives are rarer and predicted lower, so |p - y| is larger for them.
+- PC j and |PC j|: the projection on the j-th principal axis of the centred rows, signed and absolute. PC 1 is the
+  spectral attack (top singular vector of the centred gradients); |PC j| catches a defence whose noise spreads one
+  class and not the other along some axis (one class wide, the other narrow: their |projection| differs).
+- 2-means: the difference of a row's distances to the two centroids of Lloyd's algorithm.
+- GMM: the posterior of one component of a two-component full-covariance Gaussian mixture fitted by EM. It sees
+  a difference of means, of spreads, or of both.
 
-Leak AUC is the AUC of a score against the true labels, computed per batch (a batch shares one w and one scale)
-and averaged over the epoch's batches. Each batch counts as max(AUC, 1 - AUC): which end of the axis is positive
-is one bit the follower can learn once (from the class balance, or one customer it knows clicked), so the
-defender should not count on it guessing wrong. 0.5 is no leak, 1.0 is every label.
+Leak AUC is the AUC of a score against the true labels. Per batch it counts as max(AUC, 1 - AUC), averaged over
+the epoch's batches: which end is positive is one bit the follower can learn once (the class balance, or one
+customer it knows clicked), so the defender should not count on it guessing wrong. 0.5 is no leak, 1.0 is every
+label; with random scores the per-batch maximum sits a little above 0.5 (about 0.512 for 512 positives among
+2,048 rows), which is the floor a perfect defence reaches.
+
+Pooled (`unsupervised_scores`): the same scorers' outputs made comparable across batches with no label (each batch
+standardised, each axis oriented like the previous batch's, since the top's weights drift slowly; a cluster is
+"positive" when it is the smaller one), so that one AUC over the whole epoch, and a row's score averaged over every
+epoch the follower has kept, can be taken. Attacks that use a few known labels are in `known_labels`; the suite that
+runs everything and names the strongest is `vfl_cli.privacy.audit_attacks`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from vfl_cli.metrics import roc_auc
-
-
-def direction_scores(rows: np.ndarray) -> np.ndarray:
-    """Projection of each row of one batch's gradients [B, k] on the batch's principal axis -> [B]."""
-    if not np.any(rows):
-        return np.zeros(len(rows))
-    _, _, right = np.linalg.svd(rows.astype(np.float64), full_matrices=False)
-    return rows.astype(np.float64) @ right[0]
-
-
-def norm_scores(rows: np.ndarray) -> np.ndarray:
-    """L2 norm of each gradient row [B, k] -> [B]."""
-    return np.linalg.norm(rows.astype(np.float64), axis=1)
 
 
 def leak_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -47,22 +45,150 @@ def leak_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return max(auc, 1.0 - auc)
 
 
-@dataclass(frozen=True)
-class Leak:
-    direction: float  # mean over batches of the direction attack's leak AUC
-    norm: float  # mean over batches of the norm attack's leak AUC
-    batches: int  # batches that had both classes (the others say nothing)
+def _f64(rows: np.ndarray) -> np.ndarray:
+    return np.asarray(rows, dtype=np.float64)
 
 
-def epoch_leak(gradients: np.ndarray, labels: np.ndarray, batch: np.ndarray) -> Leak:
-    """Both attacks over one epoch: gradients [N, k] as received, true labels [N], batch index [N] of each row."""
-    direction, norm = [], []
+def principal_axes(rows: np.ndarray, centred: bool) -> np.ndarray:
+    """The right-singular vectors [k, k] (one per row, largest first) of a batch's rows [B, k], centred or not."""
+    x = _f64(rows)
+    if centred:
+        x = x - x.mean(axis=0)
+    if not np.any(x):
+        return np.eye(x.shape[1])
+    _, _, right = np.linalg.svd(x, full_matrices=False)
+    if right.shape[0] < x.shape[1]:  # fewer rows than columns: complete the basis
+        right = np.linalg.qr(np.concatenate([right.T, np.eye(x.shape[1])], axis=1))[0].T[: x.shape[1]]
+    return right
+
+
+def direction_scores(rows: np.ndarray) -> np.ndarray:
+    """Projection of each row of one batch's gradients [B, k] on the batch's uncentred principal axis -> [B]."""
+    return _f64(rows) @ principal_axes(rows, centred=False)[0]
+
+
+def norm_scores(rows: np.ndarray) -> np.ndarray:
+    """L2 norm of each gradient row [B, k] -> [B]."""
+    return np.linalg.norm(_f64(rows), axis=1)
+
+
+def axis_scores(rows: np.ndarray, axis: int, absolute: bool) -> np.ndarray:
+    """Projection of each centred row [B, k] on the batch's principal axis `axis` (0 = largest), or its size."""
+    x = _f64(rows)
+    projection = (x - x.mean(axis=0)) @ principal_axes(rows, centred=True)[axis]
+    return np.abs(projection) if absolute else projection
+
+
+def _standardised(rows: np.ndarray) -> np.ndarray:
+    """The batch whitened per column (a batch's gradients are ~1/B small; EM and Lloyd want unit scales)."""
+    x = _f64(rows)
+    x = x - x.mean(axis=0)
+    scale = x.std(axis=0)
+    return x / np.where(scale > 0, scale, 1.0)
+
+
+def two_means(rows: np.ndarray, iterations: int = 25) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's 2-means on one batch [B, k]: (assignment [B] in {0, 1}, score [B] = distance to 0 - distance to 1).
+
+    Deterministic: it starts from the split of the rows at the median of their first principal component.
+    """
+    x = _standardised(rows)
+    first = x @ principal_axes(x, centred=True)[0]
+    assign = (first > np.median(first)).astype(np.int64)
+    for _ in range(iterations):
+        centres = np.stack([x[assign == c].mean(axis=0) if np.any(assign == c) else x.mean(axis=0) for c in (0, 1)])
+        distance = np.linalg.norm(x[:, None, :] - centres[None], axis=2)  # (B, 2)
+        new = np.argmin(distance, axis=1)
+        if np.array_equal(new, assign):
+            break
+        assign = new
+    return assign, distance[:, 0] - distance[:, 1]
+
+
+def gmm_posterior(rows: np.ndarray, iterations: int = 40) -> np.ndarray:
+    """Posterior of component 1 [B] of a 2-component full-covariance Gaussian mixture fitted to one batch by EM.
+
+    Started from 2-means; a small ridge on each covariance keeps a collapsing component (all rows on a line, or one
+    row) from a singular matrix. Deterministic.
+    """
+    x = _standardised(rows)
+    n, k = x.shape
+    assign, _ = two_means(rows)
+    resp = np.stack([assign == 0, assign == 1], axis=1).astype(np.float64)  # (B, 2)
+    ridge = 1e-6 * np.eye(k)
+    for _ in range(iterations):
+        weight = resp.sum(axis=0) + 1e-12  # (2,)
+        means = (resp.T @ x) / weight[:, None]  # (2, k)
+        log_density = np.empty((n, 2))
+        for c in (0, 1):
+            centred = x - means[c]
+            cov = (resp[:, c, None] * centred).T @ centred / weight[c] + ridge
+            sign, logdet = np.linalg.slogdet(cov)
+            mahalanobis = np.einsum("ij,jk,ik->i", centred, np.linalg.inv(cov), centred)
+            log_density[:, c] = np.log(weight[c] / n) - 0.5 * (logdet + mahalanobis)
+        log_density -= log_density.max(axis=1, keepdims=True)
+        resp = np.exp(log_density)
+        resp /= resp.sum(axis=1, keepdims=True)
+    return resp[:, 1]
+
+
+def per_batch_leak(scores: np.ndarray, labels: np.ndarray, batch: np.ndarray) -> float:
+    """Mean over the epoch's batches (those with both classes) of max(AUC, 1 - AUC) of a score [N].
+
+    The per-batch standardisation and orientation of `unsupervised_scores` change no batch's figure, so the per-batch
+    leaks are taken from the same scores as the pooled ones."""
+    leaks = []
     for index in np.unique(batch):
         rows = batch == index
-        d = leak_auc(direction_scores(gradients[rows]), labels[rows])
-        if not np.isnan(d):
-            direction.append(d)
-            norm.append(leak_auc(norm_scores(gradients[rows]), labels[rows]))
-    if not direction:
-        return Leak(float("nan"), float("nan"), 0)
-    return Leak(float(np.mean(direction)), float(np.mean(norm)), len(direction))
+        leak = leak_auc(scores[rows], labels[rows])
+        if not np.isnan(leak):
+            leaks.append(leak)
+    return float(np.mean(leaks)) if leaks else float("nan")
+
+
+# --- pooled: scores comparable across batches and epochs, with no label known ------------------------------------
+
+
+def _zscore(values: np.ndarray) -> np.ndarray:
+    spread = values.std()
+    return (values - values.mean()) / spread if spread > 0 else values - values.mean()
+
+
+def _oriented_axes(axes: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
+    """Flip each axis [k, k] to point like the previous batch's (the top's weights drift slowly between steps)."""
+    if previous is None:
+        return axes
+    signs = np.sign(np.einsum("ij,ij->i", axes, previous))
+    return axes * np.where(signs == 0, 1.0, signs)[:, None]
+
+
+def unsupervised_scores(gradients: np.ndarray, batch: np.ndarray, k: int,
+                  previous: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every unsupervised score for each row of one epoch [N], standardised per batch and oriented without labels.
+
+    Batches are taken in step order; `previous` carries the last batch's axes from the epoch before (and the returned
+    dict is what the next epoch takes), so an axis keeps one orientation over the whole run and a row's score can be
+    averaged over epochs. Clusters are oriented by size: the smaller one is scored as the positives.
+    """
+    axes = [name for a in range(k) for name in (f"PC{a + 1}", f"|PC{a + 1}|")]
+    names = ["direction", "norm", *axes, "2-means", "GMM"]
+    out = {name: np.zeros(len(gradients)) for name in names}
+    carry = dict(previous or {})
+    for index in np.unique(batch):  # np.unique sorts: step order
+        rows = batch == index
+        x = _f64(gradients[rows])
+        uncentred = _oriented_axes(principal_axes(x, centred=False), carry.get("uncentred"))
+        centred_axes = _oriented_axes(principal_axes(x, centred=True), carry.get("centred"))
+        carry = {"uncentred": uncentred, "centred": centred_axes}
+        out["direction"][rows] = _zscore(x @ uncentred[0])
+        out["norm"][rows] = _zscore(np.linalg.norm(x, axis=1))
+        projections = (x - x.mean(axis=0)) @ centred_axes.T  # (B, k)
+        for a in range(k):
+            out[f"PC{a + 1}"][rows] = _zscore(projections[:, a])
+            out[f"|PC{a + 1}|"][rows] = _zscore(np.abs(projections[:, a]))
+        assign, score = two_means(x)
+        smaller = 1 if assign.mean() <= 0.5 else 0
+        out["2-means"][rows] = _zscore(score if smaller == 1 else -score)
+        posterior = gmm_posterior(x)
+        out["GMM"][rows] = _zscore(posterior if posterior.mean() <= 0.5 else 1 - posterior)
+    return out, carry

@@ -27,9 +27,9 @@ from torch import Tensor
 
 from vfl_cli.job import PrivacySpec
 from vfl_cli.peer import BatchKey, WireTensors
+from vfl_cli.privacy.marvell import marvell_noise
 from vfl_cli.privacy.mechanisms import (
     embedding_dp,
-    marvell_noise,
     one_bit_rr,
     perturb_gradients,
     randomized_response,
