@@ -6,6 +6,11 @@ join later without a redesign. For each sender the inbox owns:
 - the session: our Hello (`expect`) and the sender's latest Hello make the session id (`session_id`) that
   every tensor and abort message must carry; a message of another session is refused, never applied.
   A new Hello from a sender starts a new session: its sequence numbers start again at 1.
+- the Hellos seen: a session is never re-opened. The same Hello again while it is the current one (the
+  sender's retry after a lost answer) is acknowledged and changes nothing; a Hello with a nonce this inbox
+  has seen before (an earlier session's, replayed; or the current nonce with other contents) is refused
+  (the server answers 409), so an earlier session's messages can never be applied again. The nonces are
+  remembered for the inbox's life, a few bytes per Hello of an authenticated peer.
 - the exactly-once rule: per kind, message `seq` must be last+1 to be accepted; a resend of the last one
   (its acknowledgement was lost) is acknowledged and dropped; anything else is a conflict.
 - backpressure: at most `max_pending` messages of a kind wait for the loop; more are refused as busy
@@ -36,6 +41,10 @@ class WrongSession(Exception):
     """A message of another (earlier) session, or before any; the server answers 409 with this reason."""
 
 
+class ReplayedHello(Exception):
+    """A Hello whose nonce opened an earlier session; the server answers 409 with this reason."""
+
+
 class InboxFull(Exception):
     """`max_pending` messages of this kind already wait; the server answers 503 and the sender retries."""
 
@@ -57,6 +66,7 @@ class Inbox:
         self._cond = threading.Condition()
         self._mine: Hello | None = None
         self._senders: dict[str, _Sender] = {}
+        self._nonces: dict[str, set[str]] = {}  # per sender, the nonce of every Hello it has sent us
         self.bytes_received = 0  # request body bytes of every accepted or duplicate message
 
     def _sender(self, name: str) -> _Sender:
@@ -85,12 +95,22 @@ class Inbox:
     # -------------------------------------------------------------------- writers (the server)
 
     def put_hello(self, name: str, hello: Hello, size: int = 0) -> None:
-        """A Hello opens a new session with its sender: sequences restart, nothing of the old one is kept."""
+        """A Hello opens a new session with its sender: sequences restart, nothing of the old one is kept.
+        Raises ReplayedHello for a nonce seen before, unless it is the current Hello sent again."""
         with self._cond:
             old = self._sender(name)
-            if old.hello is not None and old.hello.nonce == hello.nonce:
+            if old.hello == hello:
                 self.bytes_received += size  # a resent Hello: the same session
                 return
+            seen = self._nonces.setdefault(name, set())
+            if hello.nonce in seen:
+                current = old.hello is not None and old.hello.nonce == hello.nonce
+                raise ReplayedHello(
+                    f"hello nonce {hello.nonce[:32]!r} "
+                    + ("is the current session's, with other contents" if current else "opened an earlier session")
+                    + ": a session is never re-opened (send a hello with a fresh nonce)"
+                )
+            seen.add(hello.nonce)
             fresh = _Sender(hello=hello, session=self._session_with(hello))
             fresh.restarted = old.session is not None and old.abort_reason is None
             self._senders[name] = fresh

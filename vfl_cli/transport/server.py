@@ -2,7 +2,8 @@
 connections are accepted, authenticated and timed out is `listener.py`'s business.
 
 Routes (all under /v1, all answered with JSON; refusals are `{"error": reason}` and apply nothing):
-    POST /v1/hello     the peer's Hello: opens a new session
+    POST /v1/hello     the peer's Hello: opens a new session (the current Hello again is acknowledged; one
+                       of an earlier session is refused with 409: a session is never re-opened)
     POST /v1/tensors   one batch of cut-layer tensors of the current session: the leader takes
                        "embeddings", the follower "gradients" (float32, or quantised with exactly the bits of
                        the job's `privacy.quantize.<kind>`); 503 + Retry-After while the inbox is full
@@ -35,7 +36,7 @@ from vfl_cli.peer import CUT_TENSORS, PSI_KINDS, PSI_POINTS, SELECTION_TENSORS, 
 from vfl_cli.privacy.quantize import QuantizedTensor
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import AbortMessage, HelloMessage, Message, TensorMessage, decode
-from vfl_cli.transport.inbox import Inbox, InboxFull, SeqConflict, WrongSession
+from vfl_cli.transport.inbox import Inbox, InboxFull, ReplayedHello, SeqConflict, WrongSession
 from vfl_cli.transport.tls import peer_common_name
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,10 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
             raise Refusal(400, f"expected a hello message, got {type(message).__name__}")
         if message.hello.role != peer_role:
             raise Refusal(400, f"hello from a {message.hello.role!r}: this {role} expects a {peer_role}")
-        inbox.put_hello(sender, message.hello, size)
+        try:
+            inbox.put_hello(sender, message.hello, size)
+        except ReplayedHello as exc:
+            raise Refusal(409, str(exc), "replayed_hello") from exc
         telemetry.received("hello", size)
         return {"status": "ok"}
 
