@@ -165,24 +165,26 @@ def direct_leaks(npz: Path) -> tuple[float, float]:
 
 def test_audit_figures_equal_the_attacks_on_the_recorded_gradients(tmp_path: Path) -> None:
     job = planted(tmp_path)
-    epochs = audit_run(job, tmp_path / "audit")
-    assert [e.epoch for e in epochs] == [0, 1]
-    for e in epochs:
+    result = audit_run(job, tmp_path / "audit")
+    assert [e.epoch for e in result.epochs] == [0, 1]
+    for e in result.epochs:
         direction, norm = direct_leaks(tmp_path / "audit" / f"epoch-{e.epoch}.npz")
-        assert e.direction_leak == pytest.approx(direction, abs=1e-9)
-        assert e.norm_leak == pytest.approx(norm, abs=1e-9)
-        assert e.direction_leak > 0.99  # no defence: the sign of the gradient is the label
+        assert e.leaks["direction per batch"] == pytest.approx(direction, abs=1e-9)
+        assert e.leaks["norm per batch"] == pytest.approx(norm, abs=1e-9)
+        assert e.strongest[1] > 0.99  # no defence: the sign of the gradient is the label
+    assert "QDA, 5% known" in result.epochs[0].leaks and "GMM pooled, epochs 0-1" in result.epochs[1].leaks
     recorded = np.load(tmp_path / "audit" / "epoch-1.npz")
     assert recorded["gradients"].shape == (960, 2) and sorted(np.unique(recorded["labels"])) == [0.0, 1.0]
+    assert sorted(recorded["rows"]) == list(range(960))  # every training row once per epoch
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())
-    assert report["epochs"][1]["test_auc"] == epochs[1].test_auc
+    assert report["epochs"][1]["scored_auc"] == result.epochs[1].scored_auc
+    assert report["test_auc"] == result.test_auc and report["strongest"]["leak_auc"] == result.strongest[1]
     assert not (job.train.run_dir).exists()  # the job's own checkpoints are never touched
 
 
-def test_heavy_gradient_noise_lowers_the_measured_leak(tmp_path: Path) -> None:
-    job = planted(tmp_path, gradient_noise={"noise_ratio": 16.0})
-    epochs = audit_run(job, tmp_path / "audit")
-    assert max(max(e.direction_leak, e.norm_leak) for e in epochs) < 0.65
+def test_heavy_gradient_noise_lowers_the_strongest_leak(tmp_path: Path) -> None:
+    noisy = audit_run(planted(tmp_path, gradient_noise={"noise_ratio": 16.0}), tmp_path / "audit")
+    assert noisy.strongest[1] < 0.75  # every attack, every epoch, and the average over both epochs
 
 
 def test_audit_cli_prints_the_table_and_bad_privacy_is_one_line(
@@ -209,19 +211,23 @@ def test_sweep_writes_a_csv_row_per_setting_and_epoch_and_a_png(tmp_path: Path) 
         table = list(csv.DictReader(handle))
     expected = [(row.setting, str(epoch)) for row in rows for epoch in (0, 1)]
     assert [(r["setting"], r["epoch"]) for r in table] == expected
-    assert float(table[0]["direction_leak_auc"]) > 0.99 and table[-1]["direction_leak_auc"] == "nan"
+    assert float(table[0]["strongest_leak_auc"]) > 0.99 and table[-1]["strongest_leak_auc"] == "nan"
+    assert float(table[0]["direction per batch"]) > 0.99 and table[-1]["strongest_attack"] == "-"
     plot(rows, tmp_path / "sweep" / "sweep.png", "test")
     png = (tmp_path / "sweep" / "sweep.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and 10_000 < len(png) < 2_000_000
 
 
-def test_audit_of_a_job_with_validation_scores_test_every_epoch_and_joins_the_right_labels(tmp_path: Path) -> None:
+def test_audit_of_a_job_with_validation_runs_it_as_the_user_does_and_joins_the_right_labels(tmp_path: Path) -> None:
     spec = job_dict(tmp_path, epochs=2, early_stopping={"patience": 1})
     spec["data"]["valid_fraction"] = 0.25
     write_planted_data(Path(spec["data"]["dir"]))
     job = parse_job(spec)
-    epochs = audit_run(job, tmp_path / "audit")
-    assert [e.epoch for e in epochs] == [0, 1]
-    assert all(e.direction_leak > 0.99 for e in epochs)  # each recorded gradient joined with its own row's label
+    result = audit_run(job, tmp_path / "audit")
+    assert [e.epoch for e in result.epochs] == [0, 1]
+    assert all(e.leaks["direction per batch"] > 0.99 for e in result.epochs)  # each gradient joined to its row
     stored_train_rows = len(np.load(job.data.dir / "leader" / "train" / "labels.npy"))
-    assert len(np.load(tmp_path / "audit" / "epoch-0.npz")["labels"]) == stored_train_rows  # no validation carve
+    carved = len(np.load(tmp_path / "audit" / "epoch-0.npz")["labels"])
+    assert carved == stored_train_rows - round(0.25 * stored_train_rows)  # the validation carve is kept
+    final = json.loads((tmp_path / "audit" / "run" / "leader" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["event"] == "final_test" and final["auc"] == result.test_auc  # the selected epoch's test AUC

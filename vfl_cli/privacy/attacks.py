@@ -23,7 +23,7 @@ label; with random scores the per-batch maximum sits a little above 0.5 (about 0
 2,048 rows), which is the floor a perfect defence reaches.
 
 Pooled (`unsupervised_scores`): the same scorers' outputs made comparable across batches with no label (each batch
-standardised, each axis oriented like the previous batch's, since the top's weights drift slowly; a cluster is
+standardised, each axis oriented like the earlier batches', since the top's weights drift slowly; a cluster is
 "positive" when it is the smaller one), so that one AUC over the whole epoch, and a row's score averaged over every
 epoch the follower has kept, can be taken. Attacks that use a few known labels are in `known_labels`; the suite that
 runs everything and names the strongest is `vfl_cli.privacy.audit_attacks`.
@@ -154,20 +154,23 @@ def _zscore(values: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / spread if spread > 0 else values - values.mean()
 
 
-def _oriented_axes(axes: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
-    """Flip each axis [k, k] to point like the previous batch's (the top's weights drift slowly between steps)."""
-    if previous is None:
-        return axes
-    signs = np.sign(np.einsum("ij,ij->i", axes, previous))
-    return axes * np.where(signs == 0, 1.0, signs)[:, None]
+def _oriented_axes(axes: np.ndarray, reference: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Flip each axis [k, k] to point like the reference (a decaying sum of the earlier batches' oriented axes: the
+    top's weights drift slowly, and one batch whose axis noise has turned does not turn the rest); returns the
+    oriented axes and the next reference."""
+    if reference is None:
+        return axes, axes
+    signs = np.sign(np.einsum("ij,ij->i", axes, reference))
+    oriented = axes * np.where(signs == 0, 1.0, signs)[:, None]
+    return oriented, 0.9 * reference + oriented
 
 
 def unsupervised_scores(gradients: np.ndarray, batch: np.ndarray, k: int,
                   previous: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every unsupervised score for each row of one epoch [N], standardised per batch and oriented without labels.
 
-    Batches are taken in step order; `previous` carries the last batch's axes from the epoch before (and the returned
-    dict is what the next epoch takes), so an axis keeps one orientation over the whole run and a row's score can be
+    Batches are taken in step order; `previous` carries the orientation reference from the epoch before (and the
+    returned dict is what the next epoch takes), so an axis keeps one orientation over the whole run and a row's score can be
     averaged over epochs. Clusters are oriented by size: the smaller one is scored as the positives.
     """
     axes = [name for a in range(k) for name in (f"PC{a + 1}", f"|PC{a + 1}|")]
@@ -177,9 +180,8 @@ def unsupervised_scores(gradients: np.ndarray, batch: np.ndarray, k: int,
     for index in np.unique(batch):  # np.unique sorts: step order
         rows = batch == index
         x = _f64(gradients[rows])
-        uncentred = _oriented_axes(principal_axes(x, centred=False), carry.get("uncentred"))
-        centred_axes = _oriented_axes(principal_axes(x, centred=True), carry.get("centred"))
-        carry = {"uncentred": uncentred, "centred": centred_axes}
+        uncentred, carry["uncentred"] = _oriented_axes(principal_axes(x, centred=False), carry.get("uncentred"))
+        centred_axes, carry["centred"] = _oriented_axes(principal_axes(x, centred=True), carry.get("centred"))
         out["direction"][rows] = _zscore(x @ uncentred[0])
         out["norm"][rows] = _zscore(np.linalg.norm(x, axis=1))
         projections = (x - x.mean(axis=0)) @ centred_axes.T  # (B, k)

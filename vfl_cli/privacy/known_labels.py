@@ -3,7 +3,7 @@
 A follower often knows some customers' labels (its own clicks, a public record, a partner's leak). With a fraction
 of the training rows' labels known (the audit tries 1% and 5%), it fits a classifier on those rows' gradients and
 scores every other row. The features of a row are its gradient in the batch's own frame: the rows projected on the
-batch's uncentred principal axes, oriented like the previous batch's and divided by the batch's RMS row norm (so
+batch's uncentred principal axes, oriented like the earlier batches' and divided by the batch's RMS row norm (so
 that batches of different scale and direction are comparable), plus every product of two of those coordinates
 (the outer product's upper triangle), which lets a linear model see a difference of spreads.
 
@@ -28,16 +28,16 @@ Fitter = Callable[[Features, np.ndarray, Features], np.ndarray]  # (known x, kno
 
 def batch_frame(gradients: np.ndarray, batch: np.ndarray, previous: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Each row's coordinates [N, k] in its batch's uncentred principal axes, oriented like the previous batch's,
-    over the batch's RMS row norm. Returns the coordinates and the last batch's axes (the next epoch's `previous`)."""
+    """Each row's coordinates [N, k] in its batch's uncentred principal axes, oriented like the earlier batches',
+    over the batch's RMS row norm. Returns the coordinates and the orientation reference (the next epoch's
+    `previous`)."""
     from vfl_cli.privacy.attacks import _oriented_axes, principal_axes
 
     coords = np.zeros(gradients.shape, dtype=np.float64)
     for index in np.unique(batch):
         rows = batch == index
         x = np.asarray(gradients[rows], dtype=np.float64)
-        axes = _oriented_axes(principal_axes(x, centred=False), previous)
-        previous = axes
+        axes, previous = _oriented_axes(principal_axes(x, centred=False), previous)
         scale = float(np.sqrt(np.mean(np.sum(x * x, axis=1))))
         coords[rows] = (x @ axes.T) / (scale if scale > 0 else 1.0)
     return coords, previous
@@ -62,12 +62,14 @@ def _class_stats(x: np.ndarray, y: np.ndarray) -> list[tuple[np.ndarray, np.ndar
 
 
 def lda(known: Features, y: np.ndarray, every: Features) -> np.ndarray:
+    known, every = _standardise(known, every)  # the ridge below is then small against every feature's spread
     (m0, c0), (m1, c1) = _class_stats(known, y)
     shared = (c0 * np.sum(y == 0) + c1 * np.sum(y == 1)) / len(y)
     return _gaussian_log_density(every, m1, shared) - _gaussian_log_density(every, m0, shared)
 
 
 def qda(known: Features, y: np.ndarray, every: Features) -> np.ndarray:
+    known, every = _standardise(known, every)
     (m0, c0), (m1, c1) = _class_stats(known, y)
     return _gaussian_log_density(every, m1, c1) - _gaussian_log_density(every, m0, c0)
 
@@ -109,14 +111,19 @@ def mlp(known: Features, y: np.ndarray, every: Features, seed: int = 0, steps: i
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
     inputs, targets = torch.from_numpy(x).float(), torch.from_numpy(y).float()
     positive_weight = torch.tensor((len(y) - y.sum()) / max(y.sum(), 1.0))
-    for _ in range(steps):
-        optimiser.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(inputs)[:, 0], targets,
-                                                                    pos_weight=positive_weight)
-        loss.backward()
-        optimiser.step()
-    with torch.no_grad():
-        return model(torch.from_numpy(z).float())[:, 0].double().numpy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors of a few thousand values: threads only wait on each other (10x slower)
+    try:
+        for _ in range(steps):
+            optimiser.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(inputs)[:, 0], targets,
+                                                                        pos_weight=positive_weight)
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            return model(torch.from_numpy(z).float())[:, 0].double().numpy()
+    finally:
+        torch.set_num_threads(threads)
 
 
 FITTERS: dict[str, tuple[Fitter, bool]] = {  # name -> (fitter, takes the products too)
