@@ -170,8 +170,8 @@ def unsupervised_scores(gradients: np.ndarray, batch: np.ndarray, k: int,
     """Every unsupervised score for each row of one epoch [N], standardised per batch and oriented without labels.
 
     Batches are taken in step order; `previous` carries the orientation reference from the epoch before (and the
-    returned dict is what the next epoch takes), so an axis keeps one orientation over the whole run and a row's score can be
-    averaged over epochs. Clusters are oriented by size: the smaller one is scored as the positives.
+    returned dict is what the next epoch takes), so an axis keeps one orientation over the whole run and a row's
+    score can be averaged over epochs. Clusters are oriented by size: the smaller one is scored as the positives.
     """
     axes = [name for a in range(k) for name in (f"PC{a + 1}", f"|PC{a + 1}|")]
     names = ["direction", "norm", *axes, "2-means", "GMM"]
