@@ -375,7 +375,7 @@ def test_wrong_party_name_is_403(leader_server: tuple[JobSpec, Inbox]) -> None:
         ):
             response = client.request(method, path, content=body)
             assert response.status_code == 403, path
-            assert response.json() == {"error": "certificate CN 'alice'; this leader only talks to 'bob'"}
+            assert response.json() == {"error": "the client certificate is not the job's peer's"}
     assert_nothing_applied(job, inbox)
 
 

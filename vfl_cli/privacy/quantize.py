@@ -10,7 +10,8 @@ Packed layout (what the transport will put on the wire): value i's code occupies
 byte string, least significant bit first, bytes filled from their least significant bit (numpy's
 bitorder="little"); the last byte's unused high bits are zero. Length is exactly ceil(n * bits / 8) bytes.
 `QuantizedTensor` validates itself on construction, so a decoder that builds one from untrusted fields gets a
-ValueError naming the problem instead of a wrong tensor.
+ValueError naming the problem instead of a wrong tensor: among others, min and max within float32's finite range,
+so that every value it dequantises to is finite.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor
 
 MIN_BITS = 1
 MAX_BITS = 8
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # min and max beyond it would dequantise to infinity
 
 
 def _check_bits(bits: int) -> None:
@@ -97,6 +99,14 @@ class QuantizedTensor:
             raise ValueError(f"shape must be non-negative integers, got {self.shape!r}")
         if not (math.isfinite(self.min) and math.isfinite(self.max)) or self.min > self.max:
             raise ValueError(f"min and max must be finite with min <= max, got min={self.min} max={self.max}")
+        if max(-self.min, self.max) > FLOAT32_MAX:
+            raise ValueError(f"min and max must lie within float32's range, got min={self.min} max={self.max}")
+        # The range check implies this; it is kept so that no change to the formula can let infinities through.
+        # Dequantising is monotonic in the code (each rounding step is), so the ends bound every value.
+        with np.errstate(over="ignore"):  # an overflow is what this looks for: no warning about it
+            ends = _values(np.array([0, (1 << self.bits) - 1]), self.bits, self.min, self.max)
+        if not np.isfinite(ends).all():
+            raise ValueError(f"min={self.min} and max={self.max} dequantise to {ends.tolist()}, not finite")
         _check_packed(self.data, math.prod(self.shape), self.bits)
 
     @property
@@ -138,8 +148,13 @@ def quantize(t: Tensor, bits: int, generator: torch.Generator | None = None) -> 
 
 def dequantize(q: QuantizedTensor) -> Tensor:
     """Float32 tensor of q.shape from q's codes: min + code * (max - min) / (2^bits - 1)."""
-    codes = unpack_bits(q.data, q.numel, q.bits).astype(np.float64)  # (n,)
-    levels = (1 << q.bits) - 1
+    codes = unpack_bits(q.data, q.numel, q.bits)  # (n,)
+    return torch.from_numpy(_values(codes, q.bits, q.min, q.max)).reshape(q.shape)
+
+
+def _values(codes: np.ndarray, bits: int, lo: float, hi: float) -> np.ndarray:
+    """float32 [n] of codes [n]: lo + code * (hi - lo) / (2^bits - 1)."""
+    levels = (1 << bits) - 1
     # code / levels first, so code = levels gives min + (max - min): both ends come back to float64 rounding.
-    values = q.min + codes / levels * (q.max - q.min)
-    return torch.from_numpy(values.astype(np.float32)).reshape(q.shape)
+    values = lo + codes.astype(np.float64) / levels * (hi - lo)
+    return values.astype(np.float32)

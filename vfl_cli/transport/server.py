@@ -11,7 +11,8 @@ Routes (all under /v1, all answered with JSON; refusals are `{"error": reason}` 
     GET  /v1/health    liveness
 
 Who may call: with TLS on, the listener requires a client certificate from the job's CA during the TLS
-handshake, and every request must come from a certificate whose CN is the peer party's name (else 403).
+handshake, and every request must come from a certificate whose CN is the peer party's name (else 403,
+with a reason that names no party: any holder of a certificate from the CA could read it).
 The listener puts that certificate into the request scope as the ASGI TLS extension
 (`scope["extensions"]["tls"]["client_cert_chain"]`).
 """
@@ -45,19 +46,21 @@ RECEIVES: dict[Role, Kind] = {"leader": "embeddings", "follower": "gradients"}  
 CONTROL: dict[Role, tuple[Kind, ...]] = {"leader": (), "follower": ("selection",)}  # and the control kinds
 POINT_BYTES = 32  # a ristretto255 point
 RETRY_AFTER_S = 1  # what a 503 asks the sender to wait at most; it backs off from much shorter pauses
+FORBIDDEN = "the client certificate is not the job's peer's"  # the whole 403 answer: it names nobody
 
 Scope = MutableMapping[str, Any]
 
 
 class Refusal(Exception):
     """A request we do not apply: answered with `status` and `{"error": reason}`; `code` is the short
-    machine reason that the refusal counter is labelled with."""
+    machine reason that the refusal counter is labelled with; `detail`, if any, goes to our log only."""
 
-    def __init__(self, status: int, reason: str, code: str = "bad_message") -> None:
+    def __init__(self, status: int, reason: str, code: str = "bad_message", detail: str = "") -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.code = code
+        self.detail = detail
 
 
 # -------------------------------------------------------------------------------------------------- the app
@@ -80,8 +83,9 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
             return
         name = client_common_name(request.scope)
         if name != peer_name:
+            # Any holder of a certificate from the job's CA gets this far: the answer names no party, our log does.
             seen = "no client certificate" if name is None else f"certificate CN {name!r}"
-            raise Refusal(403, f"{seen}; this {role} only talks to {peer_name!r}", "forbidden")
+            raise Refusal(403, FORBIDDEN, "forbidden", f"{seen}, expected {peer_name!r}")
 
     async def read_message(request: Request) -> tuple[str, Message, int]:
         body = await read_body(request, limit)
@@ -269,7 +273,8 @@ def _common_name_of_pem(pem: str) -> str | None:
 
 
 def _refusal_response(request: Request, exc: Refusal) -> JSONResponse:
-    log.info("refused %s %s: %s %s", request.method, request.url.path, exc.status, exc.reason)
+    log.info("refused %s %s: %s %s%s", request.method, request.url.path, exc.status, exc.reason,
+             f" ({exc.detail})" if exc.detail else "")
     # The body may be unread (413, 403): closing the connection keeps the next request's framing sane.
     headers = {"connection": "close"} if exc.status in (403, 413) else {}
     if exc.status == 503:
