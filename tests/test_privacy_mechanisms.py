@@ -52,10 +52,14 @@ def test_flip_probability_values() -> None:
             flip_probability(bad)
 
 
+def uniforms(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    return torch.rand(labels.shape[:1], generator=gen(seed))
+
+
 @pytest.mark.parametrize("eps", EPSILONS)
 def test_randomized_response_flips_at_the_stated_rate(eps: float) -> None:
     labels = (torch.rand(N, generator=gen(1)) < 0.3).float()
-    noisy = randomized_response(labels, eps, gen(2))
+    noisy = randomized_response(labels, eps, uniforms(labels, 2))
     p = 1 / (math.exp(eps) + 1)  # the stated rate, not the code under test
     observed = (noisy != labels).double().mean().item()
     assert abs(observed - p) <= binomial_bound(p, N)
@@ -68,27 +72,28 @@ def test_randomized_response_flips_at_the_stated_rate(eps: float) -> None:
 
 def test_randomized_response_keeps_labels_binary_dtype_and_shape() -> None:
     labels = (torch.rand(1000, generator=gen(3)) < 0.5).float()
-    noisy = randomized_response(labels, 0.5, gen(4))
+    noisy = randomized_response(labels, 0.5, uniforms(labels, 4))
     assert noisy.dtype == labels.dtype and noisy.shape == labels.shape
     assert bool(((noisy == 0) | (noisy == 1)).all())
 
 
 def test_randomized_response_at_large_eps_flips_nothing() -> None:
     labels = (torch.rand(N, generator=gen(5)) < 0.5).float()
-    assert torch.equal(randomized_response(labels, 50.0, gen(6)), labels)
+    assert torch.equal(randomized_response(labels, 50.0, uniforms(labels, 6)), labels)
 
 
 def test_randomized_response_is_reproducible_from_the_seed() -> None:
     labels = (torch.rand(5000, generator=gen(7)) < 0.5).float()
-    assert torch.equal(randomized_response(labels, 1.0, gen(8)), randomized_response(labels, 1.0, gen(8)))
-    assert not torch.equal(randomized_response(labels, 1.0, gen(8)), randomized_response(labels, 1.0, gen(9)))
+    first = randomized_response(labels, 1.0, uniforms(labels, 8))
+    assert torch.equal(first, randomized_response(labels, 1.0, uniforms(labels, 8)))
+    assert not torch.equal(first, randomized_response(labels, 1.0, uniforms(labels, 9)))
 
 
 def test_randomized_response_refuses_non_binary_labels() -> None:
     with pytest.raises(ValueError, match="0 or 1"):
-        randomized_response(torch.tensor([0.0, 0.5, 1.0]), 1.0, gen())
+        randomized_response(torch.tensor([0.0, 0.5, 1.0]), 1.0, torch.zeros(3))
     with pytest.raises(ValueError, match="1-d"):
-        randomized_response(torch.zeros(4, 1), 1.0, gen())
+        randomized_response(torch.zeros(4, 1), 1.0, torch.zeros(4))
 
 
 # ---- gradient perturbation and embedding DP (clip + Gaussian noise) ----

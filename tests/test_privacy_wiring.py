@@ -41,7 +41,7 @@ def test_all_off_returns_the_inputs_and_draws_nothing() -> None:
     wide, deep, labels = cut_rows()
     off = defences()
     torch_state = torch.get_rng_state()
-    assert off.training_labels(labels, KEY) is labels
+    assert off.training_labels(labels, torch.arange(len(labels))) is labels
     sent = off.gradients_out(wide, deep, labels, KEY)
     embeddings = off.embeddings_out(wide, deep, BatchKey("eval", 1, 0))
     for out in (sent, embeddings):
@@ -52,18 +52,23 @@ def test_all_off_returns_the_inputs_and_draws_nothing() -> None:
     assert CutLayerDefences.received(sent)["wide"] is sent["wide"]
 
 
-def test_label_dp_is_redrawn_each_epoch_and_repeatable_for_a_batch() -> None:
+def test_label_dp_flips_each_customer_once_for_the_whole_run() -> None:
+    """Every epoch, batch and resume sees the same flipped label for a customer: one release, eps-DP in all (a draw
+    per epoch would compose, and a follower averaging its epochs would see through the flips)."""
     labels = (torch.rand(20000, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    ids = torch.randperm(20000, generator=torch.Generator().manual_seed(2)) * 7 + 3  # customer ids, any order
     dp = defences(label_dp={"eps": 1.0})
-    first = dp.training_labels(labels, BatchKey("train", 0, 5))
-    again = dp.training_labels(labels, BatchKey("train", 0, 5))
-    next_epoch = dp.training_labels(labels, BatchKey("train", 1, 5))
-    assert torch.equal(first, again)  # a resumed run redraws exactly what the interrupted one drew
-    flips, flips_next = (first != labels), (next_epoch != labels)
-    assert not torch.equal(flips, flips_next)
-    # Flip probability 1 / (e + 1) = 0.2689; 20,000 draws: 5 sigma is 0.016.
-    for f in (flips, flips_next):
-        assert abs(f.float().mean().item() - 1 / (np.e + 1)) < 0.016
+    first = dp.training_labels(labels, ids)
+    assert torch.equal(first, dp.training_labels(labels, ids))  # the same customers: the same labels
+    order = torch.randperm(20000, generator=torch.Generator().manual_seed(3))  # another epoch's batch order
+    assert torch.equal(dp.training_labels(labels[order], ids[order]), first[order])
+    other_seed = CutLayerDefences(PrivacySpec.model_validate({"label_dp": {"eps": 1.0}}), seed=12)
+    assert not torch.equal(other_seed.training_labels(labels, ids), first)
+    # Flip probability 1 / (e + 1) = 0.2689; 20,000 draws: 5 sigma is 0.016; both classes alike.
+    flips = first != labels
+    assert abs(flips.float().mean().item() - 1 / (np.e + 1)) < 0.016
+    for cls in (0.0, 1.0):
+        assert abs(flips[labels == cls].float().mean().item() - 1 / (np.e + 1)) < 0.03
 
 
 @pytest.mark.parametrize("ratio", [0.5, 2.0, 8.0])

@@ -3,7 +3,7 @@
 The maths lives in `mechanisms` and `quantize`; this module decides, from the job, which of them touch which
 tensor, and gives each call its own random stream:
 
-    leader   training labels   -> label_dp (randomised response, redrawn for every batch of every epoch)
+    leader   training labels   -> label_dp (randomised response, one draw per customer for the whole run)
              gradients it sends -> gradient_noise | marvell, then quantize.gradients
     follower embeddings it sends (train, eval and infer) -> embedding_dp | embedding_rr, then quantize.embeddings
     either   what it receives  -> dequantised back to float32 tensors
@@ -14,7 +14,8 @@ and infer stay deterministic).
 
 Randomness comes from a generator seeded by (job seed, purpose, phase, epoch, step), never from torch's global
 stream: a job with every defence off draws nothing and runs bitwise as without this module, and a run resumed
-at step s draws exactly what an uninterrupted one draws there.
+at step s draws exactly what an uninterrupted one draws there. Label DP's draws are a hash of (job seed, customer
+id) instead: the same flip for a customer in every epoch, so the run releases each label once (eps-DP in all).
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ def batch_generator(seed: int, purpose: str, key: BatchKey, device: torch.device
     return torch.Generator(device=device).manual_seed(int(state) & (1 << 63) - 1)
 
 
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # SplitMix64's constants
+
+
+def customer_uniforms(seed: int, sample_ids: Tensor) -> Tensor:
+    """One uniform in [0, 1) per customer id [B] (int64), a hash of (seed, id): the same for a customer in every
+    epoch, batch and resume, independent across ids (SplitMix64's finaliser, Steele et al. 2014)."""
+    z = sample_ids.detach().cpu().numpy().astype(np.uint64) * np.uint64(_GOLDEN)
+    z += np.uint64((seed * _MIX1 + _PURPOSES["labels"]) & 0xFFFFFFFFFFFFFFFF)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+    z ^= z >> np.uint64(31)
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+
 def _join(wide: Tensor, deep: Tensor) -> Tensor:
     return torch.cat([wide.detach(), deep.detach()], dim=1)  # (B, 2): one row per sample
 
@@ -56,12 +71,12 @@ class CutLayerDefences:
     spec: PrivacySpec
     seed: int
 
-    def training_labels(self, labels: Tensor, key: BatchKey) -> Tensor:
-        """The labels the leader trains this batch on: its own, or randomised response on them."""
+    def training_labels(self, labels: Tensor, sample_ids: Tensor) -> Tensor:
+        """The labels the leader trains this batch on: its own, or randomised response on them, each customer's
+        label flipped (or not) once for the whole run."""
         if self.spec.label_dp is None:
             return labels
-        generator = batch_generator(self.seed, "labels", key, labels.device)
-        return randomized_response(labels, self.spec.label_dp.eps, generator)
+        return randomized_response(labels, self.spec.label_dp.eps, customer_uniforms(self.seed, sample_ids))
 
     def gradients_out(self, wide: Tensor, deep: Tensor, labels: Tensor, key: BatchKey) -> WireTensors:
         """What the leader returns for the follower's (wide, deep) outputs [B, 1] each; `labels` are the ones

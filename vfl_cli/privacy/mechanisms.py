@@ -5,7 +5,7 @@ so a run is reproducible from its seed. None does I/O or knows the job spec; the
 
 - `randomized_response` (leader, on its training labels): protects the labels against a curious follower, since
   every gradient it returns is then computed from a label that is wrong with probability 1/(e^eps + 1); it costs
-  accuracy, because the model is fitted to those noisy labels.
+  accuracy, because the model is fitted to those noisy labels. Its draws are the caller's (one per customer).
 - `perturb_gradients` (leader, on the gradients it returns): protects the labels against a follower that reads the
   sign or norm of its gradients; it costs accuracy, because the follower's half of the model learns from clipped,
   noisy gradients.
@@ -15,7 +15,7 @@ so a run is reproducible from its seed. None does I/O or knows the job spec; the
 
 The Gaussian pair switched off (noise 0, clip_norm inf) returns a copy bitwise equal to its input and draws nothing
 from the generator, so the rest of the run's random stream is that of a run without defences. The randomised
-response pair has no "off" value (eps = inf still draws its uniforms): the loop turns it off by not calling it.
+response pair has no "off" value: the loop turns it off by not calling it.
 Marvell's class-dependent noise has a module of its own, `marvell`.
 """
 
@@ -39,18 +39,23 @@ def flip_probability(eps: float) -> float:
     return tail / (1.0 + tail)
 
 
-def randomized_response(labels: Tensor, eps: float, generator: torch.Generator) -> Tensor:
-    """Flip each 0/1 label independently with probability 1/(e^eps + 1) (eps-label-DP, MindSpore's LabelDP).
+def randomized_response(labels: Tensor, eps: float, uniforms: Tensor) -> Tensor:
+    """Flip each 0/1 label with probability 1/(e^eps + 1) (eps-label-DP, MindSpore's LabelDP): where its uniform
+    draw in [0, 1) falls below that probability.
 
-    Example: labels [B] float32 in {0, 1} -> [B] float32 in {0, 1}, same dtype and device.
-    One uniform is drawn per label whatever eps is, so the generator's stream after the call depends only on B.
+    The caller owns the draws: `CutLayerDefences` draws one per customer for the whole run, so every epoch trains on
+    the same flipped label and the release stays eps-DP however many epochs see it (a fresh draw per epoch would
+    compose to E x eps, and a follower averaging its epochs would undo the flips).
+
+    Example: labels [B] float32 in {0, 1}, uniforms [B] -> [B] float32 in {0, 1}, same dtype and device.
     """
     if labels.dim() != 1:
         raise ValueError(f"labels must be a 1-d tensor [B], got shape {tuple(labels.shape)}")
+    if uniforms.shape != labels.shape:
+        raise ValueError(f"uniforms must be one per label, shape {tuple(labels.shape)}, got {tuple(uniforms.shape)}")
     if not bool(((labels == 0) | (labels == 1)).all()):
         raise ValueError("labels must be 0 or 1")
-    p = flip_probability(eps)
-    flip = torch.rand(labels.shape, generator=generator, device=labels.device) < p  # (B,)
+    flip = uniforms.to(labels.device) < flip_probability(eps)  # (B,)
     return torch.where(flip, 1 - labels, labels)
 
 

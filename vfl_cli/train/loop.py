@@ -174,7 +174,7 @@ def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> float:
     """One step at the leader; returns the batch's log loss."""
     party = run.party
     assert party.top is not None and batch.labels is not None
-    labels = run.defences.training_labels(batch.labels, key)  # the true ones unless privacy.label_dp
+    labels = run.defences.training_labels(batch.labels, batch.sample_ids)  # the true ones unless privacy.label_dp
     own_wide, own_deep = party.bottom_forward(batch.ids, batch.vals)  # (B, 1), (B, 1)
     theirs = _received(run.peer.receive("embeddings", key), key, len(batch), party.device)
     # Cut the graph at both parties' outputs: the top's backward yields the follower's gradients first.
