@@ -42,7 +42,7 @@ smoke-test: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python scripts/soak.py
 
-# Not in CI (~3 min): the defences sweep on the demo job (label leakage a curious follower gets, test AUC each
+# Not in CI (~4 min): the defences sweep on the demo job (the strongest label attack a curious follower has, test AUC each
 # defence costs); prepares the demo data first if needed. Writes runs/demo/audit/sweep.{csv,png}.
 audit: $(STAMP)
 	test -f runs/demo/data/leader/meta.json || $(BIN)/python scripts/demo.py jobs/demo.yaml

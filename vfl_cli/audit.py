@@ -55,6 +55,7 @@ SWEEP: tuple[tuple[str, dict[str, Any]], ...] = (
     ("marvell power=16", {"marvell": {"power": 16.0}}),
     ("marvell power=32", {"marvell": {"power": 32.0}}),
     ("marvell power=64", {"marvell": {"power": 64.0}}),
+    ("marvell power=4 + label_dp eps=1", {"marvell": {"power": 4.0}, "label_dp": {"eps": 1.0}}),
     ("marvell power=16 + label_dp eps=2", {"marvell": {"power": 16.0}, "label_dp": {"eps": 2.0}}),
     ("embedding_dp sigma=1", {"embedding_dp": {"clip_norm": 1.0, "sigma": 1.0}}),
     ("quantize 6-bit", {"quantize": {"embeddings": 6, "gradients": 6}}),
