@@ -126,6 +126,8 @@ def mlp(known: Features, y: np.ndarray, every: Features, seed: int = 0, steps: i
         torch.set_num_threads(threads)
 
 
+MLP_ROWS = 20_000
+
 FITTERS: dict[str, tuple[Fitter, bool]] = {  # name -> (fitter, takes the products too)
     "LDA": (lda, False),
     "QDA": (qda, False),
@@ -152,8 +154,13 @@ def known_label_scores(coords: np.ndarray, labels: np.ndarray, known: np.ndarray
     out = {}
     for name, (fitter, takes_products) in FITTERS.items():
         features = products if takes_products else coords
-        if name == "MLP":
-            out[name] = mlp(features[known], y, features, seed=seed)
+        if name == "MLP":  # full-batch steps: fitted on at most MLP_ROWS of the known rows (6 features need no more)
+            fit = np.flatnonzero(known)
+            if len(fit) > MLP_ROWS:
+                fit = np.sort(np.random.default_rng(seed).choice(fit, MLP_ROWS, replace=False))
+            if labels[fit].min() == labels[fit].max():
+                continue
+            out[name] = mlp(features[fit], labels[fit].astype(np.float64), features, seed=seed)
         else:
             out[name] = fitter(features[known], y, features)
     return out
