@@ -1,8 +1,9 @@
 """Connections: how a party's server accepts them, proves who is on the other end, and drops the ones that
 waste it. The app behind (routes, messages) lives in `server.py`; this module never looks at a body.
 
-    TCP accept ──> GatedConnection: TLS handshake within read_timeout_s; at most max_unauthenticated at
-                   once (the oldest is dropped to make room, so a flood cannot lock the real peer out)
+    TCP accept ──> GatedConnection: admitted by `gate.py` (dropped at once if it hung up or opens with
+                   no TLS record; at most max_unauthenticated pending, a flood's connections are
+                   dropped first to make room), then its TLS handshake within read_timeout_s
                ──> PartyH11Protocol (uvicorn's h11): the client certificate in the ASGI scope; each
                    request's headers and body must arrive within read_timeout_s, and a connection idle
                    for longer is closed
@@ -24,7 +25,6 @@ import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -33,80 +33,12 @@ from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vfl_cli.errors import PeerError
+from vfl_cli.transport.gate import ConnectionGate, OnRefusal, address
 
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
-OnRefusal = Callable[[str], None]  # called with a short machine reason, e.g. "tls_handshake"
-
-
-class RateLimitedLog:
-    """At most one line per `interval_s` for each kind of event; the next one says how many were dropped."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 1.0) -> None:
-        self._logger = logger
-        self._interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._dropped: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, kind: str, message: str, *args: object) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._last.get(kind, -math.inf) < self._interval_s:
-                self._dropped[kind] = self._dropped.get(kind, 0) + 1
-                return
-            self._last[kind] = now
-            dropped = self._dropped.pop(kind, 0)
-        suffix = f" (and {dropped} more like it)" if dropped else ""
-        self._logger.warning(message + suffix, *args)
-
-
-class ConnectionGate:
-    """What the connections of one server share: the TLS context, the limits, and the pending handshakes."""
-
-    def __init__(
-        self,
-        ssl_context: ssl.SSLContext | None,
-        read_timeout_s: float,
-        max_unauthenticated: int,
-        on_refusal: OnRefusal | None = None,
-    ) -> None:
-        self.ssl_context = ssl_context
-        self.read_timeout_s = read_timeout_s
-        self.max_unauthenticated = max_unauthenticated
-        self.on_refusal = on_refusal or (lambda reason: None)
-        self.pending: OrderedDict[asyncio.Transport, float] = OrderedDict()  # in arrival order
-        self.refused = RateLimitedLog(log)
-
-    def admit(self, transport: asyncio.Transport) -> None:
-        """Count a new unauthenticated connection; beyond the cap, drop the oldest still shaking hands."""
-        while len(self.pending) >= self.max_unauthenticated:
-            oldest, _ = self.pending.popitem(last=False)
-            self.refuse("connection_cap", "dropped a connection still in its TLS handshake: more than "
-                        "transport.max_unauthenticated = %d at once", self.max_unauthenticated)
-            oldest.abort()
-        self.pending[transport] = time.monotonic()
-
-    def handshake_too_slow(self, transport: asyncio.Transport, peer: object) -> None:
-        if self.pending.pop(transport, None) is None:
-            return
-        self.refuse("read_timeout", "closed a connection from %s: no TLS handshake within "
-                    "transport.read_timeout_s = %g s", _address(peer), self.read_timeout_s)
-        transport.abort()
-
-    def release(self, transport: asyncio.Transport) -> None:
-        self.pending.pop(transport, None)
-
-    def refuse(self, reason: str, message: str, *args: object) -> None:
-        self.on_refusal(reason)
-        self.refused.warning(reason, message, *args)
-
-    def abort_pending(self) -> None:
-        for transport in list(self.pending):
-            transport.abort()
-        self.pending.clear()
 
 
 class GatedConnection(asyncio.Protocol):
@@ -122,37 +54,44 @@ class GatedConnection(asyncio.Protocol):
         self._buffer: list[bytes] = []
         self._lost: tuple[Exception | None] | None = None
         self._http: PartyH11Protocol | None = None
+        self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # raw TCP
-        if self._gate.ssl_context is None:
+        gate = self._gate
+        if gate.ssl_context is None:
             self._hand_over(transport)
             return
-        self._gate.admit(transport)
-        self._handshake = asyncio.get_running_loop().create_task(self._start_tls(transport))
+        loop = asyncio.get_running_loop()
+        # Our own deadline rather than asyncio's (which stays as a backstop): it counts the refusal before it
+        # closes the connection, so whoever sees the close also sees the count. It runs from the accept on.
+        self._deadline = loop.call_later(
+            gate.read_timeout_s, gate.handshake_too_slow, transport, transport.get_extra_info("peername")
+        )
+        gate.admit(transport, lambda: self._begin_tls(transport))
+
+    def _begin_tls(self, raw: asyncio.Transport) -> None:
+        self._handshake = asyncio.get_running_loop().create_task(self._start_tls(raw))
 
     async def _start_tls(self, raw: asyncio.Transport) -> None:
         gate = self._gate
         assert gate.ssl_context is not None
         peer = raw.get_extra_info("peername")
-        loop = asyncio.get_running_loop()
-        # Our own deadline rather than asyncio's (which stays as a backstop): it counts the refusal before it
-        # closes the connection, so whoever sees the close also sees the count.
-        deadline = loop.call_later(gate.read_timeout_s, gate.handshake_too_slow, raw, peer)
         try:
-            secured = await loop.start_tls(
+            secured = await asyncio.get_running_loop().start_tls(
                 raw, self, gate.ssl_context, server_side=True, ssl_handshake_timeout=gate.read_timeout_s + 5
             )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             if raw in gate.pending:  # else dropped by the cap or the deadline, and counted there
                 gate.refuse("tls_handshake", "refused a connection from %s: TLS handshake failed: %s",
-                            _address(peer), _one_line(exc))
+                            address(peer), _one_line(exc))
             raw.abort()
             return
         except asyncio.CancelledError:  # the server is shutting down
             raw.abort()
             raise
         finally:
-            deadline.cancel()
+            if self._deadline is not None:
+                self._deadline.cancel()
             gate.release(raw)
         if secured is None:  # the peer went away as the handshake finished
             return
@@ -184,6 +123,8 @@ class GatedConnection(asyncio.Protocol):
             self._http.connection_lost(exc)
         else:
             self._lost = (exc,)
+            if self._deadline is not None:  # dropped before its handshake began: the deadline has no work
+                self._deadline.cancel()
 
 
 class PartyH11Protocol(H11Protocol):
@@ -237,7 +178,7 @@ class PartyH11Protocol(H11Protocol):
         if request_read or self.transport.is_closing():
             return  # the app is working on a complete request: its answer re-arms the deadline
         self._gate.refuse("read_timeout", "closed a connection from %s: no complete request within "
-                          "transport.read_timeout_s = %g s", _address(self.client), self._gate.read_timeout_s)
+                          "transport.read_timeout_s = %g s", address(self.client), self._gate.read_timeout_s)
         self.transport.abort()
 
     def shutdown(self) -> None:
@@ -361,12 +302,6 @@ def _listening_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def _address(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return "an unknown address"
 
 
 def _one_line(exc: BaseException) -> str:
