@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 import threading
 import time
 from collections import Counter
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_connections import bare, closed_within
+from tests.test_connections import authenticated, bare, closed_within
 from tests.test_transport import (  # noqa: F401 - certs is a fixture
     LEADER_ENV,
     LEADER_PASSWORD,
@@ -53,15 +52,6 @@ def server(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:  #
     telemetry = Telemetry("leader")
     with party_server(job, "leader", telemetry) as inbox:
         yield job, inbox, telemetry
-
-
-def authenticated_socket(job: JobSpec, sock: socket.socket) -> ssl.SSLSocket:
-    """`sock` wrapped in TLS with the follower's certificate: the real peer, on a raw socket."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    assert job.tls.ca is not None and job.follower.cert is not None and job.follower.key is not None
-    context.load_verify_locations(cafile=str(job.tls.ca))
-    context.load_cert_chain(str(job.follower.cert), str(job.follower.key))
-    return context.wrap_socket(sock, server_hostname=job.leader.name)
 
 
 def churn(port: int, count: int, stop: threading.Event) -> None:
@@ -160,7 +150,7 @@ def test_client_silent_for_a_while_is_served_once_it_speaks(server: Server) -> N
     job, _, _ = server
     with bare(job) as sock:
         time.sleep(0.3)  # the gate watches it meanwhile: no TLS yet, nothing read
-        with authenticated_socket(job, sock) as tls:
+        with authenticated(job, sock) as tls:
             tls.sendall(f"GET /v1/health HTTP/1.1\r\nhost: {job.leader.name}\r\n\r\n".encode())
             assert tls.recv(4096).startswith(b"HTTP/1.1 200")
 

@@ -72,13 +72,14 @@ def closed_within(sock: socket.socket, seconds: float) -> float | None:
     return None
 
 
-def authenticated(job: JobSpec) -> ssl.SSLSocket:
-    """A TLS connection with the follower's certificate: the real peer's identity, but a raw socket."""
+def authenticated(job: JobSpec, sock: socket.socket | None = None) -> ssl.SSLSocket:
+    """A TLS connection with the follower's certificate: the real peer's identity, but a raw socket (`sock`, an
+    open TCP connection to the leader, or a new one)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     assert job.tls.ca is not None and job.follower.cert is not None and job.follower.key is not None
     context.load_verify_locations(cafile=str(job.tls.ca))
     context.load_cert_chain(str(job.follower.cert), str(job.follower.key))
-    return context.wrap_socket(bare(job), server_hostname=job.leader.name)
+    return context.wrap_socket(bare(job) if sock is None else sock, server_hostname=job.leader.name)
 
 
 # ------------------------------------------------------------------------------------------------ idle and slow
