@@ -163,7 +163,7 @@ class TransportSpec(_Spec):
     read_timeout_s: PositiveFloat = 30.0  # TLS handshake, and a request's headers + body, must arrive within this;
     #                                       connections idle for longer are closed
     max_pending: PositiveInt = 64  # messages queued per sender and kind; beyond it the server answers 503
-    max_unauthenticated: PositiveInt = 32  # connections still in their TLS handshake; the oldest is dropped beyond it
+    max_unauthenticated: PositiveInt = 32  # connections still in their TLS handshake; beyond it a flood's go first
 
 
 class TlsSpec(_Spec):
