@@ -23,9 +23,9 @@ def audit(
     sweep: Annotated[
         bool,
         typer.Option("--sweep", help="Audit a fixed list of defences (none; label DP eps 0.5/1/2; gradient "
-                     "noise x1/x4/x16; Marvell power 4/16/32/64, alone and with label DP; embedding DP; 6-bit quantisation) and the "
-                     "leader-only baseline, instead of the job's own privacy section; writes sweep.csv and "
-                     "sweep.png."),
+                     "noise x1/x4/x16; Marvell power 4/16/32/64, alone and with label DP; embedding DP; 6-bit "
+                     "quantisation) and the leader-only baseline, instead of the job's own privacy section; "
+                     "writes sweep.csv and sweep.png."),
     ] = False,
     out: Annotated[
         Path | None,
