@@ -17,7 +17,7 @@ A body is one msgpack map:
 
 Tensors travel as raw bytes, never pickled. `decode` trusts nothing: every type is checked, and anything
 malformed raises ProtocolError with a reason the server sends back to the sender. Before msgpack builds
-anything, `_check_extent` walks the body's headers and refuses one that holds more objects, deeper nesting or
+anything, `extent.check_extent` walks the body's headers and refuses one that holds more objects, deeper nesting or
 more text than any vfl message does, so decoding costs about the body's size in memory whatever it claims
 (16 MiB of empty lists would otherwise be ~1 GiB of Python objects).
 """
@@ -35,6 +35,7 @@ import torch
 from vfl_cli.errors import ProtocolError
 from vfl_cli.peer import KINDS, PHASES, PROTOCOL_VERSION, BatchKey, Hello, Kind, WireTensor, WireTensors
 from vfl_cli.privacy.quantize import FLOAT32_MAX, MAX_BITS, MIN_BITS, QuantizedTensor, packed_size
+from vfl_cli.transport.extent import MAX_OBJECTS, MAX_TEXT_BYTES, check_extent
 
 WIRE_VERSION = PROTOCOL_VERSION
 MAX_DIMS = 4  # cut-layer tensors are [B, 1]; anything deeper is not ours
@@ -42,12 +43,6 @@ MAX_TENSORS = 16
 MAX_DIM = 1 << 31  # no cut-layer dimension comes near this; larger ones are hostile
 MAX_REASON_CHARS = 1000  # an abort reason is shown to a human: keep it to a line or so
 MAX_CHECKPOINTS = 16  # a Hello lists the few checkpoints a party keeps
-# What decoding may build (checked by `_check_extent` before msgpack runs). The largest valid messages: a
-# tensors message of MAX_TENSORS tensors has ~300 objects, a hello ~100, an abort's reason 4 * MAX_REASON_CHARS
-# bytes of UTF-8. Raw tensor bytes are not text: they are bounded by the body alone.
-MAX_OBJECTS = 1024  # maps, lists, strings, numbers, ... in one body, counting each map key
-MAX_DEPTH = 8  # nested maps and lists; a tensor's shape is 4 deep
-MAX_TEXT_BYTES = 64 * 1024  # all strings of one body together
 
 # Wire dtype name -> (numpy little-endian dtype, torch dtype). Floats are checked for finiteness.
 DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
@@ -146,9 +141,9 @@ def _encode_tensor(name: str, tensor: WireTensor) -> dict[str, Any]:
 
 def decode(body: bytes) -> tuple[str, Message]:
     """(job fingerprint, message) of one body; ProtocolError with a reason when anything is off."""
-    _check_extent(body)
+    check_extent(body)
     try:
-        # The limits repeat _check_extent's, so that msgpack alone would stop a body that slipped past it.
+        # The limits repeat check_extent's, so that msgpack alone would stop a body that slipped past it.
         raw = msgpack.unpackb(
             body, raw=False, strict_map_key=True, use_list=True, max_str_len=MAX_TEXT_BYTES,
             max_bin_len=len(body), max_array_len=MAX_OBJECTS, max_map_len=MAX_OBJECTS, max_ext_len=0,
@@ -169,73 +164,6 @@ def decode(body: bytes) -> tuple[str, Message]:
         reason = printable(_str(top.get("reason"), "reason"))[:MAX_REASON_CHARS]
         return job, AbortMessage(_str(top.get("session"), "session"), reason)
     raise ProtocolError(f"unknown message type {kind[:40]!r}")
-
-
-# msgpack's type bytes (github.com/msgpack/msgpack/blob/master/spec.md) and what follows them:
-_NUMBERS = {0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}  # bytes
-_BIN, _STR = {0xC4: 1, 0xC5: 2, 0xC6: 4}, {0xD9: 1, 0xDA: 2, 0xDB: 4}  # bytes of the length, then the payload
-_LIST, _MAP = {0xDC: 2, 0xDD: 4}, {0xDE: 2, 0xDF: 4}  # bytes of the element count, then the elements
-
-
-def _check_extent(body: bytes) -> None:
-    """Walk the msgpack headers of `body`, building nothing: ProtocolError when it is not one msgpack object,
-    or holds more than MAX_OBJECTS objects, nests maps and lists deeper than MAX_DEPTH, carries more than
-    MAX_TEXT_BYTES of strings, or an extension type (no vfl message has one). Stops at the first excess, so
-    the work is bounded by the limits, not by the lengths the headers claim."""
-    pos = objects = text = 0
-    unread = [1]  # objects still to read at each open level, outermost first (the body itself is one)
-    while unread:
-        if unread[-1] == 0:
-            unread.pop()
-            continue
-        unread[-1] -= 1
-        objects += 1
-        tag = _read(body, pos, 1)
-        pos += 1
-        children = -1  # objects inside, when it is a map or list
-        if tag <= 0x7F or tag >= 0xE0 or tag in (0xC0, 0xC2, 0xC3):  # fixint, nil, false, true
-            pass
-        elif tag <= 0x8F:  # fixmap: key and value per entry
-            children = 2 * (tag & 0x0F)
-        elif tag <= 0x9F:  # fixarray
-            children = tag & 0x0F
-        elif tag <= 0xBF:  # fixstr
-            pos += tag & 0x1F
-            text += tag & 0x1F
-        elif tag in _NUMBERS:
-            pos += _NUMBERS[tag]
-        elif tag in _BIN or tag in _STR:
-            width = _BIN.get(tag) or _STR[tag]
-            length = _read(body, pos, width)
-            pos += width + length
-            text += length if tag in _STR else 0
-        elif tag in _LIST or tag in _MAP:
-            width = _LIST.get(tag) or _MAP[tag]
-            children = _read(body, pos, width) * (2 if tag in _MAP else 1)
-            pos += width
-        elif tag == 0xC1:
-            raise ProtocolError("body is not valid msgpack (reserved byte 0xc1)")
-        else:  # ext 0xc7..0xc9, fixext 0xd4..0xd8
-            raise ProtocolError("body: msgpack extension types are not part of the vfl wire format")
-        if pos > len(body):
-            raise ProtocolError("body is not valid msgpack (truncated)")
-        if text > MAX_TEXT_BYTES:
-            raise ProtocolError(f"body: more than {MAX_TEXT_BYTES} bytes of strings, more than any vfl message")
-        if children >= 0:
-            if objects + sum(unread) + children > MAX_OBJECTS:  # what is read, what is announced, and these
-                raise ProtocolError(f"body: more than {MAX_OBJECTS} msgpack objects, more than any vfl message")
-            if len(unread) > MAX_DEPTH:  # unread holds one level per open container, plus the body's
-                raise ProtocolError(f"body: maps and lists nested deeper than {MAX_DEPTH}")
-            unread.append(children)
-    if pos != len(body):
-        raise ProtocolError("body is not valid msgpack (trailing bytes after the message)")
-
-
-def _read(body: bytes, pos: int, width: int) -> int:
-    """The big-endian unsigned integer of `width` bytes at `pos`."""
-    if pos + width > len(body):
-        raise ProtocolError("body is not valid msgpack (truncated)")
-    return int.from_bytes(body[pos : pos + width], "big")
 
 
 def _decode_hello(raw: dict[str, Any]) -> Hello:
