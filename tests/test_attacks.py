@@ -103,7 +103,7 @@ def test_pooled_scores_keep_one_orientation_across_batches() -> None:
     """Per batch the principal axis has an arbitrary sign; pooled, each batch is turned like the previous one, so one
     AUC over the epoch is as high as the per-batch ones (no batch cancels another)."""
     (got,) = run_of(1)
-    scores, _ = unsupervised_scores(got.gradients, got.batch, 2)
+    scores, _ = unsupervised_scores(got.gradients, got.batch)
     assert leak_auc(scores["direction"], got.labels) > 0.99
 
 

@@ -144,11 +144,15 @@ def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None, setting
     leaks = epoch_leaks(received, seed=job.seed)
     epochs = [AuditEpoch(epoch, result.auc if result else math.nan, leak.leaks)
               for (epoch, _, result), leak in zip(outcome.epochs, leaks, strict=True)]
-    final = outcome.final_test if outcome.final_test is not None else outcome.epochs[-1][2]
-    result = AuditResult(setting or (", ".join(job.privacy.enabled) or "none"),
-                         final.auc if final is not None else math.nan, epochs)
+    result = AuditResult(setting or (", ".join(job.privacy.enabled) or "none"), final_test_auc(outcome), epochs)
     write_json(result, job, out / "audit.json")
     return result
+
+
+def final_test_auc(outcome: TrainOutcome) -> float:
+    """The run's own test AUC: the selected epoch's with validation, else the last epoch's (NaN without one)."""
+    final = outcome.final_test if outcome.final_test is not None else outcome.epochs[-1][2]
+    return final.auc if final is not None else math.nan
 
 
 def received_in_epoch(received: dict[tuple[int, int], np.ndarray], labels: np.ndarray, job: JobSpec, epoch: int,
@@ -185,8 +189,7 @@ def sweep(job: JobSpec, out: Path, progress: Callable[[int, int, str], Reporter]
         rows.append(audit_run(with_privacy(job, privacy), out / slug(name), reporter, setting=name))
     reporter = progress(total, total, LEADER_ONLY) if progress else SilentReporter()
     baseline = train_baseline(audited(job, out / "leader-only"), "leader-only", reporter, restart=True)
-    final = baseline.final_test if baseline.final_test is not None else baseline.epochs[-1][2]
-    rows.append(AuditResult(LEADER_ONLY, final.auc if final else math.nan,
+    rows.append(AuditResult(LEADER_ONLY, final_test_auc(baseline),
                             [AuditEpoch(e, r.auc if r else math.nan, {}) for e, _, r in baseline.epochs]))
     write_csv(rows, out / "sweep.csv")
     return rows

@@ -4,7 +4,7 @@ The follower gets, for every training row, the gradient of the leader's loss w.r
 g in R^k. With a linear top that row is w * (p - y) / B, so a batch's rows lie on one line and the side of the
 origin a row lies on is its label. A defence moves the rows off that line; these attacks look for what is left.
 
-Per batch (a batch shares one w and one scale; each scorer sees one batch at a time, [B, k] -> [B]):
+Per batch (a batch shares one w and one scale; each score is computed from one batch at a time, [B, k] -> [B]):
 - direction: projection on the batch's principal axis (top right-singular vector of the uncentred rows); the
   paper's cosine attack against one known positive does the same (Li et al., "Label Leakage and Protection in
   Two-party Split Learning", ICLR 2022).
@@ -62,23 +62,6 @@ def principal_axes(rows: np.ndarray, centred: bool) -> np.ndarray:
     return right
 
 
-def direction_scores(rows: np.ndarray) -> np.ndarray:
-    """Projection of each row of one batch's gradients [B, k] on the batch's uncentred principal axis -> [B]."""
-    return _f64(rows) @ principal_axes(rows, centred=False)[0]
-
-
-def norm_scores(rows: np.ndarray) -> np.ndarray:
-    """L2 norm of each gradient row [B, k] -> [B]."""
-    return np.linalg.norm(_f64(rows), axis=1)
-
-
-def axis_scores(rows: np.ndarray, axis: int, absolute: bool) -> np.ndarray:
-    """Projection of each centred row [B, k] on the batch's principal axis `axis` (0 = largest), or its size."""
-    x = _f64(rows)
-    projection = (x - x.mean(axis=0)) @ principal_axes(rows, centred=True)[axis]
-    return np.abs(projection) if absolute else projection
-
-
 def _standardised(rows: np.ndarray) -> np.ndarray:
     """The batch whitened per column (a batch's gradients are ~1/B small; EM and Lloyd want unit scales)."""
     x = _f64(rows)
@@ -105,16 +88,15 @@ def two_means(rows: np.ndarray, iterations: int = 25) -> tuple[np.ndarray, np.nd
     return assign, distance[:, 0] - distance[:, 1]
 
 
-def gmm_posterior(rows: np.ndarray, iterations: int = 40) -> np.ndarray:
+def gmm_posterior(rows: np.ndarray, start: np.ndarray, iterations: int = 40) -> np.ndarray:
     """Posterior of component 1 [B] of a 2-component full-covariance Gaussian mixture fitted to one batch by EM.
 
-    Started from 2-means; a small ridge on each covariance keeps a collapsing component (all rows on a line, or one
-    row) from a singular matrix. Deterministic.
+    Started from `start`, an assignment [B] in {0, 1} (the batch's 2-means); a small ridge on each covariance keeps
+    a collapsing component (all rows on a line, or one row) from a singular matrix. Deterministic.
     """
     x = _standardised(rows)
     n, k = x.shape
-    assign, _ = two_means(rows)
-    resp = np.stack([assign == 0, assign == 1], axis=1).astype(np.float64)  # (B, 2)
+    resp = np.stack([start == 0, start == 1], axis=1).astype(np.float64)  # (B, 2)
     ridge = 1e-6 * np.eye(k)
     for _ in range(iterations):
         weight = resp.sum(axis=0) + 1e-12  # (2,)
@@ -123,7 +105,7 @@ def gmm_posterior(rows: np.ndarray, iterations: int = 40) -> np.ndarray:
         for c in (0, 1):
             centred = x - means[c]
             cov = (resp[:, c, None] * centred).T @ centred / weight[c] + ridge
-            sign, logdet = np.linalg.slogdet(cov)
+            _, logdet = np.linalg.slogdet(cov)
             mahalanobis = np.einsum("ij,jk,ik->i", centred, np.linalg.inv(cov), centred)
             log_density[:, c] = np.log(weight[c] / n) - 0.5 * (logdet + mahalanobis)
         log_density -= log_density.max(axis=1, keepdims=True)
@@ -149,12 +131,13 @@ def per_batch_leak(scores: np.ndarray, labels: np.ndarray, batch: np.ndarray) ->
 # --- pooled: scores comparable across batches and epochs, with no label known ------------------------------------
 
 
-def _zscore(values: np.ndarray) -> np.ndarray:
+def zscore(values: np.ndarray) -> np.ndarray:
+    """(values - mean) / std; only the mean removed when they are all equal."""
     spread = values.std()
     return (values - values.mean()) / spread if spread > 0 else values - values.mean()
 
 
-def _oriented_axes(axes: np.ndarray, reference: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def oriented_axes(axes: np.ndarray, reference: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Flip each axis [k, k] to point like the reference (a decaying sum of the earlier batches' oriented axes: the
     top's weights drift slowly, and one batch whose axis noise has turned does not turn the rest); returns the
     oriented axes and the next reference."""
@@ -165,14 +148,15 @@ def _oriented_axes(axes: np.ndarray, reference: np.ndarray | None) -> tuple[np.n
     return oriented, 0.9 * reference + oriented
 
 
-def unsupervised_scores(gradients: np.ndarray, batch: np.ndarray, k: int,
-                  previous: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def unsupervised_scores(gradients: np.ndarray, batch: np.ndarray, previous: dict[str, np.ndarray] | None = None
+                        ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every unsupervised score for each row of one epoch [N], standardised per batch and oriented without labels.
 
     Batches are taken in step order; `previous` carries the orientation reference from the epoch before (and the
     returned dict is what the next epoch takes), so an axis keeps one orientation over the whole run and a row's
     score can be averaged over epochs. Clusters are oriented by size: the smaller one is scored as the positives.
     """
+    k = gradients.shape[1]
     axes = [name for a in range(k) for name in (f"PC{a + 1}", f"|PC{a + 1}|")]
     names = ["direction", "norm", *axes, "2-means", "GMM"]
     out = {name: np.zeros(len(gradients)) for name in names}
@@ -180,17 +164,17 @@ def unsupervised_scores(gradients: np.ndarray, batch: np.ndarray, k: int,
     for index in np.unique(batch):  # np.unique sorts: step order
         rows = batch == index
         x = _f64(gradients[rows])
-        uncentred, carry["uncentred"] = _oriented_axes(principal_axes(x, centred=False), carry.get("uncentred"))
-        centred_axes, carry["centred"] = _oriented_axes(principal_axes(x, centred=True), carry.get("centred"))
-        out["direction"][rows] = _zscore(x @ uncentred[0])
-        out["norm"][rows] = _zscore(np.linalg.norm(x, axis=1))
+        uncentred, carry["uncentred"] = oriented_axes(principal_axes(x, centred=False), carry.get("uncentred"))
+        centred_axes, carry["centred"] = oriented_axes(principal_axes(x, centred=True), carry.get("centred"))
+        out["direction"][rows] = zscore(x @ uncentred[0])
+        out["norm"][rows] = zscore(np.linalg.norm(x, axis=1))
         projections = (x - x.mean(axis=0)) @ centred_axes.T  # (B, k)
         for a in range(k):
-            out[f"PC{a + 1}"][rows] = _zscore(projections[:, a])
-            out[f"|PC{a + 1}|"][rows] = _zscore(np.abs(projections[:, a]))
+            out[f"PC{a + 1}"][rows] = zscore(projections[:, a])
+            out[f"|PC{a + 1}|"][rows] = zscore(np.abs(projections[:, a]))
         assign, score = two_means(x)
         smaller = 1 if assign.mean() <= 0.5 else 0
-        out["2-means"][rows] = _zscore(score if smaller == 1 else -score)
-        posterior = gmm_posterior(x)
-        out["GMM"][rows] = _zscore(posterior if posterior.mean() <= 0.5 else 1 - posterior)
+        out["2-means"][rows] = zscore(score if smaller == 1 else -score)
+        posterior = gmm_posterior(x, start=assign)
+        out["GMM"][rows] = zscore(posterior if posterior.mean() <= 0.5 else 1 - posterior)
     return out, carry

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from vfl_cli.privacy.attacks import oriented_axes, principal_axes
+
 Features = np.ndarray  # [N, f] float64
 Fitter = Callable[[Features, np.ndarray, Features], np.ndarray]  # (known x, known y, all x) -> score per row
 
@@ -31,13 +33,11 @@ def batch_frame(gradients: np.ndarray, batch: np.ndarray, previous: np.ndarray |
     """Each row's coordinates [N, k] in its batch's uncentred principal axes, oriented like the earlier batches',
     over the batch's RMS row norm. Returns the coordinates and the orientation reference (the next epoch's
     `previous`)."""
-    from vfl_cli.privacy.attacks import _oriented_axes, principal_axes
-
     coords = np.zeros(gradients.shape, dtype=np.float64)
     for index in np.unique(batch):
         rows = batch == index
         x = np.asarray(gradients[rows], dtype=np.float64)
-        axes, previous = _oriented_axes(principal_axes(x, centred=False), previous)
+        axes, previous = oriented_axes(principal_axes(x, centred=False), previous)
         scale = float(np.sqrt(np.mean(np.sum(x * x, axis=1))))
         coords[rows] = (x @ axes.T) / (scale if scale > 0 else 1.0)
     return coords, previous

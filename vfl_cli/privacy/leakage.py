@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vfl_cli.privacy.attacks import leak_auc, per_batch_leak, unsupervised_scores
+from vfl_cli.privacy.attacks import leak_auc, per_batch_leak, unsupervised_scores, zscore
 from vfl_cli.privacy.known_labels import batch_frame, known_label_scores, known_rows
 
 KNOWN_FRACTIONS = (0.01, 0.05)
@@ -60,21 +60,15 @@ class _History:
     frame: np.ndarray | None = None
 
 
-def _standardised(scores: np.ndarray) -> np.ndarray:
-    spread = scores.std()
-    return (scores - scores.mean()) / spread if spread > 0 else scores - scores.mean()
-
-
 def epoch_leaks(epochs: list[Received], seed: int = 0) -> list[EpochLeak]:
     """Every attack on each epoch (see the module docstring); epochs in training order."""
     out: list[EpochLeak] = []
     history = _History()
-    total_rows = int(max(int(r.rows.max()) for r in epochs)) + 1 if epochs else 0
+    total_rows = max(int(r.rows.max()) for r in epochs) + 1 if epochs else 0
     row_label = np.zeros(total_rows)
     for epoch, got in enumerate(epochs):
-        k = got.gradients.shape[1]
         leaks: dict[str, float] = {}
-        pooled, history.axes = unsupervised_scores(got.gradients, got.batch, k, history.axes)
+        pooled, history.axes = unsupervised_scores(got.gradients, got.batch, history.axes)
         for name, scores in pooled.items():
             leaks[f"{name} per batch"] = per_batch_leak(scores, got.labels, got.batch)
         scored = {f"{name} pooled": (scores, np.ones(len(scores), dtype=bool)) for name, scores in pooled.items()}
@@ -87,7 +81,7 @@ def epoch_leaks(epochs: list[Received], seed: int = 0) -> list[EpochLeak]:
         for name, (scores, judged) in scored.items():
             leaks[name] = leak_auc(scores[judged], got.labels[judged])
             total = history.sums.setdefault(name, np.zeros(total_rows))
-            total[got.rows] += _standardised(scores)
+            total[got.rows] += zscore(scores)
             if epoch > 0:
                 mask = np.zeros(total_rows, dtype=bool)
                 mask[got.rows[judged]] = True

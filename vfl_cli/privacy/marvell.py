@@ -43,12 +43,14 @@ from torch import Tensor
 class MarvellSolution:
     """The noise one batch gets: class j, the other class's spread (covariance[1 - j]) plus N(0, along[j]) along e.
 
-    `direction` is e ([k], float64); `covariance` the classes' measured covariances S0, S1 ([k, k] float64, the
-    gradient's squared units); `along` the extra variance along e per class; `budget` P; `matching_cost` what
-    step 1 spends; `pos_fraction` p; `sum_kl` and `sum_kl_before` the symmetrised KL along e after and before.
+    `direction` is e ([k], float64); `means` the class means g0, g1 ([k] float64); `covariance` the classes'
+    measured covariances S0, S1 ([k, k] float64, the gradient's squared units); `along` the extra variance along
+    e per class; `budget` P; `matching_cost` what step 1 spends; `pos_fraction` p; `sum_kl` and `sum_kl_before`
+    the symmetrised KL along e after and before.
     """
 
     direction: Tensor
+    means: tuple[Tensor, Tensor]
     covariance: tuple[Tensor, Tensor]
     along: tuple[float, float]
     budget: float
@@ -129,6 +131,7 @@ def marvell_solution(grad: Tensor, labels: Tensor, power: float) -> MarvellSolut
     u0, u1 = float(e @ s0 @ e) / gap, float(e @ s1 @ e) / gap
     return MarvellSolution(
         direction=e,
+        means=(g0, g1),
         covariance=(s0, s1),
         along=(a0 * gap, a1 * gap),
         budget=power * gap,
@@ -152,7 +155,6 @@ def marvell_noise(grad: Tensor, labels: Tensor, power: float, generator: torch.G
     g64 = grad.detach().to(torch.float64).cpu()
     pos = (labels == 1).cpu()
     members = (torch.nonzero(~pos)[:, 0], torch.nonzero(pos)[:, 0])  # row indices of each class
-    means = (g64[members[0]].mean(dim=0), g64[members[1]].mean(dim=0))
     uniform = torch.rand(grad.shape[0], generator=generator, dtype=torch.float64)  # (B,)
     normal = torch.randn(grad.shape[0], generator=generator, dtype=torch.float64)  # (B,)
     noise = torch.empty_like(g64)  # (B, k)
@@ -161,6 +163,6 @@ def marvell_noise(grad: Tensor, labels: Tensor, power: float, generator: torch.G
         # A deviation of a random row of the other class from its mean: noise with that class's distribution
         # (every moment, not only the covariance), and no square root to round off the line the rows lie on.
         picked = other[(uniform[rows] * len(other)).long().clamp(max=len(other) - 1)]
-        noise[rows] = g64[picked] - means[1 - cls]
+        noise[rows] = g64[picked] - solution.means[1 - cls]
         noise[rows] += (math.sqrt(solution.along[cls]) * normal[rows]).unsqueeze(1) * solution.direction
     return (g64 + noise).to(device=grad.device, dtype=grad.dtype)
