@@ -50,8 +50,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from data_prep.schema import CRITEO_NUMERIC as DENSE_FIELDS
 from data_prep.store import PartyMeta, write_meta, write_split
-from vfl_cli.job import DENSE_FIELDS, JobSpec, load_job
+from vfl_cli.job import JobSpec, load_job
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "runs" / "bench"

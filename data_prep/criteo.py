@@ -32,10 +32,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_prep.errors import DataError
 from data_prep.reader import BLOCK_SIZE, LABEL, BatchReader, BatchSource, ProgressFn, dictionary_indices
+from data_prep.schema import CRITEO_NUMERIC as DENSE_FIELDS
 from data_prep.store import SPLITS, PartyMeta, SplitWriter, publish, staging_dir, write_meta
-from vfl_cli.errors import DataError
-from vfl_cli.job import DENSE_FIELDS, JobSpec, PartySpec, Role
+from vfl_cli.job import JobSpec, PartySpec, Role
 
 COMPACT_MIN_VALUES = 100_000  # pending distinct values per field before a first merge (~2 MB)
 DenseScaling = Literal["max", "log"]  # the job's data.dense
@@ -201,8 +202,8 @@ class PartyVocab:
             fields=party.fields,
             offsets=offsets,
             size=next_id,
-            frequent={f: counts.frequent[f] for f in party.categorical_fields},
-            dense_max={f: counts.dense_max[f] for f in party.dense_fields},
+            frequent={f: counts.frequent[f] for f in [f for f in party.fields if f not in DENSE_FIELDS]},
+            dense_max={f: counts.dense_max[f] for f in [f for f in party.fields if f in DENSE_FIELDS]},
             dense_scaling=counts.dense_scaling,
         )
 
@@ -214,7 +215,7 @@ class PartyVocab:
             frequent = json.loads((directory / "vocab.json").read_text())
             dense_max = json.loads((directory / "dense_max.json").read_text())
             fields, offsets, size = tuple(meta["fields"]), dict(meta["field_offsets"]), int(meta["vocab_size"])
-            scales = {f: float(dense_max[f]) for f in party.dense_fields if f in fields}
+            scales = {f: float(dense_max[f]) for f in [f for f in party.fields if f in DENSE_FIELDS] if f in fields}
             scaling = dense_max.get(SCALING_KEY, "max")  # written before the setting existed: max
         except FileNotFoundError as exc:
             raise DataError(f"{exc.filename}: missing; --vocab-from needs a prepared party's directory") from exc
@@ -231,7 +232,8 @@ class PartyVocab:
             fields=fields,
             offsets=offsets,
             size=size,
-            frequent={f: pa.array(frequent.get(f, []), pa.string()) for f in party.categorical_fields},
+            frequent={f: pa.array(frequent.get(f, []), pa.string())
+                      for f in party.fields if f not in DENSE_FIELDS},
             dense_max=scales,
             dense_scaling=scaling,
         )
@@ -369,7 +371,7 @@ def prepare_criteo(
     try:
         started = time.perf_counter()
         counts = count_pass(reader, fields, threshold, job.seed, 0.0 if test_files else job.data.test_fraction,
-                            dense_scaling=job.data.dense)
+                            dense_scaling=job.data.dense or "max")
         if test_readers:  # the held-out rows: counted (for the arrays' sizes), never learnt from
             held_out = sum(batch.num_rows for r in test_readers for _, batch in r.batches("count"))
             counts = replace(counts, rows=counts.rows + held_out, test_rows=held_out)

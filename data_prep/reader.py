@@ -21,8 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from vfl_cli.errors import DataError
-from vfl_cli.job import ALL_FIELDS, DENSE_FIELDS
+from data_prep.errors import DataError
+from data_prep.schema import CRITEO_FIELDS as ALL_FIELDS
+from data_prep.schema import CRITEO_NUMERIC as DENSE_FIELDS
 
 LABEL = "label"
 COLUMNS = (LABEL, *ALL_FIELDS)  # the layout of a raw line

@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 
 from data_prep.criteo import split_uniform
+from data_prep.errors import DataError
 from data_prep.reader import BLOCK_SIZE, LABEL, BatchReader, ProgressFn
-from vfl_cli.errors import DataError
 from vfl_cli.job import ROLES, JobSpec, Role
 
 WRITE_CHUNK = 100_000  # rows per output chunk

@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from vfl_cli.errors import DataError
+from data_prep.errors import DataError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")

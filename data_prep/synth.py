@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from vfl_cli.errors import DataError
+from data_prep.errors import DataError
 
 CHUNK_ROWS = 200_000  # fixed so that the output depends on (seed, rows) only
 POSITIVE_RATE = 0.25

@@ -51,10 +51,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from data_prep.criteo import PartyVocab, PassStats, _peak_rss_mb, _remove, count_pass
+from data_prep.errors import DataError
 from data_prep.reader import BLOCK_SIZE, LABEL, ProgressFn, _is_number, csv_batches, is_gzip
+from data_prep.schema import CRITEO_NUMERIC as DENSE_FIELDS
 from data_prep.store import ArrayWriter, SplitWriter, TableMeta, publish, staging_dir
-from vfl_cli.errors import DataError
-from vfl_cli.job import DENSE_FIELDS, JobSpec, PartySpec, Role
+from vfl_cli.job import JobSpec, PartySpec, Role
 
 ID = "\x00customer_id"  # the id column's name inside batches; cannot clash with a header name
 Labels = bool | None  # True: required, False: not read, None: read when the header has it
@@ -291,7 +292,7 @@ def prepare_table(
     started = time.perf_counter()
     if loaded is None:
         counts = count_pass(reader, party.fields, job.data.threshold, job.seed, 0.0, on_batch=tally,
-                            dense_scaling=job.data.dense)
+                            dense_scaling=job.schema(role).scaling)
         rows = counts.rows
         vocab = PartyVocab.build(role, party, counts)
         threshold = job.data.threshold

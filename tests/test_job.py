@@ -81,5 +81,5 @@ def test_fingerprint_ignores_local_settings_only(tmp_path: Path) -> None:
 def test_id_and_label_columns_must_differ_from_the_fields(tmp_path: Path) -> None:
     spec = job_dict(tmp_path)
     spec["parties"]["leader"]["id_column"] = "C1"  # a field the leader holds
-    with pytest.raises(JobError, match="parties.leader: id_column, label_column and the fields must all be different"):
+    with pytest.raises(JobError, match="parties.leader: id_column, label_column and the columns must all be different"):
         parse_job(spec, "job.yaml")

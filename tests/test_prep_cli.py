@@ -128,7 +128,7 @@ def test_job_with_unknown_field(
     raw.write_text(line(0))
     code, err = run_vfl(monkeypatch, capsys, "prep", "criteo", "--input", raw, "--job", job)
     assert code == 2
-    assert err.startswith(f"error: {job}: parties.follower.fields: unknown field(s) C99") and err.count("\n") == 1
+    assert err.startswith(f"error: {job}: parties.follower: fields: unknown field(s) C99") and err.count("\n") == 1
 
 
 def test_subprocess_exit_code_and_single_line(tmp_path: Path, job: Path) -> None:

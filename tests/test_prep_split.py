@@ -13,12 +13,13 @@ import pytest
 import yaml
 
 from data_prep.reader import COLUMNS
+from data_prep.schema import CRITEO_NUMERIC as DENSE_FIELDS
 from data_prep.split import customer_ids, membership, split_parties
 from data_prep.store import open_table
 from data_prep.synth import write_synth
 from data_prep.table import prepare_table
 from tests.conftest import run_vfl
-from vfl_cli.job import DENSE_FIELDS, load_job
+from vfl_cli.job import load_job
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared/data/criteo-sample/train.txt"

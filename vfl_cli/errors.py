@@ -12,22 +12,20 @@
     ├── CheckpointError (6)   a checkpoint that is missing, corrupt or from another job
     └── TlsError (7)          certificates or keys that cannot be loaded or made
 
+`VflError` and `DataError` live in `data_prep.errors` (data preparation imports nothing of `vfl_cli`).
 Library errors (yaml, pyarrow, msgpack, httpx, ssl) are translated at the boundary with `raise ... from exc`.
 """
 
 from __future__ import annotations
 
+from data_prep.errors import DataError, VflError
 
-class VflError(Exception):
-    exit_code = 1
+__all__ = ["VflError", "JobError", "DataError", "PeerError", "PeerUnreachable", "PeerTimeout", "PeerRefused",
+           "PeerAborted", "ProtocolError", "CheckpointError", "TlsError"]
 
 
 class JobError(VflError):
     exit_code = 2
-
-
-class DataError(VflError):
-    exit_code = 3
 
 
 class PeerError(VflError):

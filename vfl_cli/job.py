@@ -15,13 +15,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data_prep.schema import CRITEO_SCALING, ROLES, Kind, Label, PartySchema, Role, Scaling, Task, criteo_columns
 from vfl_cli.errors import JobError
 
-DENSE_FIELDS = tuple(f"I{i}" for i in range(1, 14))  # Criteo integer fields I1..I13
-CATEGORICAL_FIELDS = tuple(f"C{i}" for i in range(1, 27))  # Criteo categorical fields C1..C26
-ALL_FIELDS = DENSE_FIELDS + CATEGORICAL_FIELDS
-Role = Literal["leader", "follower"]
-ROLES: tuple[Role, ...] = ("leader", "follower")
+__all__ = ["ROLES", "Role", "JobSpec", "PartySpec", "load_job", "parse_job"]
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -33,12 +30,19 @@ class _Spec(BaseModel):
 
 
 class PartySpec(_Spec):
-    """One party: its columns, where it listens, how it computes and how it proves who it is."""
+    """One party: its columns, where it listens, how it computes and how it proves who it is.
+
+    Columns are given either as `columns: {name: numeric | categorical, ...}` (any table; names are this
+    party's own) or, for the Criteo preset, as `fields: [I1, C1, ...]` (kinds from the names). The label party
+    may hold no feature columns (`columns: {}`).
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # certificate common name, e.g. "leader"
-    fields: tuple[str, ...]  # Criteo fields this party holds, e.g. [I1, C1]; the leader also holds the label
+    columns: dict[str, Kind]  # name -> kind, in the order of the prepared arrays
+    preset: Literal["criteo"] | None = None  # set by `fields:`; the Criteo preset's defaults apply
     id_column: str = "id"  # `vfl prep table`: the column with the customer id that PSI matches on
-    label_column: str = "label"  # `vfl prep table`: the leader's 0/1 label column (the follower has none)
+    label_column: str = "label"  # `vfl prep table`: the leader's label column (the follower has none)
+    task: Task = "binary"  # the leader's: binary (0/1), multiclass (classes read from the training rows), regression
     listen: str = "127.0.0.1:8701"  # host:port its HTTPS server binds
     address: str | None = None  # host:port the peer connects to; default `listen` (differs behind NAT or a proxy)
     threads: PositiveInt | None = None  # torch intra-op threads; None = all cores (set it when parties share a machine)
@@ -48,23 +52,38 @@ class PartySpec(_Spec):
     key_password_env: str | None = None  # name of the environment variable holding the key's password
     key_password_file: Path | None = None  # or a file holding it
 
-    @field_validator("fields")
+    @model_validator(mode="before")
     @classmethod
-    def _known_fields(cls, fields: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [f for f in fields if f not in ALL_FIELDS]
-        if unknown:
-            raise ValueError(f"unknown field(s) {', '.join(unknown)}; Criteo has I1..I13 and C1..C26")
+    def _fields_are_the_criteo_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "fields" not in data:
+            return data
+        if "columns" in data:
+            raise ValueError("give either `fields` (the Criteo preset) or `columns`, not both")
+        data = dict(data)
+        fields = data.pop("fields")
+        if not isinstance(fields, list | tuple) or not all(isinstance(f, str) for f in fields):
+            raise ValueError("fields: must be a list of Criteo field names")
         if len(set(fields)) != len(fields):
-            raise ValueError("a field is listed twice")
+            raise ValueError("fields: a field is listed twice")
         if not fields:
-            raise ValueError("a party needs at least one field")
-        return fields
+            raise ValueError("fields: a party needs at least one field")
+        try:
+            data["columns"] = dict(criteo_columns(tuple(fields)))
+        except ValueError as exc:
+            raise ValueError(f"fields: {exc}") from exc
+        data["preset"] = "criteo"
+        return data
 
     @model_validator(mode="after")
     def _distinct_columns(self) -> PartySpec:
-        if self.id_column == self.label_column or {self.id_column, self.label_column} & set(self.fields):
-            raise ValueError("id_column, label_column and the fields must all be different columns")
+        if self.id_column == self.label_column or {self.id_column, self.label_column} & set(self.columns):
+            raise ValueError("id_column, label_column and the columns must all be different columns")
         return self
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The column names, in the prepared arrays' order."""
+        return tuple(self.columns)
 
     @field_validator("listen", "address")
     @classmethod
@@ -84,13 +103,11 @@ class PartySpec(_Spec):
     def port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
 
-    @property
-    def dense_fields(self) -> tuple[str, ...]:
-        return tuple(f for f in self.fields if f in DENSE_FIELDS)
-
-    @property
-    def categorical_fields(self) -> tuple[str, ...]:
-        return tuple(f for f in self.fields if f in CATEGORICAL_FIELDS)
+    def schema(self, role: Role, data: DataSpec) -> PartySchema:
+        """This party's table as data preparation sees it."""
+        scaling = data.dense or (CRITEO_SCALING if self.preset == "criteo" else "standard")
+        label = Label(self.label_column, self.task) if role == "leader" else None
+        return PartySchema(role, tuple(self.columns.items()), self.id_column, label, scaling, data.threshold)
 
 
 def host_port(value: str) -> str:
@@ -103,7 +120,10 @@ class DataSpec(_Spec):
     dir: Path = Path("runs/data")  # where `vfl prep` writes and training reads: <dir>/<role>/{train,test}/
     threshold: Annotated[int, Field(ge=0)] = 100  # a categorical value seen more than this many times gets an id
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # share of rows in the seeded test split
-    dense: Literal["max", "log"] = "max"  # dense value scaling: x / column max, or log(1 + max(x, 0)) / its column max
+    # numeric value scaling, fitted on each party's own rows: standard ((x - mean) / std), max (x / column max) or
+    # log (log(1 + max(x, 0)) / its column max); missing values take the mean (standard) or 0; None = the
+    # preset's: max for Criteo's `fields`, standard for `columns`
+    dense: Scaling | None = None
     # share of the training rows held out for validation (carved at training time from the seed, the same rows
     # at both parties); > 0 turns on model selection: each epoch is scored on validation, eval and infer use the
     # best epoch, and the test split is scored once, at the end
@@ -115,10 +135,25 @@ class DataSpec(_Spec):
 
 
 class ModelSpec(_Spec):
-    """Each party's Wide&Deep bottom; the leader's top is Linear(4, 1) over both parties' (wide, deep)."""
+    """Each party's bottom and the label party's top (the head). The defaults are the Criteo preset: Wide&Deep
+    bottoms whose (wide, deep) [B, 1] each are the cut layer, and a top of Linear(4, 1) over them."""
 
-    emb_dim: PositiveInt = 80  # deep embedding width per field
-    deep_layers: tuple[PositiveInt, ...] = (1024, 512, 256, 128)  # MLP widths, ReLU between, then Linear -> 1
+    bottom: Literal["wide_deep", "mlp"] = "wide_deep"  # mlp: an embedding per categorical column + the numeric
+    #                                                    columns, an MLP of deep_layers, then Linear -> cut_dim
+    top: Literal["concat", "sum"] = "concat"  # how the head combines the parties' cut outputs
+    top_layers: tuple[PositiveInt, ...] = ()  # the head's hidden widths (ReLU between), then Linear -> the task's width
+    cut_dim: PositiveInt = 16  # width of an mlp bottom's output (the cut layer); wide_deep's is (1, 1)
+    emb_dim: PositiveInt = 80  # embedding width per categorical column (wide_deep: per field)
+    deep_layers: tuple[PositiveInt, ...] = (1024, 512, 256, 128)  # MLP widths, ReLU between
+
+    def shared(self) -> dict[str, Any]:
+        """What the fingerprint hashes: the settings not at their default among those added with `bottom`, so a
+        Criteo job keeps the fingerprint it had before they existed."""
+        new = ("bottom", "top", "top_layers", "cut_dim")
+        return self.model_dump(mode="json", exclude={k for k in new if getattr(self, k) == getattr(_MODEL_DEFAULTS, k)})
+
+
+_MODEL_DEFAULTS = ModelSpec()
 
 
 class FtrlSpec(_Spec):
@@ -134,7 +169,7 @@ class AdamSpec(_Spec):
 
 
 class EarlyStoppingSpec(_Spec):
-    patience: PositiveInt  # stop after this many epochs without a better validation AUC
+    patience: PositiveInt  # stop after this many epochs without a better validation score (the task's primary metric)
 
 
 class TrainSpec(_Spec):
@@ -273,12 +308,19 @@ class JobSpec(_Spec):
     privacy: PrivacySpec = PrivacySpec()
 
     @model_validator(mode="after")
-    def _two_disjoint_parties(self) -> JobSpec:
+    def _two_parties(self) -> JobSpec:
         if set(self.parties) != set(ROLES):
             raise ValueError("parties: needs exactly one `leader` and one `follower`")
+        if not self.follower.columns:
+            raise ValueError("parties.follower: needs at least one column")
         shared = set(self.leader.fields) & set(self.follower.fields)
-        if shared:
+        if shared and self.leader.preset == self.follower.preset == "criteo":  # one Criteo file holds both
             raise ValueError(f"parties: field(s) {', '.join(sorted(shared))} held by both parties")
+        task = self.leader.task
+        if task != "binary" and self.privacy.marvell is not None:
+            raise ValueError(f"privacy.marvell: binary labels only; this job's task is {task}")
+        if task == "regression" and self.privacy.label_dp is not None:
+            raise ValueError("privacy.label_dp: randomised response needs class labels; this job's task is regression")
         if self.leader.name == self.follower.name:
             raise ValueError("parties: leader and follower need different names")
         if self.train.early_stopping is not None and self.data.valid_fraction == 0:
@@ -292,6 +334,9 @@ class JobSpec(_Spec):
     @property
     def follower(self) -> PartySpec:
         return self.parties["follower"]
+
+    def schema(self, role: Role) -> PartySchema:
+        return self.party(role).schema(role, self.data)
 
     def party(self, role: str) -> PartySpec:
         if role not in ROLES:
@@ -307,14 +352,19 @@ class JobSpec(_Spec):
             "name": self.name,
             "seed": self.seed,
             "fields": {role: list(p.fields) for role, p in sorted(self.parties.items())},
+            # beyond the Criteo preset: each column's kind, the scaling, the label and task (Criteo jobs keep the
+            # fingerprint they had before these existed)
+            **({"schema": {role: {"columns": p.columns, "scaling": self.data.dense, "label": p.label_column,
+                                  "task": p.task} for role, p in sorted(self.parties.items())}}
+               if any(p.preset != "criteo" or p.task != "binary" for p in self.parties.values()) else {}),
             "names": {role: p.name for role, p in sorted(self.parties.items())},
             "data": {"threshold": self.data.threshold, "test_fraction": self.data.test_fraction,
                      "valid_fraction": self.data.valid_fraction,
                      # named only when not the default, so jobs from before the setting keep their fingerprint
-                     **({"dense": self.data.dense} if self.data.dense != "max" else {}),
+                     **({"dense": self.data.dense} if self.data.dense not in (None, "max") else {}),
                      **({"valid_split": self.data.valid_split} if self.data.valid_split != "random" else {})},
             "psi": self.psi.model_dump(mode="json"),
-            "model": self.model.model_dump(mode="json"),
+            "model": self.model.shared(),
             "train": self.train.model_dump(mode="json", exclude={"run_dir", "log_every", "tensorboard"}),
             "privacy": self.privacy.model_dump(mode="json"),
         }
