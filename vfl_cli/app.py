@@ -11,7 +11,7 @@ import sys
 import typer
 
 from vfl_cli import __version__
-from vfl_cli.commands import audit, certs, prep, psi, report, run
+from vfl_cli.commands import audit, certs, init, prep, psi, report, run
 from vfl_cli.console import console, print_error
 from vfl_cli.errors import VflError
 
@@ -33,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("init")(init.init)
 app.add_typer(prep.app, name="prep")
 app.command("certs")(certs.certs)
 app.command("psi")(psi.psi)
