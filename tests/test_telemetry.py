@@ -77,7 +77,7 @@ def test_counts_show_on_the_metrics_page(served: tuple[Telemetry, dict[str, str]
     telemetry, _, client = served
     telemetry.step_done(0.2, 512)
     telemetry.step_done(0.2, 512)
-    telemetry.evaluated(0.75)
+    telemetry.evaluated({"auc": 0.75, "log_loss": 0.5})
     telemetry.resumed(500)
     telemetry.sent("embeddings", 1000)
     telemetry.sent("embeddings", 500)
@@ -101,7 +101,8 @@ def test_counts_show_on_the_metrics_page(served: tuple[Telemetry, dict[str, str]
     assert page[("vfl_step_seconds_bucket", labels(role="leader", le="0.1"))] == 0
     assert page[("vfl_step_seconds_bucket", labels(role="leader", le="0.25"))] == 2
     assert page[("vfl_step_seconds_bucket", labels(role="leader", le="60.0"))] == 2
-    assert page[("vfl_test_auc", leader)] == 0.75
+    assert page[("vfl_eval_score", labels(role="leader", metric="auc"))] == 0.75
+    assert page[("vfl_eval_score", labels(role="leader", metric="log_loss"))] == 0.5
     assert page[("vfl_resumes_total", leader)] == 1
     assert page[("vfl_resume_step", leader)] == 500
     assert page[("vfl_bytes_sent_total", labels(role="leader", kind="embeddings"))] == 1500
@@ -119,7 +120,7 @@ def test_a_fresh_party_exports_zeros_and_no_auc_yet() -> None:
     follower = labels(role="follower")
     assert page[("vfl_steps_total", follower)] == 0
     assert page[("vfl_step_seconds_count", follower)] == 0
-    assert math.isnan(page[("vfl_test_auc", follower)])  # not 0: no AUC was measured
+    assert not any(name == "vfl_eval_score" for name, _ in page)  # not 0: nothing was measured
 
 
 def test_value_reads_back_what_was_counted() -> None:
@@ -127,7 +128,7 @@ def test_value_reads_back_what_was_counted() -> None:
     telemetry.step_done(0.003, 64)
     telemetry.sent("gradients", 123)
     telemetry.refused("forbidden")
-    telemetry.evaluated(float("nan"))
+    telemetry.evaluated({"accuracy": float("nan")})
 
     assert telemetry.value("vfl_steps_total") == 1
     assert telemetry.value("vfl_samples_total") == 64
@@ -135,7 +136,7 @@ def test_value_reads_back_what_was_counted() -> None:
     assert telemetry.value("vfl_step_seconds_bucket", le="0.0025") == 0
     assert telemetry.value("vfl_bytes_sent_total", kind="gradients") == 123
     assert telemetry.value("vfl_refusals_total", reason="forbidden") == 1
-    assert math.isnan(telemetry.value("vfl_test_auc"))
+    assert math.isnan(telemetry.value("vfl_eval_score", metric="accuracy"))
     assert telemetry.value("vfl_bytes_sent_total", kind="embeddings") == 0.0  # never counted
     assert telemetry.value("vfl_no_such_metric") == 0.0
 

@@ -35,6 +35,7 @@ JOB = "0123456789abcdef"
 SESSION = "a1b2c3d4e5f60718"
 KEY = BatchKey("train", 2, 17)
 MAX_BATCH = 64
+CUT = {"wide": 1, "deep": 1}  # the Wide&Deep preset's cut
 
 # encode() of `golden_floats()` as embeddings, seq 3, recorded before the wire learnt quantised tensors.
 GOLDEN_FLOAT32_BODY = bytes.fromhex(
@@ -200,17 +201,17 @@ def test_decode_accepts_a_constant_tensor() -> None:
 
 
 def test_check_cut_tensors_float32_job() -> None:
-    check_cut_tensors({"wide": torch.zeros(3, 1), "deep": torch.zeros(3, 1)}, MAX_BATCH, None)
-    check_cut_tensors({"wide": torch.zeros(3, 1), "deep": torch.zeros(3, 1)}, MAX_BATCH)  # None is the default
+    check_cut_tensors({"wide": torch.zeros(3, 1), "deep": torch.zeros(3, 1)}, CUT, MAX_BATCH, None)
+    check_cut_tensors({"wide": torch.zeros(3, 1), "deep": torch.zeros(3, 1)}, CUT, MAX_BATCH)  # None is the default
     with pytest.raises(ProtocolError, match=r"^tensors\.wide: 6-bit quantised, expected float32$"):
-        check_cut_tensors(quantised(3), MAX_BATCH, None)
+        check_cut_tensors(quantised(3), CUT, MAX_BATCH, None)
     with pytest.raises(ProtocolError, match=r"^tensors\.deep: 6-bit quantised, expected float32$"):
-        check_cut_tensors({"wide": torch.zeros(3, 1), "deep": quantised(3)["deep"]}, MAX_BATCH, None)
+        check_cut_tensors({"wide": torch.zeros(3, 1), "deep": quantised(3)["deep"]}, CUT, MAX_BATCH, None)
 
 
 def test_check_cut_tensors_quantized_job_accepts() -> None:
-    check_cut_tensors(quantised(3, bits=6), MAX_BATCH, 6)
-    check_cut_tensors(quantised(MAX_BATCH, bits=1), MAX_BATCH, 1)
+    check_cut_tensors(quantised(3, bits=6), CUT, MAX_BATCH, 6)
+    check_cut_tensors(quantised(MAX_BATCH, bits=1), CUT, MAX_BATCH, 1)
 
 
 @pytest.mark.parametrize(
@@ -254,7 +255,7 @@ def test_check_cut_tensors_quantized_job_accepts() -> None:
 )
 def test_check_cut_tensors_quantized_job_refuses(tensors: WireTensors, reason: str) -> None:
     with pytest.raises(ProtocolError, match=reason):
-        check_cut_tensors(tensors, MAX_BATCH, 6)
+        check_cut_tensors(tensors, CUT, MAX_BATCH, 6)
 
 
 def test_check_points_refuses_quantized_points() -> None:

@@ -55,7 +55,7 @@ CORRUPT = "corrupt: its bytes do not match the SHA-256 digest saved with them"
 KEEP = 2  # the parties can be at most one checkpoint apart (see `agree`), so two always share one
 RUN_FILE = "run.json"
 SELECTED_FILE = "selected.pt"  # a hard link to the best-validation epoch's checkpoint (data.valid_fraction > 0)
-SELECTED_RECORD = "selected.json"  # {run_id, step, epoch, valid_auc} of that checkpoint: the record is what counts
+SELECTED_RECORD = "selected.json"  # {run_id, step, epoch, valid_score} of that checkpoint: the record is what counts
 FILE_PATTERN = re.compile(r"checkpoint-(\d{9})\.pt")
 TEMP_PREFIX = ".tmp-"  # a leftover from a crash mid-write; never matches FILE_PATTERN
 RESTART_HINT = "rerun `vfl train` on both sides with --restart to start over"
@@ -251,7 +251,7 @@ class CheckpointStore:
 
     # -- model selection: the best-validation epoch's checkpoint, kept whatever newer ones come and go
 
-    def select(self, run_id: str, step: int, epoch: int, valid_auc: float | None) -> None:
+    def select(self, run_id: str, step: int, epoch: int, valid_score: float | None) -> None:
         """Keep the checkpoint at `step` (just saved) as the selected one: a hard link, so no copy of the
         weights; the record is written last, so a crash in between leaves the previous selection's record,
         which no longer matches the linked file and is then ignored."""
@@ -259,17 +259,20 @@ class CheckpointStore:
         temp.unlink(missing_ok=True)
         os.link(self.directory / file_name(step), temp)
         os.replace(temp, self.directory / SELECTED_FILE)
-        record = {"run_id": run_id, "step": step, "epoch": epoch, "valid_auc": valid_auc}
+        record = {"run_id": run_id, "step": step, "epoch": epoch, "valid_score": valid_score}
         _write_atomically(self.directory / SELECTED_RECORD, lambda f: f.write(json.dumps(record).encode()))
 
     def selected(self, run_id: str) -> dict[str, Any] | None:
-        """The selection record of `run_id` ({run_id, step, epoch, valid_auc}), or None."""
+        """The selection record of `run_id` ({run_id, step, epoch, valid_score: the task's primary metric}), or
+        None. A record from before tasks existed names it valid_auc."""
         try:
             record = json.loads((self.directory / SELECTED_RECORD).read_text())
         except (OSError, ValueError):
             return None
         if not isinstance(record, dict) or record.get("run_id") != run_id or not isinstance(record.get("step"), int):
             return None
+        if "valid_auc" in record:
+            record["valid_score"] = record.pop("valid_auc")
         return record
 
     def load_selected(self) -> dict[str, Any] | None:

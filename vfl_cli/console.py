@@ -91,12 +91,14 @@ class RichReporter:
             self._progress = None
 
 
-def epoch_table(rows: list[tuple[int, float, float | None, float | None]], title: str, scored: str = "test") -> Table:
-    """Epoch, train samples/s, AUC and log loss on the split scored each epoch (valid, or test)."""
+def epoch_table(rows: list[tuple[int, float, dict[str, float] | None]], title: str, scored: str = "test") -> Table:
+    """Epoch, train samples/s, and the task's metrics on the split scored each epoch (valid, or test)."""
+    from vfl_cli.task import TITLES
+
+    names = next((list(scores) for _, _, scores in rows if scores), [])
     table = Table(title=title, title_justify="left")
-    for name in ("epoch", "samples/s", f"{scored} AUC", f"{scored} log loss"):
+    for name in ("epoch", "samples/s", *(f"{scored} {TITLES.get(n, n)}" for n in names)):
         table.add_column(name, justify="right")
-    for epoch, speed, auc, loss in rows:
-        table.add_row(str(epoch), f"{speed:,.0f}", "-" if auc is None else f"{auc:.6f}",
-                      "-" if loss is None else f"{loss:.6f}")
+    for epoch, speed, scores in rows:
+        table.add_row(str(epoch), f"{speed:,.0f}", *("-" if scores is None else f"{scores[n]:.6f}" for n in names))
     return table

@@ -20,6 +20,7 @@ from vfl_cli.errors import JobError
 
 __all__ = ["ROLES", "Role", "JobSpec", "PartySpec", "load_job", "parse_job"]
 
+CUT_TENSOR = "cut"  # the name of an mlp bottom's one cut tensor
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -145,6 +146,13 @@ class ModelSpec(_Spec):
     cut_dim: PositiveInt = 16  # width of an mlp bottom's output (the cut layer); wide_deep's is (1, 1)
     emb_dim: PositiveInt = 80  # embedding width per categorical column (wide_deep: per field)
     deep_layers: tuple[PositiveInt, ...] = (1024, 512, 256, 128)  # MLP widths, ReLU between
+
+    def cut_widths(self, columns: int) -> dict[str, int]:
+        """The cut tensors a party with `columns` feature columns sends, name -> width ({} with none): what the
+        handshake agrees on (through the fingerprint) and the server enforces."""
+        if columns == 0:
+            return {}
+        return {"wide": 1, "deep": 1} if self.bottom == "wide_deep" else {CUT_TENSOR: self.cut_dim}
 
     def shared(self) -> dict[str, Any]:
         """What the fingerprint hashes: the settings not at their default among those added with `bottom`, so a
@@ -337,6 +345,10 @@ class JobSpec(_Spec):
 
     def schema(self, role: Role) -> PartySchema:
         return self.party(role).schema(role, self.data)
+
+    def cut_widths(self, role: str) -> dict[str, int]:
+        """The cut tensors `role` sends (the leader's go to its own top), name -> width."""
+        return self.model.cut_widths(len(self.party(role).columns))
 
     def party(self, role: str) -> PartySpec:
         if role not in ROLES:

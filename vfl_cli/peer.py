@@ -4,11 +4,12 @@ The loop never knows whether the other party is a thread in this process (`Local
 `--role local` and by tests) or a process across the network (`HttpsPeer` in `vfl_cli.transport`).
 
 What crosses per batch, keyed by `BatchKey(phase, epoch, step)`:
-    follower -> leader   kind "embeddings": {"wide": float32 [B, 1], "deep": float32 [B, 1]}
-    leader -> follower   kind "gradients":  {"wide": float32 [B, 1], "deep": float32 [B, 1]}  (train phase only)
+    follower -> leader   kind "embeddings": its cut, e.g. {"wide": float32 [B, 1], "deep": float32 [B, 1]} (Wide&Deep)
+                         or {"cut": float32 [B, cut_dim]} (mlp): `JobSpec.cut_widths("follower")`
+    leader -> follower   kind "gradients":  the same names and shapes (train phase only)
     both ways            kinds "psi_blinded", "psi_reblinded": {"points": uint8 [n, 32]}  (phase "psi")
 With the job's `privacy.quantize.embeddings` (or `.gradients`) set, that kind's two tensors travel as
-`QuantizedTensor`s of shape [B, 1] instead: the loop quantises before `send` and dequantises after `receive`,
+`QuantizedTensor`s of the same shapes instead: the loop quantises before `send` and dequantises after `receive`,
 peers and transport only carry them (`WireTensor`).
 Before any batch both sides exchange a `Hello`; after a failure a side sends `abort(reason)`. Each Hello
 carries a fresh random nonce; the two nonces make the session id that every later message carries, so a
@@ -41,7 +42,6 @@ KINDS: tuple[Kind, ...] = ("embeddings", "gradients", "selection", "psi_blinded"
 SELECTION_TENSORS = ("best_step", "stop")
 PSI_KINDS: tuple[Kind, ...] = ("psi_blinded", "psi_reblinded")  # both parties send and receive these
 PHASES: tuple[Phase, ...] = ("train", "eval", "infer", "psi")
-CUT_TENSORS = ("wide", "deep")  # the names of the cut-layer tensors, each [B, 1], float32 or quantised
 PSI_POINTS = "points"  # the one tensor of a PSI message: uint8 [n, 32], n ristretto255 points
 WireTensor = torch.Tensor | QuantizedTensor  # what one named tensor of a message may be
 WireTensors = dict[str, WireTensor]  # the tensors of one message, by name

@@ -8,7 +8,9 @@ apart. The metrics:
     vfl_steps_total                   training steps done
     vfl_samples_total                 training samples seen
     vfl_step_seconds                  histogram of one step's wall time, buckets from 1 ms to 60 s
-    vfl_test_auc                      last test AUC (NaN until the first evaluation)
+    vfl_eval_score{metric}            each metric of the task at the last evaluation of an epoch, e.g.
+                                      metric="auc", "log_loss", "ks" (binary), "accuracy" (multiclass),
+                                      "rmse" (regression); the leader's only (the follower has no labels)
     vfl_resumes_total                 runs resumed from a checkpoint
     vfl_resume_step                   the step the last resume started from
     vfl_bytes_sent_total{kind}        request bodies sent to the peer, by message kind
@@ -81,8 +83,8 @@ class Telemetry:
             "vfl_step_seconds", "Wall time of one training step.", ["role"],
             buckets=STEP_SECONDS_BUCKETS, registry=self.registry,
         ).labels(role=role)
-        self._test_auc = Gauge("vfl_test_auc", "Last test AUC.", ["role"], registry=self.registry).labels(role=role)
-        self._test_auc.set(float("nan"))  # 0 would read as a (terrible) measured AUC
+        self._eval_score = Gauge("vfl_eval_score", "Each metric of the task at the last epoch's evaluation.",
+                                 ["role", "metric"], registry=self.registry)
         self._resumes = counter("vfl_resumes", "Runs resumed from a checkpoint.").labels(role=role)
         self._resume_step = Gauge(
             "vfl_resume_step", "Step the last resume started from.", ["role"], registry=self.registry
@@ -100,9 +102,11 @@ class Telemetry:
         self._samples.inc(samples)
         self._step_seconds.observe(seconds)
 
-    def evaluated(self, auc: float) -> None:
-        """The latest test AUC (NaN when it is undefined, e.g. a test set of one class)."""
-        self._test_auc.set(auc)
+    def evaluated(self, scores: dict[str, float]) -> None:
+        """The latest evaluation's metrics by name (NaN where undefined, e.g. AUC on a split of one class); the
+        names are the task's own (`vfl_cli.task`), a bounded set."""
+        for name, value in scores.items():
+            self._eval_score.labels(role=self.role, metric=self._label("metric", name)).set(value)
 
     def resumed(self, step: int) -> None:
         """Training resumed from a checkpoint at `step`."""

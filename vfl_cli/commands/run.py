@@ -99,7 +99,9 @@ def _two_party(job: JobSpec, role: str, session: Callable[[PartyRun], T]) -> tup
 
 
 def _print_result(label: str, result: EvalResult) -> None:
-    typer.echo(f"{label}: AUC {result.auc:.6f}  log loss {result.log_loss:.6f}  rows {result.rows}")
+    from vfl_cli.task import describe
+
+    typer.echo(f"{label}: {describe(result.scores)}  rows {result.rows}")
 
 
 def _traffic(peer: Peer, role: str) -> str:
@@ -133,7 +135,7 @@ def train(
     else:
         outcome, peer = _two_party(spec, role.value, lambda run: train_session(run, restart))
     results = outcome.epochs  # (a resumed session said so on the console when it began)
-    rows = [(e, speed, r.auc if r else None, r.log_loss if r else None) for e, speed, r in results]
+    rows = [(e, speed, r.scores if r else None) for e, speed, r in results]
     validating = spec.data.valid_fraction > 0
     if rows:
         console.print(epoch_table(rows, f"{spec.name}: {role.value}", "valid" if validating else "test"))
@@ -155,7 +157,8 @@ def evaluate(
     checkpoint: CheckpointOption = None,
     split: SplitOption = "test",
 ) -> None:
-    """Evaluate the newest checkpoint: AUC and log loss at the leader (the follower only contributes).
+    """Evaluate the newest checkpoint: the task's metrics at the leader (AUC, log loss, KS; accuracy, macro-F1,
+    log loss; RMSE, MAE, R²); the follower only contributes.
     Both sides' newest checkpoints must be of the same run and step; otherwise both stop and say which is newer."""
     from vfl_cli.train.baseline import evaluate_baseline_checkpoint
     from vfl_cli.train.session import eval_session, run_local
@@ -181,8 +184,9 @@ def infer(
     split: SplitOption = "test",
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="CSV of id,probability (sample_id,probability for data without customer "
-                     "ids); leader and local only."),
+        typer.Option("--out", help="CSV of id and the prediction: probability (binary), p_<class> per class "
+                     "(multiclass) or value (regression); sample_id instead of id for data without customer ids; "
+                     "leader and local only."),
     ] = None,
     data: Annotated[
         Path | None,
@@ -190,8 +194,8 @@ def infer(
                      "aligned by `vfl psi --out DIR` (then --split all)."),
     ] = None,
 ) -> None:
-    """Predict click probabilities for a prepared split with the newest checkpoint (the same run and step on
-    both sides). The leader writes id,probability to --out; the follower only computes and sends its part."""
+    """Predict a prepared split with the newest checkpoint (the same run and step on both sides). The leader
+    writes the predictions to --out; the follower only computes and sends its part."""
     from vfl_cli.train.loop import SilentReporter
     from vfl_cli.train.session import infer_session, run_local
 

@@ -62,31 +62,39 @@ def customer_uniforms(seed: int, sample_ids: Tensor) -> Tensor:
     return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0**-53)
 
 
-def _join(wide: Tensor, deep: Tensor) -> Tensor:
-    return torch.cat([wide.detach(), deep.detach()], dim=1)  # (B, 2): one row per sample
+def _join(cut: dict[str, Tensor]) -> Tensor:
+    return torch.cat([t.detach() for t in cut.values()], dim=1)  # (B, D): one row per sample
+
+
+def _split(rows: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`rows` [B, D] back into tensors of `like`'s names and widths."""
+    parts = torch.split(rows, [t.shape[1] for t in like.values()], dim=1)
+    return dict(zip(like, parts, strict=True))
 
 
 @dataclass(frozen=True)
 class CutLayerDefences:
     spec: PrivacySpec
     seed: int
+    classes: int = 2  # the label's classes (randomised response is k-ary for multiclass)
 
     def training_labels(self, labels: Tensor, sample_ids: Tensor) -> Tensor:
         """The labels the leader trains this batch on: its own, or randomised response on them, each customer's
-        label flipped (or not) once for the whole run."""
+        label replaced (or not) once for the whole run."""
         if self.spec.label_dp is None:
             return labels
-        return randomized_response(labels, self.spec.label_dp.eps, customer_uniforms(self.seed, sample_ids))
+        uniforms = customer_uniforms(self.seed, sample_ids)
+        return randomized_response(labels, self.spec.label_dp.eps, uniforms, self.classes)
 
-    def gradients_out(self, wide: Tensor, deep: Tensor, labels: Tensor, key: BatchKey) -> WireTensors:
-        """What the leader returns for the follower's (wide, deep) outputs [B, 1] each; `labels` are the ones
+    def gradients_out(self, grads: dict[str, Tensor], labels: Tensor, key: BatchKey) -> WireTensors:
+        """What the leader returns for the follower's cut tensors (name -> [B, width]); `labels` are the ones
         this batch was trained on (Marvell shapes its noise by class)."""
         noise, marvell, bits = self.spec.gradient_noise, self.spec.marvell, self.spec.quantize.gradients
         if noise is None and marvell is None and bits is None:
-            return self._wire(wide, deep, None)  # no defence: no generator, nothing drawn
+            return self._wire(grads, None)  # no defence: no generator, nothing drawn
         generator = batch_generator(self.seed, "gradients", key, torch.device("cpu"))
         if noise is not None or marvell is not None:
-            rows = _join(wide, deep).cpu()
+            rows = _join(grads).cpu()
             if noise is not None:
                 largest = float(torch.linalg.vector_norm(rows, dim=1).max()) if len(rows) else 0.0
                 clip = noise.clip_norm if noise.clip_norm is not None else largest
@@ -95,30 +103,30 @@ class CutLayerDefences:
             else:
                 assert marvell is not None
                 rows = marvell_noise(rows, labels.cpu(), marvell.power, generator)
-            wide, deep = rows[:, :1], rows[:, 1:]
-        return self._wire(wide, deep, bits, generator)
+            grads = _split(rows, grads)
+        return self._wire(grads, bits, generator)
 
-    def embeddings_out(self, wide: Tensor, deep: Tensor, key: BatchKey) -> WireTensors:
-        """What the follower sends for its (wide, deep) outputs [B, 1] each, in any phase."""
+    def embeddings_out(self, cut: dict[str, Tensor], key: BatchKey) -> WireTensors:
+        """What the follower sends for its cut tensors (name -> [B, width]), in any phase."""
         dp, rr = self.spec.embedding_dp, self.spec.embedding_rr
         if dp is not None or rr is not None:
-            rows = _join(wide, deep).cpu()
+            rows = _join(cut).cpu()
             generator = batch_generator(self.seed, "embeddings", key, rows.device)
             if dp is not None:
                 rows = embedding_dp(rows, dp.clip_norm, dp.sigma, generator)
             else:
                 assert rr is not None
                 rows = one_bit_rr(rows, rr.eps, generator)
-            wide, deep = rows[:, :1], rows[:, 1:]
-        return self._wire(wide, deep, self.spec.quantize.embeddings)
+            cut = _split(rows, cut)
+        return self._wire(cut, self.spec.quantize.embeddings)
 
     @staticmethod
-    def _wire(wide: Tensor, deep: Tensor, bits: int | None, generator: torch.Generator | None = None) -> WireTensors:
-        """Float32 tensors, or quantised ones (stochastic rounding when given a generator)."""
-        wide, deep = wide.detach().cpu(), deep.detach().cpu()
+    def _wire(cut: dict[str, Tensor], bits: int | None, generator: torch.Generator | None = None) -> WireTensors:
+        """Float32 tensors, or quantised ones (stochastic rounding when given a generator), in the cut's order."""
+        plain = {name: t.detach().cpu() for name, t in cut.items()}
         if bits is None:
-            return {"wide": wide, "deep": deep}
-        return {"wide": quantize(wide, bits, generator), "deep": quantize(deep, bits, generator)}
+            return dict(plain)
+        return {name: quantize(t, bits, generator) for name, t in plain.items()}
 
     @staticmethod
     def received(tensors: WireTensors) -> dict[str, Tensor]:

@@ -39,24 +39,31 @@ def flip_probability(eps: float) -> float:
     return tail / (1.0 + tail)
 
 
-def randomized_response(labels: Tensor, eps: float, uniforms: Tensor) -> Tensor:
-    """Flip each 0/1 label with probability 1/(e^eps + 1) (eps-label-DP, MindSpore's LabelDP): where its uniform
-    draw in [0, 1) falls below that probability.
+def randomized_response(labels: Tensor, eps: float, uniforms: Tensor, classes: int = 2) -> Tensor:
+    """k-ary randomised response (eps-label-DP; for k = 2 MindSpore's LabelDP): each label is replaced, with
+    probability (k - 1)/(e^eps + k - 1), by one of the other k - 1 classes, uniformly. One uniform draw in [0, 1)
+    per label decides both: below that probability it is replaced, and where below it picks the class. For
+    k = 2 that is the binary flip with probability 1/(e^eps + 1).
 
     The caller owns the draws: `CutLayerDefences` draws one per customer for the whole run, so every epoch trains on
-    the same flipped label and the release stays eps-DP however many epochs see it (a fresh draw per epoch would
+    the same released label and the release stays eps-DP however many epochs see it (a fresh draw per epoch would
     compose to E x eps, and a follower averaging its epochs would undo the flips).
 
-    Example: labels [B] float32 in {0, 1}, uniforms [B] -> [B] float32 in {0, 1}, same dtype and device.
+    Example: labels [B] float32 in {0, ..., k-1}, uniforms [B] -> [B] float32 in {0, ..., k-1}, same dtype and device.
     """
     if labels.dim() != 1:
         raise ValueError(f"labels must be a 1-d tensor [B], got shape {tuple(labels.shape)}")
     if uniforms.shape != labels.shape:
         raise ValueError(f"uniforms must be one per label, shape {tuple(labels.shape)}, got {tuple(uniforms.shape)}")
-    if not bool(((labels == 0) | (labels == 1)).all()):
-        raise ValueError("labels must be 0 or 1")
-    flip = uniforms.to(labels.device) < flip_probability(eps)  # (B,)
-    return torch.where(flip, 1 - labels, labels)
+    if classes < 2 or not bool(((labels >= 0) & (labels < classes) & (labels == labels.round())).all()):
+        raise ValueError(f"labels must be class indices 0..{classes - 1}" if classes > 2 else "labels must be 0 or 1")
+    u = uniforms.to(labels.device)
+    replace = (classes - 1) / (math.exp(eps) + classes - 1) if eps < 700 else 0.0
+    if classes == 2:
+        return torch.where(u < flip_probability(eps), 1 - labels, labels)  # bitwise the binary mechanism
+    shift = 1 + torch.floor(u / replace * (classes - 1)).clamp(max=classes - 2) if replace > 0 else torch.zeros_like(u)
+    other = torch.remainder(labels + shift.to(labels.dtype), classes)  # one of the k - 1 other classes
+    return torch.where(u < replace, other, labels)
 
 
 def _clip_rows(x: Tensor, clip_norm: float) -> Tensor:

@@ -1,9 +1,11 @@
-"""Baselines without federation, same hyperparameters and batches as the split run:
+"""Baselines without federation, same model family, hyperparameters, task and batches as the split run:
 
-    central      one Wide&Deep over both parties' fields (pooled data: the ceiling)
-    leader-only  one Wide&Deep over the leader's fields alone (what the leader has without a partner)
+    central      one bottom over both parties' columns (pooled data: the ceiling)
+    leader-only  one bottom over the leader's columns alone (what the leader has without a partner; with no
+                 columns of its own, the head's bias alone: the label's prior)
 
-logit = wide + deep of a single bottom (`CentralWideDeep`). They show what vertical federation gains and what it costs.
+The head is the job's top over that one bottom's cut (`CentralModel`; Wide&Deep's own logit = wide + deep for
+the Criteo preset). They show what vertical federation gains and what it costs, scored by the same task.
 Checkpoints go to <run_dir>/<kind>/ in the same store and on the same schedule as a party's, and a rerun
 resumes the same way (`--restart` starts over).
 """
@@ -16,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from data_prep.store import PartyData, open_party
 from vfl_cli.checkpoint import SELECTED_FILE, CheckpointStore, file_name, new_run_id
 from vfl_cli.errors import CheckpointError, DataError
 from vfl_cli.job import JobSpec
-from vfl_cli.model.wide_deep import CentralWideDeep, build_optimizers, part_generator
+from vfl_cli.model.build import CentralModel
+from vfl_cli.model.optimizers import build_optimizers
+from vfl_cli.task import Task
 from vfl_cli.train.batches import (
     Batch,
     Carve,
@@ -60,8 +63,8 @@ class BaselineData:
         return self.offsets[-1] + self.parties[-1].meta.vocab_size
 
     @property
-    def num_fields(self) -> int:
-        return sum(len(p.meta.fields) for p in self.parties)
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(kind for p in self.parties for kind in p.meta.kinds)
 
     def batches(
         self, split: str, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0
@@ -90,32 +93,40 @@ def open_baseline_data(job: JobSpec, kind: str) -> BaselineData:
     offsets = [0]
     for party in parties[:-1]:
         offsets.append(offsets[-1] + party.meta.vocab_size)
-    return BaselineData(parties, offsets, job_carve(job, leader.meta.splits["train"].rows))
+    train = leader.meta.splits.get("train")  # none in data of new customers to score
+    return BaselineData(parties, offsets, None if train is None else job_carve(job, train.rows))
 
 
-def build_model(job: JobSpec, data: BaselineData) -> CentralWideDeep:
-    generator = part_generator(job.seed, "central")
-    return CentralWideDeep(data.vocab_size, data.num_fields, job.model.emb_dim, job.model.deep_layers, generator)
+def baseline_task(job: JobSpec, data: BaselineData) -> Task:
+    """The leader's task, as its split run has it (`vfl_cli.train.session.leader_task`)."""
+    from vfl_cli.train.session import leader_task
+
+    return leader_task(job, data.parties[0])
 
 
-def logits(model: CentralWideDeep, job: JobSpec, batch: Batch) -> torch.Tensor:
-    """[B] float32 logits, the matmuls under bfloat16 autocast when the job's precision is bf16 (as a party's)."""
+def build_model(job: JobSpec, data: BaselineData, task: Task) -> CentralModel:
+    return CentralModel(job.model, job.seed, data.vocab_size, data.kinds, task.width)
+
+
+def logits(model: CentralModel, job: JobSpec, batch: Batch) -> torch.Tensor:
+    """[B, width] float32 logits, the matmuls under bfloat16 autocast when the job's precision is bf16 (as a
+    party's)."""
     cpu = torch.device("cpu")
     with bf16_autocast(use_bf16(job.train.precision, cpu), cpu):
         return model(batch.ids, batch.vals).float()  # a no-op in fp32
 
 
 @torch.no_grad()
-def evaluate_baseline(model: CentralWideDeep, data: BaselineData, job: JobSpec, split: str) -> EvalResult:
+def evaluate_baseline(model: CentralModel, data: BaselineData, job: JobSpec, task: Task, split: str) -> EvalResult:
     model.eval()
-    probabilities = []
-    for batch in data.batches(split, job.train.batch_size, job.seed, 0, shuffle=False):
-        probabilities.append(torch.sigmoid(logits(model, job, batch)))
-    return score(view_of(data.parties[0], split, data.carve), torch.cat(probabilities).numpy())
+    predictions = [task.predict(logits(model, job, batch))
+                   for batch in data.batches(split, job.train.batch_size, job.seed, 0, shuffle=False)]
+    found = torch.cat(predictions).numpy() if predictions else task.empty_predictions()
+    return score(view_of(data.parties[0], split, data.carve), found, task)
 
 
 def _restore(
-    model: CentralWideDeep, optimizers: list[torch.optim.Optimizer] | None, payload: dict, path: Path
+    model: CentralModel, optimizers: list[torch.optim.Optimizer] | None, payload: dict, path: Path
 ) -> None:
     """Load the model (and the optimisers, to train on; not needed to evaluate) from a checkpoint."""
     try:
@@ -130,7 +141,8 @@ def _restore(
 def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = False) -> TrainOutcome:
     """Train (or resume, as `vfl train` does, from the newest checkpoint of the recorded run) one baseline."""
     data = open_baseline_data(job, kind)
-    model = build_model(job, data)
+    task = baseline_task(job, data)
+    model = build_model(job, data, task)
     optimizers = build_optimizers(
         model.wide_parameters(), model.deep_parameters(), job.train.wide_optimizer, job.train.deep_optimizer,
         job.train.l2_coef, model.embedding_tables(),
@@ -172,7 +184,7 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             assert batch.labels is not None  # the leader's split always has labels
-            loss = F.binary_cross_entropy_with_logits(logits(model, job, batch), batch.labels)
+            loss = task.loss(logits(model, job, batch), batch.labels)
             loss.backward()  # the L2 term is Adam's weight decay (`build_optimizers`)
             for optimizer in optimizers:
                 optimizer.step()
@@ -188,12 +200,12 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
         reporter.end()
         samples_per_s = samples / max(time.perf_counter() - started, 1e-9)
         scored = "valid" if validating else "test"
-        result = evaluate_baseline(model, data, job, scored)
+        result = evaluate_baseline(model, data, job, task, scored)
         results.append((epoch, samples_per_s, result))
         save((epoch + 1) * total)
-        write({"event": "epoch", "epoch": epoch, "train_samples_per_s": samples_per_s,
-               f"{scored}_auc": result.auc, f"{scored}_log_loss": result.log_loss})
-        if validating and choose(store, run_id, job, epoch, (epoch + 1) * total, result.auc).stop:
+        write({"event": "epoch", "epoch": epoch, "train_samples_per_s": samples_per_s, "metric": result.primary,
+               **{f"{scored}_{name}": value for name, value in result.scores.items()}})
+        if validating and choose(store, run_id, job, task, epoch, (epoch + 1) * total, result.score).stop:
             reporter.log(f"early stop after epoch {epoch}")
             break
     final = None
@@ -201,16 +213,17 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
         payload = store.load_selected()
         if payload is not None:
             _restore(model, None, payload, store.directory / SELECTED_FILE)
-            final = evaluate_baseline(model, data, job, "test")
+            final = evaluate_baseline(model, data, job, task, "test")
             write({"event": "final_test", "epoch": payload["step"] // total - 1, "step": payload["step"],
-                   "auc": final.auc, "log_loss": final.log_loss, "rows": final.rows})
+                   "metric": final.primary, **final.scores, "rows": final.rows})
     return TrainOutcome(run_id, start, recorded is not None, results, final)
 
 
 def evaluate_baseline_checkpoint(job: JobSpec, kind: str, run_dir: Path, split: str) -> EvalResult:
     data = open_baseline_data(job, kind)
-    model = build_model(job, data)
+    task = baseline_task(job, data)
+    model = build_model(job, data, task)
     store = CheckpointStore(run_dir / kind, job.fingerprint())
     payload = store.load_selected() or store.newest()
     _restore(model, None, payload, store.directory / file_name(payload["step"]))
-    return evaluate_baseline(model, data, job, split)
+    return evaluate_baseline(model, data, job, task, split)

@@ -1,8 +1,12 @@
 """The split-learning loop of one party, written against `Peer` (in-memory or HTTPS, it cannot tell).
 
-    follower: out = bottom(x_b); send(embeddings, out); g = receive(gradients); out.backward(g); step
-    leader:   own = bottom(x_b); theirs = receive(embeddings); loss = top(own, theirs, y_b)
+    follower: cut = bottom(x_b); send(embeddings, cut); g = receive(gradients); cut.backward(g); step
+    leader:   own = bottom(x_b); theirs = receive(embeddings); loss = task.loss(top([own, theirs]), y_b)
               backward through the top; send(gradients, d loss / d theirs); backward own bottom; step
+
+The cut tensors are named by the model (`vfl_cli.model.build.cut_widths`: (wide, deep) for Wide&Deep, one
+`cut` for an mlp bottom); a leader without feature columns has no bottom and no `own`. The task
+(`vfl_cli.task`) owns the loss, the predictions and the metrics; the primary metric selects the best epoch.
 
 The leader sends the follower's gradients before it backpropagates through its own bottom, so the two
 bottoms' backward passes run at the same time on the two sides.
@@ -22,15 +26,15 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data_prep.store import PartyData, SplitArrays
 from vfl_cli.checkpoint import CheckpointStore
 from vfl_cli.errors import CheckpointError, ProtocolError
 from vfl_cli.job import JobSpec
-from vfl_cli.metrics import log_loss, roc_auc
 from vfl_cli.peer import BatchKey, Peer, Phase, WireTensors
+from vfl_cli.model.build import cut_widths
 from vfl_cli.privacy.cut_layer import CutLayerDefences
+from vfl_cli.task import Task
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import (
     Batch,
@@ -78,11 +82,16 @@ def job_carve(job: JobSpec, train_rows: int) -> Carve | None:
 
 @dataclass(frozen=True)
 class EvalResult:
-    auc: float
-    log_loss: float
+    scores: dict[str, float]  # every metric of the task, by name (NaN where undefined)
+    primary: str  # the name of the one that selects the best epoch
     rows: int
     sample_ids: np.ndarray = field(repr=False)
-    probabilities: np.ndarray = field(repr=False)
+    predictions: np.ndarray = field(repr=False)  # the task's: P(y=1) [N], P(class) [N, k] or values [N]
+
+    @property
+    def score(self) -> float:
+        """The primary metric's value (AUC, accuracy or RMSE)."""
+        return self.scores[self.primary]
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,18 @@ class PartyRun:
 
     @cached_property
     def defences(self) -> CutLayerDefences:
-        return CutLayerDefences(self.job.privacy, self.job.seed)
+        classes = self.party.task.width if self.party.task is not None and self.party.task.width > 1 else 2
+        return CutLayerDefences(self.job.privacy, self.job.seed, classes)
+
+    @cached_property
+    def follower_cut(self) -> dict[str, int]:
+        """The cut tensors the follower sends (and the leader returns gradients for), name -> width."""
+        return cut_widths(self.job.model, len(self.job.follower.columns))
+
+    @property
+    def task(self) -> Task:
+        assert self.party.task is not None, "only the leader has the task"
+        return self.party.task
 
     @property
     def validating(self) -> bool:
@@ -152,41 +172,44 @@ class PartyRun:
         self.metrics_log.write(record)
 
 
-def _received(tensors: WireTensors, key: BatchKey, rows: int, device: torch.device) -> list[torch.Tensor]:
+def _received(tensors: WireTensors, key: BatchKey, rows: int, widths: dict[str, int],
+              device: torch.device) -> dict[str, torch.Tensor]:
     floats = CutLayerDefences.received(tensors)
-    wide, deep = floats["wide"], floats["deep"]
-    if wide.shape != (rows, 1) or deep.shape != (rows, 1):
-        raise ProtocolError(f"{key}: peer sent shapes {tuple(wide.shape)}/{tuple(deep.shape)}, expected ({rows}, 1)")
-    return [wide.to(device), deep.to(device)]
+    for name, width in widths.items():
+        if name not in floats or floats[name].shape != (rows, width):
+            got = {n: tuple(t.shape) for n, t in floats.items()}
+            raise ProtocolError(f"{key}: peer sent {got}, expected {name} of shape ({rows}, {width})")
+    return {name: floats[name].to(device) for name in widths}
 
 
 def follower_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> None:
     party = run.party
-    wide, deep = party.bottom_forward(batch.ids, batch.vals)  # (B, 1), (B, 1)
-    run.peer.send("embeddings", key, run.defences.embeddings_out(wide, deep, key))
-    grad_wide, grad_deep = _received(run.peer.receive("gradients", key), key, len(batch), party.device)
+    cut = party.bottom_forward(batch.ids, batch.vals)  # name -> (B, width)
+    run.peer.send("embeddings", key, run.defences.embeddings_out(cut, key))
+    grads = _received(run.peer.receive("gradients", key), key, len(batch), run.follower_cut, party.device)
     party.zero_grad()
-    torch.autograd.backward([wide, deep], [grad_wide, grad_deep])  # (the L2 term is Adam's weight decay)
+    torch.autograd.backward(list(cut.values()), [grads[name] for name in cut])  # L2: Adam's weight decay
     party.step()
 
 
 def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> float:
-    """One step at the leader; returns the batch's log loss."""
+    """One step at the leader; returns the batch's loss."""
     party = run.party
     assert party.top is not None and batch.labels is not None
     labels = run.defences.training_labels(batch.labels, batch.sample_ids)  # the true ones unless privacy.label_dp
-    own_wide, own_deep = party.bottom_forward(batch.ids, batch.vals)  # (B, 1), (B, 1)
-    theirs = _received(run.peer.receive("embeddings", key), key, len(batch), party.device)
+    own = party.bottom_forward(batch.ids, batch.vals)  # name -> (B, width); {} without feature columns
+    theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.follower_cut, party.device)
     # Cut the graph at both parties' outputs: the top's backward yields the follower's gradients first.
-    cut = [own_wide.detach().requires_grad_(), own_deep.detach().requires_grad_()]
-    cut += [t.requires_grad_() for t in theirs]
+    own_cut = {name: t.detach().requires_grad_() for name, t in own.items()}
+    theirs = {name: t.requires_grad_() for name, t in theirs.items()}
     party.zero_grad()
-    logits = party.top(*cut)  # (B,)
-    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    loss = run.task.loss(party.top([own_cut, theirs]), labels)
     loss.backward()
-    assert cut[2].grad is not None and cut[3].grad is not None
-    run.peer.send("gradients", key, run.defences.gradients_out(cut[2].grad, cut[3].grad, labels, key))
-    torch.autograd.backward([own_wide, own_deep], [cut[0].grad, cut[1].grad])  # L2: Adam's weight decay
+    grads = {name: t.grad for name, t in theirs.items()}
+    assert all(g is not None for g in grads.values())
+    run.peer.send("gradients", key, run.defences.gradients_out(grads, labels, key))  # type: ignore[arg-type]
+    if own:
+        torch.autograd.backward(list(own.values()), [own_cut[name].grad for name in own])  # L2: Adam's decay
     party.step()
     return loss.item()
 
@@ -194,7 +217,7 @@ def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> float:
 def deep_loss(run: PartyRun, loss: float) -> float:
     """The seed's deep_loss: the log loss plus the leader's L2 term (computed for log lines only: a pass over
     the whole table)."""
-    return loss + run.party.bottom.l2_value(run.job.train.l2_coef)
+    return loss + run.party.l2_value(run.job.train.l2_coef)
 
 
 def save_checkpoint(run: PartyRun, run_id: str, step: int) -> None:
@@ -235,42 +258,37 @@ def train_epoch(run: PartyRun, run_id: str, epoch: int, start: int = 0) -> float
 
 @torch.no_grad()
 def forward_split(run: PartyRun, split_name: str, phase: Phase, epoch: int) -> EvalResult | None:
-    """Predict a whole split together: the follower sends embeddings, the leader scores.
-    Returns the leader's result (AUC and log loss where it has labels); None at the follower."""
+    """Predict a whole split together: the follower sends its cut, the leader predicts.
+    Returns the leader's result (the task's metrics where it has labels); None at the follower."""
     split = run.view(split_name)
     batch_size = run.job.train.batch_size
     run.party.train(False)
     run.reporter.begin(f"{run.role} {phase} {split_name}", len(split))
-    probabilities: list[torch.Tensor] = []
+    predictions: list[torch.Tensor] = []
     for step, batch in enumerate(iterate(split, batch_size, run.job.seed, epoch, shuffle=False)):
         key = BatchKey(phase, epoch, step)
         batch = batch.to(run.party.device)
-        wide, deep = run.party.bottom_forward(batch.ids, batch.vals)
+        cut = run.party.bottom_forward(batch.ids, batch.vals)
         if run.is_leader:
             assert run.party.top is not None
-            theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.party.device)
-            probabilities.append(torch.sigmoid(run.party.top(wide, deep, *theirs)).cpu())
+            theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.follower_cut,
+                               run.party.device)
+            predictions.append(run.task.predict(run.party.top([cut, theirs])).cpu())
         else:
-            run.peer.send("embeddings", key, run.defences.embeddings_out(wide, deep, key))
+            run.peer.send("embeddings", key, run.defences.embeddings_out(cut, key))
         run.reporter.advance(len(batch))
     run.reporter.end()
     if not run.is_leader:
         return None
-    probs = torch.cat(probabilities).numpy() if probabilities else np.zeros(0, dtype=np.float32)
-    return score(split, probs)
+    found = torch.cat(predictions).numpy() if predictions else run.task.empty_predictions()
+    return score(split, found, run.task)
 
 
-def score(split: SplitArrays | SplitView, probs: np.ndarray) -> EvalResult:
-    """AUC and log loss of `probs` against the split's labels (NaN where they are undefined)."""
-    labels = split.labels
-    has_both_classes = labels is not None and len(labels) > 0 and 0 < float(np.sum(labels)) < len(labels)
-    return EvalResult(
-        auc=roc_auc(np.asarray(labels), probs) if has_both_classes else float("nan"),
-        log_loss=log_loss(np.asarray(labels), probs) if labels is not None and len(labels) else float("nan"),
-        rows=len(split),
-        sample_ids=np.asarray(split.sample_ids),
-        probabilities=probs,
-    )
+def score(split: SplitArrays | SplitView, predictions: np.ndarray, task: Task) -> EvalResult:
+    """The task's metrics of `predictions` against the split's labels (NaN where they are undefined)."""
+    labels = None if split.labels is None else np.asarray(split.labels)
+    return EvalResult(task.score(labels, predictions), task.primary.name, len(split), np.asarray(split.sample_ids),
+                      predictions)
 
 
 def log_line(epoch: int, step: int, total: int, wide_loss: float, deep_loss: float) -> str:
@@ -294,13 +312,14 @@ def train(run: PartyRun, run_id: str, start: Position) -> Iterator[tuple[int, fl
         record = {"event": "epoch", "epoch": epoch, "train_samples_per_s": samples_per_s,
                   "seconds": time.perf_counter() - started}
         if result is not None:
-            record |= {f"{scored}_auc": result.auc, f"{scored}_log_loss": result.log_loss}
-            run.telemetry.evaluated(result.auc)
+            record |= {"metric": result.primary, **{f"{scored}_{name}": v for name, v in result.scores.items()}}
+            run.telemetry.evaluated(result.scores)
         run.write_metrics(record)
         stop = run.validating and select(run, run_id, epoch, step, result)
         yield epoch, samples_per_s, result
         if stop:
-            run.reporter.log(f"early stop after epoch {epoch}: no better validation AUC since the best epoch")
+            run.reporter.log(f"early stop after epoch {epoch}: no better validation {run.task.primary.title} "
+                             "since the best epoch")
             return
 
 
@@ -308,25 +327,26 @@ def train(run: PartyRun, run_id: str, start: Position) -> Iterator[tuple[int, fl
 class Selection:
     step: int  # the best epoch's checkpoint so far
     epoch: int
-    valid_auc: float
+    valid_score: float  # its validation score (the task's primary metric)
     stop: bool  # early stopping ends training here
 
 
-def choose(store: CheckpointStore, run_id: str, job: JobSpec, epoch: int, step: int, auc: float) -> Selection:
-    """After epoch `epoch` (checkpointed at `step`, validation AUC `auc`): the best epoch so far, kept as the
-    selected checkpoint when it is this one, and whether `train.early_stopping` ends training. One rule for the
-    leader of a split run and for the baselines."""
+def choose(store: CheckpointStore, run_id: str, job: JobSpec, task: Task, epoch: int, step: int,
+           value: float) -> Selection:
+    """After epoch `epoch` (checkpointed at `step`, validation score `value` of the task's primary metric): the
+    best epoch so far, kept as the selected checkpoint when it is this one, and whether `train.early_stopping`
+    ends training. One rule for the leader of a split run and for the baselines."""
     best = store.selected(run_id)
-    if best is None or auc > best["valid_auc"]:  # NaN (one class) is never better
-        store.select(run_id, step, epoch, auc)
-        best = {"step": step, "epoch": epoch, "valid_auc": auc}
+    if best is None or task.better(value, best["valid_score"]):  # NaN (one class) is never better
+        store.select(run_id, step, epoch, value)
+        best = {"step": step, "epoch": epoch, "valid_score": value}
     patience = job.train.early_stopping
     stop = patience is not None and epoch - best["epoch"] >= patience.patience
-    return Selection(best["step"], best["epoch"], best["valid_auc"], stop)
+    return Selection(best["step"], best["epoch"], best["valid_score"], stop)
 
 
 def select(run: PartyRun, run_id: str, epoch: int, step: int, result: EvalResult | None) -> bool:
-    """After epoch `epoch` (checkpointed at `step`): the leader, which alone sees the validation AUC, picks the
+    """After epoch `epoch` (checkpointed at `step`): the leader, which alone sees the validation score, picks the
     best epoch so far and whether to stop, and tells the follower (one `selection` message: two integers);
     both keep the best epoch's checkpoint as the selected one. Returns whether to stop.
 
@@ -334,11 +354,11 @@ def select(run: PartyRun, run_id: str, epoch: int, step: int, result: EvalResult
     store, key = run.checkpoints, BatchKey("eval", epoch, 0)
     if run.is_leader:
         assert result is not None
-        chosen = choose(store, run_id, run.job, epoch, step, result.auc)
+        chosen = choose(store, run_id, run.job, run.task, epoch, step, result.score)
         run.peer.send("selection", key, {"best_step": torch.tensor([chosen.step]),
                                          "stop": torch.tensor([int(chosen.stop)])})
         run.write_metrics({"event": "selected", "epoch": chosen.epoch, "step": chosen.step,
-                           "valid_auc": chosen.valid_auc})
+                           "metric": result.primary, f"valid_{result.primary}": chosen.valid_score})
         return chosen.stop
     message = run.peer.receive("selection", key)
     best_step, stop = int(message["best_step"][0]), bool(message["stop"][0])  # type: ignore[index]
@@ -370,6 +390,6 @@ def final_test(run: PartyRun) -> EvalResult | None:
     result = forward_split(run, "test", "eval", run.job.train.epochs)  # an epoch number no training eval uses
     if result is not None:
         epoch = payload["step"] // run.steps_per_epoch - 1  # selected checkpoints are epoch ends
-        run.write_metrics({"event": "final_test", "epoch": epoch, "step": payload["step"],
-                           "auc": result.auc, "log_loss": result.log_loss, "rows": result.rows})
+        run.write_metrics({"event": "final_test", "epoch": epoch, "step": payload["step"], "metric": result.primary,
+                           **result.scores, "rows": result.rows})
     return result

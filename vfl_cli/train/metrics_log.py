@@ -2,8 +2,9 @@
 `vfl report` reads), and with `train.tensorboard: true` the same figures as TensorBoard scalars in
 `<run_dir>/<role>/tensorboard/` (`tensorboard --logdir <run_dir>` shows each party and baseline as a run).
 
-Scalars: loss/wide and loss/deep per global step; auc/valid, auc/test, log_loss/valid, log_loss/test and
-speed/train_samples_per_s per epoch; auc/final_test and log_loss/final_test at the selected epoch. The
+Scalars: loss/wide and loss/deep per global step; <metric>/valid, <metric>/test (the task's metrics: auc,
+log_loss, ks; accuracy, macro_f1, log_loss; rmse, mae, r2) and speed/train_samples_per_s per epoch;
+<metric>/final_test at the selected epoch. The
 event file is appended to at each epoch's end, so a crash loses at most the current epoch's step points.
 """
 
@@ -18,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from vfl_cli.errors import JobError
+from vfl_cli.task import TITLES
 
 STEP_SCALARS = {"wide_loss": "loss/wide", "deep_loss": "loss/deep"}
-EPOCH_SCALARS = {"valid_auc": "auc/valid", "valid_log_loss": "log_loss/valid", "test_auc": "auc/test",
-                 "test_log_loss": "log_loss/test", "train_samples_per_s": "speed/train_samples_per_s"}
-FINAL_SCALARS = {"auc": "auc/final_test", "log_loss": "log_loss/final_test"}
+METRIC_NAMES = tuple(TITLES)  # every task's metrics (vfl_cli.task)
+EPOCH_SCALARS = {f"{split}_{name}": f"{name}/{split}" for split in ("valid", "test") for name in METRIC_NAMES}
+EPOCH_SCALARS["train_samples_per_s"] = "speed/train_samples_per_s"
+FINAL_SCALARS = {name: f"{name}/final_test" for name in METRIC_NAMES}
 
 
 class EventFile:

@@ -1,11 +1,11 @@
-"""Each party's trainable state, built from the job and its prepared data: bottom model, the leader's top,
-and the optimisers (FTRL for wide parameters, Adam for deep parameters and the top)."""
+"""Each party's trainable state, built from the job and its prepared data: its bottom (none for a label-only
+leader), the leader's top and task, and the optimisers (FTRL for wide parameters, Adam for the rest)."""
 
 from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -15,7 +15,10 @@ from torch import Tensor
 from data_prep.store import PartyMeta
 from vfl_cli.errors import CheckpointError
 from vfl_cli.job import JobSpec
-from vfl_cli.model.wide_deep import TopModel, WideDeepBottom, build_optimizers, part_generator
+from vfl_cli.model.build import Bottom, bottom_parameters, build_bottom, build_top, cut_widths
+from vfl_cli.model.optimizers import build_optimizers
+from vfl_cli.model.top import Top
+from vfl_cli.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +32,31 @@ def pick_device(setting: str) -> torch.device:
 @dataclass
 class PartyModel:
     role: str
-    bottom: WideDeepBottom
-    top: TopModel | None  # the leader's top; None for the follower
+    bottom: Bottom | None  # None: a leader without feature columns
+    top: Top | None  # the leader's top; None for the follower
+    task: Task | None  # the leader's; None for the follower
     optimizers: list[torch.optim.Optimizer]
     device: torch.device
     bf16: bool = False  # run the bottom under bfloat16 autocast (`train.precision: bf16`, where supported)
 
-    def bottom_forward(self, ids: Tensor, vals: Tensor) -> tuple[Tensor, Tensor]:
-        """The bottom's (wide, deep), float32 [B, 1] each whatever the precision: they are the cut layer."""
+    def bottom_forward(self, ids: Tensor, vals: Tensor) -> dict[str, Tensor]:
+        """This party's cut outputs, float32 whatever the precision ({} without a bottom)."""
+        if self.bottom is None:
+            return {}
         with self.autocast():
-            wide, deep = self.bottom(ids, vals)
-        return wide.float(), deep.float()  # no-ops in fp32
+            cut = self.bottom(ids, vals)
+        return {name: t.float() for name, t in cut.items()}  # no-ops in fp32
+
+    def l2_value(self, l2_coef: float) -> float:
+        return 0.0 if self.bottom is None else self.bottom.l2_value(l2_coef)
 
     def autocast(self) -> AbstractContextManager[Any]:
         return bf16_autocast(self.bf16, self.device)
 
     def train(self, mode: bool = True) -> None:
-        self.bottom.train(mode)
-        if self.top is not None:
-            self.top.train(mode)
+        for module in (self.bottom, self.top):
+            if module is not None:
+                module.train(mode)
 
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
@@ -59,38 +68,47 @@ class PartyModel:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "bottom": self.bottom.state_dict(),
+            "bottom": None if self.bottom is None else self.bottom.state_dict(),
             "top": None if self.top is None else self.top.state_dict(),
             "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            # the regression label's scale, fitted on the training rows: scoring data without them needs it
+            "task": None if self.task is None else {"label_mean": self.task.label_mean, "label_std": self.task.label_std},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
-            self.bottom.load_state_dict(state["bottom"])
+            if self.bottom is not None:
+                self.bottom.load_state_dict(state["bottom"])
             if self.top is not None:
                 self.top.load_state_dict(state["top"])
             for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
                 optimizer.load_state_dict(optimizer_state)
+            if self.task is not None and state.get("task"):
+                self.task = replace(self.task, label_mean=float(state["task"]["label_mean"]),
+                                    label_std=float(state["task"]["label_std"]))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint does not fit this {self.role}'s model: {exc}") from exc
 
 
-def build_bottom(job: JobSpec, vocab_size: int, num_fields: int, part: str) -> WideDeepBottom:
-    """Initial weights come from the part's own stream of the job seed (the same as in `JointWideDeep.build`)."""
-    generator = part_generator(job.seed, part)  # type: ignore[arg-type]
-    return WideDeepBottom(vocab_size, num_fields, job.model.emb_dim, job.model.deep_layers, generator)
-
-
-def build_party(job: JobSpec, role: str, meta: PartyMeta, device: torch.device) -> PartyModel:
-    """The leader gets a bottom and the top; the follower a bottom only."""
-    bottom = build_bottom(job, meta.vocab_size, len(meta.fields), role).to(device)
-    top = TopModel(part_generator(job.seed, "top")).to(device) if role == "leader" else None
-    deep_parameters = list(bottom.deep_parameters()) + ([] if top is None else list(top.parameters()))
-    optimizers = build_optimizers(
-        bottom.wide_parameters(), deep_parameters, job.train.wide_optimizer, job.train.deep_optimizer,
-        job.train.l2_coef, bottom.embedding_tables(),
-    )
-    return PartyModel(role, bottom, top, optimizers, device, use_bf16(job.train.precision, device))
+def build_party(job: JobSpec, role: str, meta: PartyMeta, device: torch.device, task: Task | None = None) -> PartyModel:
+    """The follower gets its bottom; the leader its bottom (if it has columns), the top and the task (`task`, or
+    the prepared data's)."""
+    bottom = build_bottom(job.model, job.seed, role, meta.vocab_size, meta.kinds)  # type: ignore[arg-type]
+    top = None
+    if role == "leader":
+        task = task or Task.of(meta.task or "binary", meta.classes)
+        follower_columns = len(job.follower.columns)
+        cuts = [cut_widths(job.model, len(meta.fields)), cut_widths(job.model, follower_columns)]
+        top = build_top(job.model, job.seed, cuts, task.width)
+    if bottom is not None:
+        bottom = bottom.to(device)
+    if top is not None:
+        top = top.to(device)
+    wide, deep, tables = bottom_parameters(bottom)
+    optimizers = build_optimizers(wide, deep + ([] if top is None else list(top.parameters())),
+                                  job.train.wide_optimizer, job.train.deep_optimizer, job.train.l2_coef, tables)
+    return PartyModel(role, bottom, top, task if role == "leader" else None, optimizers, device,
+                      use_bf16(job.train.precision, device))
 
 
 def bf16_autocast(enabled: bool, device: torch.device) -> AbstractContextManager[Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from data_prep.store import open_party
+from data_prep.store import PartyData, open_party
 from vfl_cli.checkpoint import (
     Agreement,
     CheckpointStore,
@@ -30,7 +30,8 @@ from vfl_cli.errors import CheckpointError, DataError, ProtocolError
 from vfl_cli.job import JobSpec
 from vfl_cli.peer import Hello, LocalPeer, Peer, run_both
 from vfl_cli.telemetry import Telemetry
-from vfl_cli.train.batches import Position
+from vfl_cli.task import Task
+from vfl_cli.train.batches import Position, view_of
 from vfl_cli.train.loop import (
     EvalResult,
     PartyRun,
@@ -39,6 +40,7 @@ from vfl_cli.train.loop import (
     TrainOutcome,
     final_test,
     forward_split,
+    job_carve,
     train,
 )
 from vfl_cli.train.parties import build_party, pick_device
@@ -51,14 +53,29 @@ def open_run(
 ) -> PartyRun:
     spec = job.party(role)
     data = open_party(job.data.dir, role)
-    if data.meta.fields != spec.fields:
-        raise DataError(
-            f"{data.dir}: prepared for fields {', '.join(data.meta.fields)}, but the job gives the {role} "
-            f"{', '.join(spec.fields)}; run `vfl prep criteo` again"
-        )
-    party = build_party(job, role, data.meta, pick_device(spec.device))
+    expected = tuple(spec.columns.items())
+    if tuple(zip(data.meta.fields, data.meta.kinds, strict=True)) != expected:
+        have = ", ".join(f"{f} ({k})" for f, k in zip(data.meta.fields, data.meta.kinds, strict=True)) or "none"
+        want = ", ".join(f"{f} ({k})" for f, k in expected) or "none"
+        raise DataError(f"{data.dir}: prepared for columns {have}, but the job gives the {role} {want}; "
+                        "prepare it again (`vfl prep`)")
+    if role == "leader" and data.meta.has_labels and (data.meta.task or "binary") != spec.task:
+        raise DataError(f"{data.dir}: prepared for a {data.meta.task} label, but the job's task is {spec.task}")
+    task = leader_task(job, data) if role == "leader" else None
+    party = build_party(job, role, data.meta, pick_device(spec.device), task)
     return PartyRun(job, role, data, party, peer, reporter or SilentReporter(), job.train.run_dir / role,
                     telemetry or Telemetry(role))
+
+
+def leader_task(job: JobSpec, data: PartyData) -> Task:
+    """The leader's task; a regression label's scale from this run's training rows (the validation carve left
+    out), where the data has them (a checkpoint carries it to data without)."""
+    labels = None
+    train = data.meta.splits.get("train")
+    if job.leader.task == "regression" and data.meta.has_labels and train is not None:
+        carve = job_carve(job, train.rows)
+        labels = view_of(data, "train", carve).labels
+    return Task.of(job.leader.task, tuple(data.meta.classes), None if labels is None else np.asarray(labels))
 
 
 def handshake(
@@ -171,13 +188,14 @@ def infer_session(run: PartyRun, run_dir: Path, split: str, out: Path | None) ->
     load_agreed_model(run, run_dir, "infer", {"split": split})
     result = forward_split(run, split, "infer", 0)
     if result is not None and out is not None:
-        write_predictions(out, result, run.data.customer_ids(split))
+        write_predictions(out, result, run.task, run.data.customer_ids(split))
     return result
 
 
-def write_predictions(out: Path, result: EvalResult, customer_ids: np.ndarray | None = None) -> None:
-    """id,probability per row where the data has customer ids (aligned by `vfl psi`), else
-    sample_id,probability; written to a temp file and renamed, so a crash leaves no half file."""
+def write_predictions(out: Path, result: EvalResult, task: Task, customer_ids: np.ndarray | None = None) -> None:
+    """id, then the task's prediction columns (probability; p_<class> per class; value) per row, where the data
+    has customer ids (aligned by `vfl psi`), else sample_id first; written to a temp file and renamed, so a
+    crash leaves no half file."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
@@ -186,14 +204,15 @@ def write_predictions(out: Path, result: EvalResult, customer_ids: np.ndarray | 
     try:
         with os.fdopen(handle, "w", newline="") as file:
             writer = csv.writer(file)
-            probabilities = (f"{p:.6f}" for p in result.probabilities.tolist())
+            values = result.predictions.reshape(len(result.predictions), -1).tolist()
+            cells = ([f"{v:.6f}" for v in row] for row in values)
             if customer_ids is None:
-                writer.writerow(["sample_id", "probability"])
-                writer.writerows(zip(result.sample_ids.tolist(), probabilities, strict=True))
+                writer.writerow(["sample_id", *task.columns()])
+                ids: Iterable[Any] = result.sample_ids.tolist()
             else:
-                writer.writerow(["id", "probability"])
+                writer.writerow(["id", *task.columns()])
                 ids = (cid.decode() for cid in customer_ids.tolist())
-                writer.writerows(zip(ids, probabilities, strict=True))
+            writer.writerows([row_id, *row] for row_id, row in zip(ids, cells, strict=True))
         os.replace(temp_name, out)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

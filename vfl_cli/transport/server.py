@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from vfl_cli.errors import ProtocolError
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import CUT_TENSORS, PSI_KINDS, PSI_POINTS, SELECTION_TENSORS, Kind, WireTensor, WireTensors
+from vfl_cli.peer import PSI_KINDS, PSI_POINTS, SELECTION_TENSORS, Kind, WireTensor, WireTensors
 from vfl_cli.privacy.quantize import QuantizedTensor
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import AbortMessage, HelloMessage, Message, TensorMessage, decode
@@ -77,6 +77,7 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
     # Both sides run the same job (its fingerprint is checked on every message), so the bits are known here.
     quantize = job.privacy.quantize
     bits = quantize.embeddings if RECEIVES[role] == "embeddings" else quantize.gradients
+    cut = job.cut_widths("follower")  # both ways: the follower's cut outputs, then the gradients for them
 
     async def authenticate(request: Request) -> None:
         if not job.tls.enabled:
@@ -133,7 +134,7 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
             elif message.kind == "selection":
                 check_selection(message.tensors)
             else:
-                check_cut_tensors(message.tensors, job.train.batch_size, bits)
+                check_cut_tensors(message.tensors, cut, job.train.batch_size, bits)
             status = inbox.offer(sender, message, size)
         except ProtocolError as exc:
             raise Refusal(400, str(exc)) from exc
@@ -199,20 +200,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def check_cut_tensors(tensors: WireTensors, max_batch: int, bits: int | None = None) -> None:
-    """Exactly the cut-layer tensors, each [B, 1] with the same 1 <= B <= batch size: float32 when `bits` is
-    None, else QuantizedTensors of exactly `bits` bits (finiteness and packing are checked by the codec)."""
-    _exactly(tensors, CUT_TENSORS)
+def check_cut_tensors(tensors: WireTensors, widths: dict[str, int], max_batch: int, bits: int | None = None) -> None:
+    """Exactly the job's cut-layer tensors (`widths`: name -> width), each [B, width] with the same
+    1 <= B <= batch size: float32 when `bits` is None, else QuantizedTensors of exactly `bits` bits (finiteness
+    and packing are checked by the codec)."""
+    _exactly(tensors, tuple(widths))
     expected = "float32" if bits is None else f"{bits}-bit quantised"
     batch = None
-    for name in CUT_TENSORS:
+    for name, width in widths.items():
         tensor = tensors[name]
         got = _describe(tensor)
         if got.removeprefix("dtype ") != expected:
             raise ProtocolError(f"tensors.{name}: {got}, expected {expected}")
         shape = list(tensor.shape)
-        if len(shape) != 2 or shape[1] != 1:
-            raise ProtocolError(f"tensors.{name}: shape {shape}, expected [B, 1]")
+        if len(shape) != 2 or shape[1] != width:
+            raise ProtocolError(f"tensors.{name}: shape {shape}, expected [B, {width}]")
         if not 1 <= shape[0] <= max_batch:
             raise ProtocolError(f"tensors.{name}: batch of {shape[0]}, expected 1..{max_batch}")
         if batch is not None and shape[0] != batch:
