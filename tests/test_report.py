@@ -1,17 +1,21 @@
-"""`vfl report`: metrics.jsonl written by hand (resumed, restarted, with and without validation) and from a real
-tiny run, reported through the CLI in-process; the PNGs checked by their header, the page by its text."""
+"""`vfl report`: metrics.jsonl written by hand (resumed, restarted, with and without validation; binary files from
+before tasks, multiclass and regression runs) and from a real tiny run, reported through the CLI in-process; the
+PNGs checked by their header, the page by its text."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from tests.conftest import run_vfl, write_job
+from tests.conftest import REPO, run_vfl, write_job
 from vfl_cli.job import JobSpec
 from vfl_cli.report import PLOTS, read_run
+from vfl_cli.report.records import TASK_METRICS, TITLES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -108,15 +112,19 @@ def test_resumed_run_with_validation(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert "0.734500" in html and "0.543200" in html and "final test (epoch 1, 1,583 rows)" in html
     assert "resumed 1 time" in html
     assert html.count("not run") == 2  # central and leader-only
+    assert "AUC <b>0.734500</b>, log loss <b>0.543200</b>" in html and "<th>last test AUC</th>" in html
+    assert "<th>valid AUC</th><th>valid log loss</th><th></th>" in html  # no test columns: validation only
+    assert "KS" not in html  # a file from before tasks has no KS: no empty KS column
 
 
 def test_steps_and_epochs_keep_the_last_record(tmp_path: Path) -> None:
     run = read_run(write_metrics(tmp_path, validated_run()))
     assert [s.global_step for s in run.steps] == [2, 4, 6, 8, 10, 12]
     assert run.steps[2].wide_loss == 0.55
-    assert [e.epoch for e in run.epochs] == [0, 1, 2] and run.epochs[1].valid_auc == 0.7123
-    assert run.selected is not None and run.selected.epoch == 1
-    assert run.final() == ("final test (epoch 1, 1,583 rows)", 0.7345, 0.5432)
+    assert [e.epoch for e in run.epochs] == [0, 1, 2] and run.epochs[1].valid == {"auc": 0.7123, "log_loss": 0.58}
+    assert run.selected is not None and run.selected.epoch == 1 and run.selected.valid_score == 0.7123
+    assert run.final() == ("final test (epoch 1, 1,583 rows)", {"auc": 0.7345, "log_loss": 0.5432})
+    assert (run.metric, run.metrics, run.title) == ("auc", ("auc", "log_loss"), "AUC")  # no "metric": binary
 
 
 def test_restart_reports_only_the_newest_run(tmp_path: Path) -> None:
@@ -138,6 +146,89 @@ def test_plain_run_without_validation_and_a_baseline(tmp_path: Path, monkeypatch
     assert "class=sel" not in html
     assert "<td class=l>central</td><td>0.777700</td>" in html
     assert "<td class=l>leader-only</td><td>not run</td>" in html
+
+
+def multiclass_run() -> list[dict[str, Any]]:
+    """A multiclass run as the loop writes it: every metric per epoch on validation, accuracy selects."""
+    def scored(number: int, accuracy: float, f1: float, loss: float) -> dict[str, Any]:
+        return epoch(number, metric="accuracy", valid_accuracy=accuracy, valid_macro_f1=f1, valid_log_loss=loss)
+
+    return [
+        {"event": "start", "run_id": "m1"},
+        step(1, 1.09), step(2, 0.95), scored(0, 0.6543, 0.6012, 0.91),
+        {"event": "selected", "epoch": 0, "step": 2, "metric": "accuracy", "valid_accuracy": 0.6543},
+        step(3, 0.81, 1), step(4, 0.77, 1), scored(1, 0.7321, 0.7004, 0.74),
+        {"event": "selected", "epoch": 1, "step": 4, "metric": "accuracy", "valid_accuracy": 0.7321},
+        {"event": "final_test", "epoch": 1, "step": 4, "metric": "accuracy", "accuracy": 0.8012, "macro_f1": 0.7777,
+         "log_loss": 0.6111, "rows": 240},
+    ]
+
+
+def test_multiclass_run_reports_accuracy_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir, multiclass_run())
+    write_metrics(run_dir, [{"event": "start", "run_id": "c"}, step(1, 0.9),
+                            epoch(0, metric="accuracy", test_accuracy=0.7001, test_macro_f1=0.6, test_log_loss=0.8),
+                            {"event": "final_test", "epoch": 0, "metric": "accuracy", "accuracy": 0.7555,
+                             "macro_f1": 0.7, "log_loss": 0.7, "rows": 240}], role="central")
+    run = read_run(run_dir / "leader" / "metrics.jsonl")
+    assert (run.metric, run.metrics, run.title) == ("accuracy", ("accuracy", "macro_f1", "log_loss"), "accuracy")
+    assert run.selected is not None and run.selected.valid_score == 0.7321
+    assert run.final_score() == 0.8012
+    html = report(monkeypatch, capsys, "--run", run_dir)
+    assert "accuracy <b>0.801200</b>, macro-F1 <b>0.777700</b>, log loss <b>0.611100</b>" in html
+    assert "final test (epoch 1, 240 rows)" in html
+    assert "<th>valid accuracy</th><th>valid macro-F1</th><th>valid log loss</th><th></th>" in html
+    assert "<tr class=sel><td class=l>1</td><td>1,001</td><td>2.5</td><td>0.732100</td><td>0.700400</td>" in html
+    assert "<th>last test accuracy</th>" in html
+    assert "<td class=l>vertical federated (this run)</td><td>0.801200</td>" in html
+    assert "<td class=l>central</td><td>0.755500</td>" in html  # its final test, not its last epoch's
+    assert "<td class=l>leader-only</td><td>not run</td>" in html
+    assert "AUC" not in html and "KS" not in html
+
+
+def test_regression_run_without_validation_reports_rmse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    write_metrics(run_dir, [
+        {"event": "start", "run_id": "g1"},
+        step(1, 1.2), epoch(0, metric="rmse", test_rmse=3.25, test_mae=2.5, test_r2=0.41),
+        step(2, 0.9, 1), epoch(1, metric="rmse", test_rmse=2.75, test_mae=2.125, test_r2=float("nan")),
+    ])
+    write_metrics(run_dir, [{"event": "start", "run_id": "o"}, step(1, 0.6), epoch(0, test_auc=0.7)],
+                  role="leader-only")  # left from a binary job in the same run dir
+    run = read_run(run_dir / "leader" / "metrics.jsonl")
+    assert (run.metric, run.metrics) == ("rmse", ("rmse", "mae", "r2"))
+    assert run.final() == ("last epoch 1", {"rmse": 2.75, "mae": 2.125, "r2": None})
+    html = report(monkeypatch, capsys, "--run", run_dir)
+    assert "RMSE <b>2.750000</b>, MAE <b>2.125000</b>, R² <b>-</b>" in html and "(last epoch 1)" in html
+    assert "<th>test RMSE</th><th>test MAE</th><th>test R²</th><th></th>" in html and "valid" not in html
+    assert "<th>last test RMSE</th>" in html
+    assert "<td class=l>leader-only</td><td>scored by AUC</td>" in html
+    assert "<td class=l>central</td><td>not run</td>" in html
+
+
+def test_an_unknown_metric_is_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    write_metrics(tmp_path, [step(1, 0.5), epoch(0, metric="bleu", test_bleu=0.3)])
+    code, err = run_vfl(monkeypatch, capsys, "report", "--run", tmp_path)
+    assert code == 3 and "metrics.jsonl:2: metric is 'bleu'" in err
+
+
+def test_the_metric_names_are_the_tasks() -> None:
+    """The report keeps its own copy of the tasks' metric names and titles (vfl_cli.task imports torch)."""
+    from vfl_cli.task import METRICS
+    from vfl_cli.task import TITLES as TASK_TITLES
+
+    assert TASK_METRICS == tuple(tuple(m.name for m in metrics) for metrics in METRICS.values())
+    assert TITLES == TASK_TITLES
+
+
+def test_the_report_imports_no_torch() -> None:
+    code = "import sys, vfl_cli.report, vfl_cli.commands.report; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_strings_are_escaped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -186,7 +277,7 @@ def test_report_of_a_real_run(tmp_path: Path, planted_job: JobSpec, monkeypatch:
     from vfl_cli.train.session import run_local, train_session
 
     outcome = run_local(planted_job, train_session)["leader"]
-    last_auc = outcome.epochs[-1][2].auc if outcome.epochs[-1][2] else None
+    last_auc = outcome.epochs[-1][2].score if outcome.epochs[-1][2] else None
     job = write_job(tmp_path, planted_job.model_dump(mode="json"))
     html = report(monkeypatch, capsys, "--job", job)  # --run defaults to the job's train.run_dir
     assert (planted_job.train.run_dir / "report" / "report.html").exists()
@@ -195,3 +286,4 @@ def test_report_of_a_real_run(tmp_path: Path, planted_job: JobSpec, monkeypatch:
     assert "emb_dim 4, deep_layers [16, 8]" in html and "2 epochs, batch size 64, fp32" in html
     assert "<td>none</td>" in html  # no privacy defences
     assert "train 960, test 240" in html  # rows per split, from each party's meta.json
+    assert "<td>binary</td>" in html and "<th>test AUC</th><th>test log loss</th><th>test KS</th>" in html

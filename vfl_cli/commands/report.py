@@ -30,9 +30,10 @@ def report(
                      show_default=False),
     ] = None,
 ) -> None:
-    """Plot a training run (loss.png: losses per step; auc.png: validation and test AUC per epoch, the selected
-    epoch marked; speed.png: train samples/s per epoch) and write report.html beside them: the job, data sizes,
-    a per-epoch table, the final test AUC and the baselines' where they ran. Prints the page's path."""
+    """Plot a training run (loss.png: losses per step; metric.png: the task's primary metric, AUC, accuracy or
+    RMSE, on validation and test per epoch, the selected epoch marked; speed.png: train samples/s per epoch) and
+    write report.html beside them: the job, data sizes, every metric of the task per epoch, the final test's and
+    the baselines' where they ran. Prints the page's path."""
     from vfl_cli.report import build_report
 
     spec = load_job(job) if job is not None else None

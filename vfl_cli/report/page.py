@@ -1,5 +1,6 @@
 """The report's one self-contained HTML page (inline CSS, no JavaScript, no external URLs); every value from
-the run or the job is escaped."""
+the run or the job is escaped. The figures are the run's task's: its primary metric leads the final test line and
+the baselines' table, and the epoch table has a validation and a test column per metric (`records.RunMetrics`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from vfl_cli.errors import DataError
 from vfl_cli.job import JobSpec
 from vfl_cli.report.plots import PLOTS
-from vfl_cli.report.records import BASELINES, RunMetrics, baseline_auc
+from vfl_cli.report.records import BASELINES, TITLES, EpochRow, RunMetrics, Scores, baseline_score
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222;line-height:1.4}
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.5em;border-bottom:1px solid #ddd}
@@ -38,6 +39,7 @@ def _job_section(job: JobSpec | None) -> str:
         return "<p class=muted>No job spec given (--job): parties, model and data sizes are not shown.</p>"
     rows = [[f"party ({role})", f"{p.name}: {len(p.fields)} fields"] for role, p in sorted(job.parties.items())]
     rows += [
+        ["task", job.leader.task],
         ["model", f"emb_dim {job.model.emb_dim}, deep_layers {list(job.model.deep_layers)}"],
         ["train", f"{job.train.epochs} epochs, batch size {job.train.batch_size:,}, {job.train.precision}"],
         ["privacy defences", ", ".join(job.privacy.enabled) or "none"],
@@ -67,19 +69,31 @@ def _data_section(job: JobSpec | None) -> str:
 
 
 def _epoch_section(run: RunMetrics) -> str:
+    """One row per epoch: speed, then each metric of the run on validation and on test (where recorded)."""
     selected = run.selected.epoch if run.selected else None
+    def of(e: EpochRow, split: str) -> Scores:
+        return e.valid if split == "valid" else e.test
+
+    splits = [split for split in ("valid", "test") if any(of(e, split) for e in run.epochs)]
+    columns = [(split, name) for split in splits for name in run.metrics]
     rows = [[str(e.epoch), "-" if e.samples_per_s is None else f"{e.samples_per_s:,.0f}", _fmt(e.seconds, 1),
-             _fmt(e.valid_auc), _fmt(e.valid_log_loss), _fmt(e.test_auc), _fmt(e.test_log_loss),
+             *(_fmt(of(e, split).get(name)) for split, name in columns),
              "selected" if e.epoch == selected else ""] for e in run.epochs]
-    header = ["epoch", "samples/s", "seconds", "valid AUC", "valid log loss", "test AUC", "test log loss", ""]
+    header = ["epoch", "samples/s", "seconds", *(f"{split} {TITLES.get(name, name)}" for split, name in columns), ""]
     return _table(header, rows, ["sel" if e.epoch == selected else "" for e in run.epochs])
+
+
+def _headline(run: RunMetrics, scores: Scores) -> str:
+    """`AUC <b>0.734500</b>, log loss <b>0.543200</b>`: the primary metric first, then the task's others."""
+    return ", ".join(f"{escape(TITLES.get(name, name))} <b>{escape(_fmt(scores.get(name)))}</b>"
+                     for name in run.metrics)
 
 
 def render_html(run: RunMetrics, run_dir: Path, job: JobSpec | None) -> str:
     title = f"vfl report: {job.name if job else run_dir.name}"
-    source, auc, loss = run.final()
+    source, scores = run.final()
     resumed = f", resumed {run.resumes} time{'s' if run.resumes != 1 else ''}" if run.resumes else ""
-    baselines = [[kind, baseline_auc(run_dir, kind)] for kind in BASELINES]
+    baselines = [[kind, baseline_score(run_dir, kind, run.metric)] for kind in BASELINES]
     images = "".join(f'<img src="{name}" alt="{escape(name)}">' for name in PLOTS)
     generated = time.strftime("%Y-%m-%d %H:%M:%S")
     return f"""<!DOCTYPE html>
@@ -92,10 +106,11 @@ generated {escape(generated)}.</p>
 {_job_section(job)}
 {_data_section(job)}
 <h2>Final test</h2>
-<p class=big>AUC <b>{escape(_fmt(auc))}</b>, log loss <b>{escape(_fmt(loss))}</b>
+<p class=big>{_headline(run, scores)}
 <span class=muted>({escape(source)})</span></p>
 <h2>Baselines</h2>
-{_table(["baseline", "last test AUC"], [["vertical federated (this run)", _fmt(auc)], *baselines])}
+{_table(["baseline", f"last test {run.title}"], [["vertical federated (this run)", _fmt(run.final_score())],
+                                                *baselines])}
 <h2>Per epoch</h2>
 {_epoch_section(run)}
 <h2>Plots</h2>

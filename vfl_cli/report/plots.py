@@ -1,5 +1,5 @@
-"""The report's three PNG plots (matplotlib, drawn to files only): losses per step, AUCs per epoch with the
-selected epoch marked, train samples/s per epoch."""
+"""The report's three PNG plots (matplotlib, drawn to files only): losses per step, the run's primary metric
+(AUC, accuracy or RMSE) per epoch with the selected epoch marked, train samples/s per epoch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 from vfl_cli.report.records import RunMetrics
 
-PLOTS = ("loss.png", "auc.png", "speed.png")
+PLOTS = ("loss.png", "metric.png", "speed.png")
+LOSSES = {"auc": "log loss", "accuracy": "cross-entropy", "rmse": "MSE of the standardised label"}  # by task
 
 
 def _values(values: list[float | None]) -> list[float]:
@@ -18,8 +19,8 @@ def _values(values: list[float | None]) -> list[float]:
 
 
 def write_plots(run: RunMetrics, out: Path, title: str) -> None:
-    """loss.png, auc.png and speed.png into `out`; an empty plot says what is missing rather than being skipped,
-    so the page's images always load."""
+    """loss.png, metric.png and speed.png into `out`; an empty plot says what is missing rather than being
+    skipped, so the page's images always load."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a server
@@ -36,31 +37,33 @@ def write_plots(run: RunMetrics, out: Path, title: str) -> None:
         plt.close(fig)
 
     def loss(ax: Any) -> bool:
-        x = [s.global_step for s in run.steps]
-        ax.plot(x, _values([s.wide_loss for s in run.steps]), label="wide_loss (log loss)")
-        ax.plot(x, _values([s.deep_loss for s in run.steps]), label="deep_loss (log loss + L2)", linestyle="--")
+        x, task_loss = [s.global_step for s in run.steps], LOSSES.get(run.metric, "the task's loss")
+        ax.plot(x, _values([s.wide_loss for s in run.steps]), label=f"wide_loss ({task_loss})")
+        ax.plot(x, _values([s.deep_loss for s in run.steps]), label=f"deep_loss ({task_loss} + L2)", linestyle="--")
         ax.set_xlabel("global step")
         ax.set_ylabel("training loss")
         return _legend(ax, bool(x))
 
-    def auc(ax: Any) -> bool:
+    def metric(ax: Any) -> bool:
+        name, label = run.metric, run.title
         x = [e.epoch for e in run.epochs]
         drawn = False
-        for label, values, marker in (("validation AUC", [e.valid_auc for e in run.epochs], "o"),
-                                      ("test AUC", [e.test_auc for e in run.epochs], "s")):
+        for split, values, marker in (("validation", [e.valid.get(name) for e in run.epochs], "o"),
+                                      ("test", [e.test.get(name) for e in run.epochs], "s")):
             if any(v is not None for v in values):
-                ax.plot(x, _values(values), marker=marker, label=label)
+                ax.plot(x, _values(values), marker=marker, label=f"{split} {label}")
                 drawn = True
-        if run.final_test is not None and run.final_test.auc is not None and run.final_test.epoch is not None:
-            ax.plot([run.final_test.epoch], [run.final_test.auc], marker="*", markersize=14, linestyle="none",
-                    color="black", label="final test AUC")
+        final = run.final_test
+        if final is not None and final.scores.get(name) is not None and final.epoch is not None:
+            ax.plot([final.epoch], [final.scores[name]], marker="*", markersize=14, linestyle="none",
+                    color="black", label=f"final test {label}")
             drawn = True
         if run.selected is not None:
             ax.axvline(run.selected.epoch, color="grey", linestyle=":")
             ax.text(run.selected.epoch, 0.02, f" selected: epoch {run.selected.epoch}", color="dimgrey",
                     transform=ax.get_xaxis_transform())  # x in epochs, y in axes fractions: the line's foot
         ax.set_xlabel("epoch")
-        ax.set_ylabel("AUC")
+        ax.set_ylabel(label)
         ax.xaxis.get_major_locator().set_params(integer=True)
         return _legend(ax, drawn)
 
@@ -73,7 +76,7 @@ def write_plots(run: RunMetrics, out: Path, title: str) -> None:
         return bool(points)
 
     figure("loss.png", "training loss per step", loss)
-    figure("auc.png", "AUC per epoch", auc)
+    figure("metric.png", f"{run.title} per epoch", metric)
     figure("speed.png", "train samples/s per epoch", speed)
 
 

@@ -4,26 +4,41 @@ The file is appended to by every `vfl train` on the run dir, so it may hold seve
 within one run, records repeated by a resume (it replays steps after the last checkpoint). The report keeps
 the run of the newest start/resume record, and within it the last record per global step and per epoch.
 Unknown events and missing optional keys are ignored; a missing, empty or unparseable file is one DataError.
+
+The run's task is read from its records: their `"metric"` names the primary metric (auc, accuracy or rmse;
+absent, as in files written before tasks existed, it is auc), and the task's other metrics (`vfl_cli.task`)
+are read by name: `valid_<name>` / `test_<name>` in epoch records, `<name>` in the final_test record. Only the
+metrics some record holds are reported, so an old binary file without KS shows no empty KS column.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vfl_cli.errors import DataError
 
 BASELINES = ("central", "leader-only")
+DEFAULT_METRIC = "auc"  # records without "metric": binary runs written before tasks existed
+
+# Each task's metrics, primary first, and their titles: `vfl_cli.task.METRICS` / `TITLES` without importing torch
+# (the report needs none); tests/test_report.py checks that the two agree.
+TASK_METRICS: tuple[tuple[str, ...], ...] = (("auc", "log_loss", "ks"), ("accuracy", "macro_f1", "log_loss"),
+                                             ("rmse", "mae", "r2"))
+TITLES = {"auc": "AUC", "log_loss": "log loss", "ks": "KS", "accuracy": "accuracy", "macro_f1": "macro-F1",
+          "rmse": "RMSE", "mae": "MAE", "r2": "R²"}
+
+Scores = dict[str, float | None]  # metric name -> value; None where absent, null or not finite
 
 
 @dataclass(frozen=True)
 class StepPoint:
     global_step: int
-    wide_loss: float | None  # log loss of the batch
-    deep_loss: float | None  # log loss + the L2 term
+    wide_loss: float | None  # the task's loss on the batch
+    deep_loss: float | None  # the task's loss + the L2 term
 
 
 @dataclass(frozen=True)
@@ -31,19 +46,17 @@ class EpochRow:
     epoch: int
     samples_per_s: float | None
     seconds: float | None
-    valid_auc: float | None
-    valid_log_loss: float | None
-    test_auc: float | None
-    test_log_loss: float | None
+    valid: Scores = field(default_factory=dict)  # every metric found as valid_<name>
+    test: Scores = field(default_factory=dict)  # every metric found as test_<name>
 
 
 @dataclass(frozen=True)
 class Selected:
-    """The epoch chosen by validation AUC (a `selected` record)."""
+    """The epoch chosen by the validation score of the primary metric (a `selected` record)."""
 
     epoch: int
     step: int | None
-    valid_auc: float | None
+    valid_score: float | None
 
 
 @dataclass(frozen=True)
@@ -51,8 +64,7 @@ class FinalTest:
     """The test split scored once, at the end (a `final_test` record)."""
 
     epoch: int | None
-    auc: float | None
-    log_loss: float | None
+    scores: Scores
     rows: int | None
 
 
@@ -64,21 +76,32 @@ class RunMetrics:
     epochs: list[EpochRow]  # by epoch
     selected: Selected | None
     final_test: FinalTest | None
+    metric: str = DEFAULT_METRIC  # the primary metric: auc, accuracy or rmse
+    metrics: tuple[str, ...] = (DEFAULT_METRIC,)  # the metrics reported, primary first, in the task's order
 
-    def final(self) -> tuple[str, float | None, float | None]:
-        """(where the figures come from, test AUC, test log loss): final_test, else the selected, else the last
+    @property
+    def title(self) -> str:
+        """The primary metric's title, e.g. "AUC", "accuracy", "RMSE"."""
+        return TITLES.get(self.metric, self.metric)
+
+    def final(self) -> tuple[str, Scores]:
+        """(where the figures come from, test scores by metric): final_test, else the selected, else the last
         epoch's test figures."""
         if self.final_test is not None:
             rows = f", {self.final_test.rows:,} rows" if self.final_test.rows is not None else ""
-            return f"final test (epoch {self.final_test.epoch}{rows})", self.final_test.auc, self.final_test.log_loss
+            return f"final test (epoch {self.final_test.epoch}{rows})", self.final_test.scores
         by_epoch = {e.epoch: e for e in self.epochs}
         chosen = by_epoch.get(self.selected.epoch) if self.selected else None
         if chosen is not None:
-            return f"selected epoch {chosen.epoch}", chosen.test_auc, chosen.test_log_loss
+            return f"selected epoch {chosen.epoch}", chosen.test
         if self.epochs:
             last = self.epochs[-1]
-            return f"last epoch {last.epoch}", last.test_auc, last.test_log_loss
-        return "no epoch finished", None, None
+            return f"last epoch {last.epoch}", last.test
+        return "no epoch finished", {}
+
+    def final_score(self) -> float | None:
+        """The primary metric's final test value (see `final`), None without one."""
+        return self.final()[1].get(self.metric)
 
 
 def _number(record: dict[str, Any], key: str, where: str) -> float | None:
@@ -96,6 +119,11 @@ def _integer(record: dict[str, Any], key: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise DataError(f"{where}: {record.get('event')} record without an integer {key}")
     return value
+
+
+def _scores(record: dict[str, Any], prefix: str, where: str) -> Scores:
+    """Every known metric the record holds as `<prefix><name>` (unknown keys are ignored)."""
+    return {name: _number(record, prefix + name, where) for name in TITLES if prefix + name in record}
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -133,8 +161,32 @@ def _newest_run(records: list[dict[str, Any]]) -> tuple[str | None, list[dict[st
     return current, [record for run_id, record in tagged if run_id == current]
 
 
+def _primary(records: list[dict[str, Any]], source: Path) -> str:
+    """The run's primary metric: the "metric" of its last record naming one (absent: auc)."""
+    named = [(r["_line"], r["metric"]) for r in records if "metric" in r]
+    if not named:
+        return DEFAULT_METRIC
+    line, metric = named[-1]
+    if not isinstance(metric, str) or metric not in TITLES:
+        raise DataError(f"{source}:{line}: metric is {metric!r}, expected one of {', '.join(TITLES)}")
+    return metric
+
+
+def task_metrics(primary: str) -> tuple[str, ...]:
+    """Every metric of the task whose primary metric is `primary`, primary first."""
+    return next((names for names in TASK_METRICS if names[0] == primary), (primary,))
+
+
+def _reported(metric: str, epochs: list[EpochRow], final: FinalTest | None) -> tuple[str, ...]:
+    """The primary metric, then the task's other metrics that some record holds, in the task's order."""
+    task = task_metrics(metric)
+    found = {name for e in epochs for name in (*e.valid, *e.test)} | set(final.scores if final else ())
+    return (metric, *(name for name in task[1:] if name in found))
+
+
 def parse_run(records: list[dict[str, Any]], source: Path) -> RunMetrics:
     run_id, mine = _newest_run(records)
+    metric = _primary(mine, source)
     steps: dict[int, StepPoint] = {}
     epochs: dict[int, EpochRow] = {}
     selected, final_test, resumes = None, None, 0
@@ -147,31 +199,29 @@ def parse_run(records: list[dict[str, Any]], source: Path) -> RunMetrics:
             steps[step] = StepPoint(step, _number(r, "wide_loss", where), _number(r, "deep_loss", where))
         elif event == "epoch":
             epoch = _integer(r, "epoch", where)
-            epochs[epoch] = EpochRow(
-                epoch, _number(r, "train_samples_per_s", where), _number(r, "seconds", where),
-                _number(r, "valid_auc", where), _number(r, "valid_log_loss", where),
-                _number(r, "test_auc", where), _number(r, "test_log_loss", where),
-            )
+            epochs[epoch] = EpochRow(epoch, _number(r, "train_samples_per_s", where), _number(r, "seconds", where),
+                                     _scores(r, "valid_", where), _scores(r, "test_", where))
         elif event == "selected":
             step_value = r.get("step")
             selected = Selected(_integer(r, "epoch", where), step_value if isinstance(step_value, int) else None,
-                                _number(r, "valid_auc", where))
+                                _number(r, f"valid_{metric}", where))
         elif event == "final_test":
             epoch_value, rows = r.get("epoch"), r.get("rows")
-            final_test = FinalTest(epoch_value if isinstance(epoch_value, int) else None, _number(r, "auc", where),
-                                   _number(r, "log_loss", where), rows if isinstance(rows, int) else None)
+            final_test = FinalTest(epoch_value if isinstance(epoch_value, int) else None, _scores(r, "", where),
+                                   rows if isinstance(rows, int) else None)
     if not steps and not epochs:
         raise DataError(f"{source}: no step or epoch records yet; nothing to report")
-    return RunMetrics(run_id, resumes, [steps[k] for k in sorted(steps)], [epochs[k] for k in sorted(epochs)],
-                      selected, final_test)
+    by_epoch = [epochs[k] for k in sorted(epochs)]
+    return RunMetrics(run_id, resumes, [steps[k] for k in sorted(steps)], by_epoch, selected, final_test, metric,
+                      _reported(metric, by_epoch, final_test))
 
 
 def read_run(path: Path) -> RunMetrics:
     return parse_run(read_records(path), path)
 
 
-def baseline_auc(run_dir: Path, kind: str) -> str:
-    """A baseline's test AUC (its final test with validation, else its last epoch's), or why there is none."""
+def baseline_score(run_dir: Path, kind: str, metric: str = DEFAULT_METRIC) -> str:
+    """A baseline's test `metric` (its final test with validation, else its last epoch's), or why there is none."""
     path = run_dir / kind / "metrics.jsonl"
     if not path.exists():
         return "not run"
@@ -179,7 +229,14 @@ def baseline_auc(run_dir: Path, kind: str) -> str:
         run = read_run(path)
     except DataError:
         return "not run"  # an empty or stepless file: started, never finished an epoch
-    if run.final_test is not None and run.final_test.auc is not None:
-        return f"{run.final_test.auc:.6f}"
-    aucs = [e.test_auc for e in run.epochs if e.test_auc is not None]
-    return f"{aucs[-1]:.6f}" if aucs else "not run"
+    if run.metric != metric:
+        return f"scored by {run.title}"  # a baseline of another task, left from an earlier job in this run dir
+    if run.final_test is not None and run.final_test.scores.get(metric) is not None:
+        return f"{run.final_test.scores[metric]:.6f}"
+    values = [value for e in run.epochs if (value := e.test.get(metric)) is not None]
+    return f"{values[-1]:.6f}" if values else "not run"
+
+
+def baseline_auc(run_dir: Path, kind: str) -> str:
+    """A binary baseline's test AUC (`baseline_score` of auc), kept for callers that name AUC."""
+    return baseline_score(run_dir, kind, "auc")
