@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= jobs/smoke.yaml
 
-.PHONY: install test test-all lint demo smoke-test soak audit precision-auc bench bench-prep bench-train bench-psi sample-auc clean
+.PHONY: install test test-all lint demo smoke-test soak audit precision-auc bench bench-prep bench-train bench-psi bench-quality sample-auc clean
 
 install: $(STAMP)
 
@@ -59,6 +59,11 @@ bench-prep: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python -m benchmarks.train
+
+# Not in CI: vfl on FATE's own vertically split tables (../shared/data/fate), 5 seeds of a stratified 80/20 split,
+# from `vfl init` to `vfl infer` on the held-out rows, against central, leader-only and scikit-learn (docs/quality.md).
+bench-quality: $(STAMP)
+	$(BIN)/python -m benchmarks.quality
 
 # Not in CI (~1 min): test AUC with train.precision bf16 against fp32 on the demo job and on the real sample;
 # fails if they differ by more than 0.002. Prepares both jobs' data first if needed.

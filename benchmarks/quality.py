@@ -79,17 +79,24 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
         writer.writerows(rows)
 
 
-def split_files(name: str, seed: int, work: Path) -> dict[str, float]:
-    """Write leader/follower train and held-out CSVs; return the held-out labels by customer id."""
+def split_files(name: str, seed: int, work: Path, label_only: bool = False) -> dict[str, float]:
+    """Write leader/follower train and held-out CSVs; return the held-out labels by customer id. With
+    `label_only` the leader keeps only id and label, and the follower holds every feature column of both files."""
     from sklearn.model_selection import train_test_split
 
     guest_header, guest = read_csv(FATE / f"{name}_hetero_guest.csv")
     host_header, host = read_csv(FATE / f"{name}_hetero_host.csv")
     label = guest_header.index("y")
+    by_id = {row[0]: row for row in host}
+    if label_only:
+        host = [[g[0], *(c for i, c in enumerate(g) if i not in (0, label)), *by_id[g[0]][1:]] for g in guest]
+        host_header = ["id", *(f"guest_{c}" for i, c in enumerate(guest_header) if i not in (0, label)),
+                       *(f"host_{c}" for c in host_header[1:])]
+        guest, guest_header, label = [[g[0], g[label]] for g in guest], ["id", "y"], 1
+        by_id = {row[0]: row for row in host}
     labels = [row[label] for row in guest]
     stratify = labels if SETS[name] != "regression" else None
     train, test = train_test_split(np.arange(len(guest)), test_size=0.2, random_state=seed, stratify=stratify)
-    by_id = {row[0]: row for row in host}
     without_label = [c for i, c in enumerate(guest_header) if i != label]
     for part, rows in (("train", train), ("test", test)):
         leader_rows = [guest[i] for i in rows]
@@ -100,10 +107,10 @@ def split_files(name: str, seed: int, work: Path) -> dict[str, float]:
     return {guest[i][0]: float(guest[i][label]) for i in test}
 
 
-def prepare(name: str, seed: int, root: Path) -> tuple[Paths, dict[str, float]]:
-    work = root / name / f"seed{seed}"
+def prepare(name: str, seed: int, root: Path, label_only: bool = False) -> tuple[Paths, dict[str, float]]:
+    work = root / (f"{name}-label-only" if label_only else name) / f"seed{seed}"
     work.mkdir(parents=True, exist_ok=True)
-    truth = split_files(name, seed, work)
+    truth = split_files(name, seed, work, label_only)
     paths = Paths(work, work / "job.yaml")
     vfl(paths, "init", "--leader", "leader_train.csv", "--follower", "follower_train.csv", "--id", "id",
         "--label", "y", "--name", f"{name}-s{seed}", "--out", "job.yaml", "--force")
@@ -218,18 +225,22 @@ def over_mtls(paths: Paths, name: str, local: Path) -> float:
     return max(abs(a - b) for key in theirs for a, b in zip(mine[key], theirs[key], strict=True))
 
 
-def run_one(name: str, seed: int, root: Path) -> dict[str, float]:
+def run_one(name: str, seed: int, root: Path, label_only: bool = False) -> dict[str, float]:
+    """Every row of the table for one data set and seed (with `label_only`: the split and central rows of a
+    label-only leader, the follower holding all the features)."""
     task = SETS[name]
-    paths, truth = prepare(name, seed, root)
+    paths, truth = prepare(name, seed, root, label_only)
     job_name = f"{name}-s{seed}"
     found: dict[str, float] = {}
     vfl(paths, "train", "--job", "job.yaml", "--role", "local")
     new = held_out(paths, job_name)
     vfl(paths, "infer", "--job", "job.yaml", "--role", "local", "--data", "new", "--split", "all", "--out", "local.csv")
     found["split (local)"] = score(task, truth, read_predictions(paths.work / "local.csv"))
-    for kind, row in (("central", "central"), ("leader-only", "leader-only")):
+    for kind in ("central",) if label_only else ("central", "leader-only"):
         vfl(paths, "train", "--job", "job.yaml", "--role", kind)
-        found[row] = score(task, truth, baseline_predictions(paths, job_name, kind, new))
+        found[kind] = score(task, truth, baseline_predictions(paths, job_name, kind, new))
+    if label_only:
+        return found
     found["sklearn linear, pooled"], found["sklearn boosting, pooled"] = sklearn_scores(name, seed)
     if seed == 0:
         found["mtls max |diff|"] = over_mtls(paths, job_name, paths.work / "local.csv")
@@ -252,11 +263,24 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
                                f"mutual TLS, largest |prediction - local's|: {', '.join(diffs)}\n")
 
 
+def label_only_table(results: dict[str, list[dict[str, float]]]) -> str:
+    """A label-only leader (no feature columns; the follower holds them all) against central, per data set."""
+    lines = ["", "Label-only leader (the follower holds every feature column):", "",
+             "| data set | split (local) | central | split - central |", "| --- | --- | --- | --- |"]
+    for name, runs in results.items():
+        split, central = (np.array([r[k] for r in runs]) for k in ("split (local)", "central"))
+        lines.append(f"| {name} | {split.mean():.4f} ± {split.std():.4f} | {central.mean():.4f} ± {central.std():.4f}"
+                     f" | {(split - central).mean():+.4f} |")
+    return "\n".join(lines) + "\n" if results else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated data set names")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quality")
+    parser.add_argument("--label-only", default="default_credit",
+                        help="data sets also run with a label-only leader (comma-separated; '' for none)")
     args = parser.parse_args()
     if not FATE.is_dir():
         raise SystemExit(f"{FATE}: not found (the FATE tables come with the project's shared data)")
@@ -268,7 +292,10 @@ def main() -> None:
             results[name].append(run_one(name, seed, args.work.resolve()))
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name][-1].items())
                   + f"  ({time.perf_counter() - started:.0f} s)", flush=True)
-    text = table(results)
+    label_only: dict[str, list[dict[str, float]]] = {}
+    for name in filter(None, args.label_only.split(",")):
+        label_only[name] = [run_one(name, seed, args.work.resolve(), True) for seed in range(args.seeds)]
+    text = table(results) + label_only_table(label_only)
     print(text)
     (args.work / "quality.md").write_text(text)
 

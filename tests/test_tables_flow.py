@@ -1,0 +1,119 @@
+"""A user's own tables end to end, one flow per task, on FATE's small vertically split sets (../shared/data/fate):
+`vfl init` -> `vfl certs` -> `vfl prep table` per party -> `vfl psi` -> `vfl train` as two processes over mutual
+TLS -> `vfl eval` -> `vfl infer` on customers held back from training (prepared with the trained encoding)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+FATE = REPO.parent / "shared" / "data" / "fate"
+VFL = [sys.executable, "-m", "vfl_cli.app"]
+HELD_BACK = 40  # customers kept out of training, scored at the end as new ones
+
+pytestmark = pytest.mark.skipif(not FATE.is_dir(), reason=f"{FATE} not present (the project's shared data)")
+
+
+def vfl(work: Path, *args: str) -> str:
+    done = subprocess.run([*VFL, *args], cwd=work, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, f"vfl {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "VFL_NO_PROGRESS": "1"}
+
+
+def two_processes(work: Path, *args: str, leader: tuple[str, ...] = ()) -> str:
+    """`vfl <args>` as leader and follower processes over mutual TLS; the leader's stdout."""
+    procs = {role: subprocess.Popen([*VFL, *args, "--role", role, *(leader if role == "leader" else ())], cwd=work,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+             for role in ("follower", "leader")}
+    outputs = {}
+    for role, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, f"{role} {' '.join(args)}:\n{out}\n{err}"
+        outputs[role] = out
+    return outputs["leader"]
+
+
+def split_off(source: Path, train: Path, new: Path, drop: str | None = None) -> list[str]:
+    """All but the last HELD_BACK rows to `train`, those to `new` (without column `drop`); their ids."""
+    with source.open(newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    keep = [i for i, name in enumerate(header) if name != drop]
+    for path, part in ((train, rows[:-HELD_BACK]), (new, [[r[i] for i in keep] for r in rows[-HELD_BACK:]])):
+        with path.open("w", newline="") as handle:
+            csv.writer(handle).writerows([header if path == train else [header[i] for i in keep], *part])
+    return [r[0] for r in rows[-HELD_BACK:]]
+
+
+def flow(tmp_path: Path, name: str) -> tuple[str, list[str], list[list[str]], str]:
+    """Run the whole flow; (train's stdout at the leader, the held-back ids, the predictions CSV, eval's stdout)."""
+    held = split_off(FATE / f"{name}_hetero_guest.csv", tmp_path / "leader.csv", tmp_path / "leader_new.csv", "y")
+    split_off(FATE / f"{name}_hetero_host.csv", tmp_path / "follower.csv", tmp_path / "follower_new.csv")
+    vfl(tmp_path, "init", "--leader", "leader.csv", "--follower", "follower.csv", "--id", "id", "--label", "y",
+        "--name", name, "--out", "job.yaml")
+    vfl(tmp_path, "certs", "--job", "job.yaml")
+    for role in ("leader", "follower"):
+        vfl(tmp_path, "prep", "table", "--job", "job.yaml", "--role", role, "--input", f"{role}.csv")
+    vfl(tmp_path, "psi", "--job", "job.yaml", "--role", "local")
+    trained = two_processes(tmp_path, "train", "--job", "job.yaml")
+    evaluated = vfl(tmp_path, "eval", "--job", "job.yaml", "--role", "local")
+    for role in ("leader", "follower"):
+        vfl(tmp_path, "prep", "table", "--job", "job.yaml", "--role", role, "--input", f"{role}_new.csv",
+            "--vocab-from", f"runs/{name}/data/{role}", "--out", f"new-tables/{role}")
+    vfl(tmp_path, "psi", "--job", "job.yaml", "--role", "local", "--table", "new-tables", "--out", "new")
+    two_processes(tmp_path, "infer", "--job", "job.yaml", "--data", "new", "--split", "all",
+                  leader=("--out", "predictions.csv"))
+    with (tmp_path / "predictions.csv").open(newline="") as handle:
+        predictions = list(csv.reader(handle))
+    return trained, held, predictions, evaluated
+
+
+def metric(stdout: str, title: str) -> float:
+    found = re.search(rf"test: {re.escape(title)} (-?\d+\.\d+)", stdout)
+    assert found, stdout
+    return float(found.group(1))
+
+
+def test_binary_breast(tmp_path: Path) -> None:
+    trained, held, predictions, evaluated = flow(tmp_path, "breast")
+    assert metric(trained, "AUC") > 0.97  # scikit-learn's pooled logistic regression: 0.9975 ± 0.0018
+    assert re.search(r"KS \d\.\d+", trained) and metric(evaluated, "AUC") == metric(trained, "AUC")
+    assert predictions[0] == ["id", "probability"]
+    assert sorted(row[0] for row in predictions[1:]) == sorted(held)
+    assert all(0.0 <= float(row[1]) <= 1.0 for row in predictions[1:])
+
+
+def test_multiclass_vehicle_scale(tmp_path: Path) -> None:
+    trained, held, predictions, _ = flow(tmp_path, "vehicle_scale")
+    assert metric(trained, "accuracy") > 0.6  # scikit-learn, pooled: 0.7459; the largest class's share: 0.26
+    assert "macro-F1" in trained
+    assert predictions[0] == ["id", "p_0", "p_1", "p_2", "p_3"]
+    assert sorted(row[0] for row in predictions[1:]) == sorted(held)
+    for row in predictions[1:]:
+        assert sum(float(p) for p in row[1:]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_regression_student(tmp_path: Path) -> None:
+    trained, held, predictions, _ = flow(tmp_path, "student")
+    assert metric(trained, "RMSE") < 4.6  # predicting the training mean: ~4.6 (grades 0..20)
+    assert "R²" in trained and "MAE" in trained
+    assert predictions[0] == ["id", "value"]
+    values = [float(row[1]) for row in predictions[1:]]
+    assert sorted(row[0] for row in predictions[1:]) == sorted(held)
+    assert 0.0 < sum(values) / len(values) < 20.0  # in the label's own units, not standardised ones
