@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from data_prep.schema import CRITEO_NUMERIC as DENSE_FIELDS
+from data_prep.schema import PartySchema
 from data_prep.store import PartyMeta, write_meta, write_split
 from vfl_cli.job import JobSpec, load_job
 
@@ -96,16 +96,17 @@ def zipf_ids(rng: np.random.Generator, rows: int, size: int) -> np.ndarray:
 
 
 def party_columns(
-    rng: np.random.Generator, fields: tuple[str, ...], rows: int
+    rng: np.random.Generator, schema: PartySchema, rows: int
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """ids int32 [rows, F] (each field in its own id slice), vals float32 [rows, F], field offsets."""
+    fields = schema.fields
     width = VOCAB_PER_PARTY // len(fields)
     offsets = {name: i * width for i, name in enumerate(fields)}
     ids = np.empty((rows, len(fields)), dtype=np.int32)
     vals = np.ones((rows, len(fields)), dtype=np.float32)
     for column, name in enumerate(fields):
         ids[:, column] = offsets[name] + zipf_ids(rng, rows, width)
-        if name in DENSE_FIELDS:
+        if schema.kinds[name] == "numeric":
             vals[:, column] = rng.random(rows, dtype=np.float32)
     return ids, vals, offsets
 
@@ -121,7 +122,7 @@ def write_data(job: JobSpec, train_rows: int, seed: int = 0) -> None:
     """Both parties' prepared data, aligned (same sample ids, same order), in the job's data.dir."""
     rng = np.random.default_rng(seed)
     rows = train_rows + TEST_ROWS
-    columns = {role: party_columns(rng, job.party(role).fields, rows) for role in ROLES}
+    columns = {role: party_columns(rng, job.schema(role), rows) for role in ROLES}
     labels = planted_labels(rng, columns["leader"][0], columns["follower"][0])
     sample_ids = np.arange(rows, dtype=np.int64)
     for role in ROLES:
@@ -137,7 +138,8 @@ def write_data(job: JobSpec, train_rows: int, seed: int = 0) -> None:
         meta = PartyMeta(
             role=role, fields=job.party(role).fields, has_labels=role == "leader", vocab_size=VOCAB_PER_PARTY,
             field_offsets=offsets, threshold=job.data.threshold, source="benchmarks.train synthetic",
-            splits=splits,
+            splits=splits, kinds=tuple(kind for _, kind in job.schema(role).columns),
+            task=job.schema(role).task,
         )
         write_meta(job.data.dir / role, meta)
 

@@ -2,7 +2,8 @@
 
     <data.dir>/<role>/{train,test}/   the store format (see store.py), plus customer_ids.npy per split
                                       (one split `all` instead, for new customers to score)
-    <data.dir>/<role>/meta.json       PartyMeta with `psi`: {"size", "digest", "my_size", "peer_size"}
+    <data.dir>/<role>/meta.json       PartyMeta with `psi`: {"size", "digest", "my_size", "peer_size"}, and
+                                      the table's kinds, task and classes
     <data.dir>/<role>/vocab.json, dense_max.json   copied from the table (what encoded it)
 
 Both parties hold their rows in one agreed order (by customer id), so position p means the same customer on both
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.criteo import in_test_split
+from data_prep.splits import in_test_split
 from data_prep.store import PartyMeta, SplitMeta, SplitWriter, TableData, publish, staging_dir, write_meta
 
 CHUNK_ROWS = 65_536  # rows gathered from the memory-mapped table at a time
@@ -59,6 +60,7 @@ def write_aligned(
         aligned = PartyMeta(
             role=meta.role, fields=meta.fields, has_labels=meta.has_labels, vocab_size=meta.vocab_size,
             field_offsets=meta.field_offsets, threshold=meta.threshold, source=meta.source, splits=splits, psi=psi,
+            kinds=meta.kinds, task=meta.task, classes=meta.classes,
         )
         write_meta(staging, aligned)
         publish(staging, data_dir / meta.role)

@@ -1,8 +1,9 @@
 """Reading raw Criteo text: plain or gzip lines -> Arrow record batches of the requested columns.
 
-Parsing runs in a background thread (Arrow releases the GIL), so on two cores reading overlaps with the
-caller's counting or encoding. A parse error is located by re-reading the lines, so the message names the
-file and line.
+The layout of a line is fixed (label, I1..I13, C1..C26, tab separated); each requested column is read as
+its kind in the schema says: numeric as float64, categorical as text. Parsing runs in a background thread
+(Arrow releases the GIL), so on two cores reading overlaps with the caller's counting or encoding. A parse
+error is located by re-reading the lines, so the message names the file and line.
 """
 
 from __future__ import annotations
@@ -22,20 +23,19 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
 from data_prep.errors import DataError
-from data_prep.schema import CRITEO_FIELDS as ALL_FIELDS
-from data_prep.schema import CRITEO_NUMERIC as DENSE_FIELDS
+from data_prep.schema import CRITEO_FIELDS, Kind
 
-LABEL = "label"
-COLUMNS = (LABEL, *ALL_FIELDS)  # the layout of a raw line
+LABEL = "\x00label"  # the label column's name inside batches; cannot clash with a column of a table
+COLUMNS = ("label", *CRITEO_FIELDS)  # the layout of a raw line
 BLOCK_SIZE = 1 << 20  # bytes per parsed block (~4k Criteo rows); the reader holds ~40 MB at this size
 ProgressFn = Callable[[str, int, int], None]  # (phase, rows done, rows total or an estimate from bytes read)
 
 
 class BatchSource(Protocol):
-    """What the counting and encoding passes read: `BatchReader` here, `data_prep.table.TableReader`."""
+    """What the counting and encoding passes read: `BatchReader` here, the table sources (`data_prep.source`)."""
 
     path: Path
-    with_label: bool  # batches carry a 0/1 LABEL column
+    with_label: bool  # batches carry a LABEL column
 
     def batches(self, phase: str, total_rows: int | None = None) -> Iterator[tuple[int, pa.RecordBatch]]: ...
 
@@ -50,7 +50,7 @@ class BatchReader:
     def __init__(
         self,
         path: Path,
-        fields: Sequence[str],
+        columns: Sequence[tuple[str, Kind]],
         with_label: bool,
         on_progress: ProgressFn | None = None,
         block_size: int = BLOCK_SIZE,
@@ -59,13 +59,17 @@ class BatchReader:
             raise DataError(f"{path}: input file not found")
         self.path = path
         self.with_label = with_label
-        self.columns = ([LABEL] if with_label else []) + list(fields)
-        self.dense = [f for f in fields if f in DENSE_FIELDS]
+        unknown = [name for name, _ in columns if name not in CRITEO_FIELDS]
+        if unknown:
+            raise DataError(f"{path}: Criteo text has no column(s) {', '.join(unknown)} (label, I1..I13 and "
+                            "C1..C26 only); a table with a header row is `vfl prep table`'s")
+        self.columns = ([LABEL] if with_label else []) + [name for name, _ in columns]
+        self.dense = [name for name, kind in columns if kind == "numeric"]
         self.on_progress = on_progress
         self.block_size = block_size
         self.gzipped = is_gzip(path)
         categorical = pa.dictionary(pa.int32(), pa.string())
-        types = {f: pa.float64() if f in DENSE_FIELDS else categorical for f in fields}
+        types = {name: pa.float64() if kind == "numeric" else categorical for name, kind in columns}
         self.convert = pa_csv.ConvertOptions(
             column_types={LABEL: pa.int8(), **types},
             include_columns=self.columns,
@@ -77,7 +81,7 @@ class BatchReader:
         """Yield (row number of the batch's first line, batch) through the whole file."""
         yield from csv_batches(
             self.path,
-            pa_csv.ReadOptions(column_names=list(COLUMNS), block_size=self.block_size, use_threads=False),
+            pa_csv.ReadOptions(column_names=[LABEL, *CRITEO_FIELDS], block_size=self.block_size, use_threads=False),
             pa_csv.ParseOptions(delimiter="\t", quote_char=False, ignore_empty_lines=False),
             self.convert,
             check=self._check,
@@ -125,7 +129,7 @@ class BatchReader:
                 if self.with_label and parts[0] not in ("0", "1"):
                     return f"{where}: label must be 0 or 1, found {parts[0]!r}"
                 for index, field in wanted.items():
-                    if parts[index] and not _is_number(parts[index]):
+                    if parts[index] and not is_number(parts[index]):
                         return f"{where}: {field} must be a number, found {parts[index]!r}"
         return None
 
@@ -225,7 +229,7 @@ def dictionary_indices(column: pa.DictionaryArray) -> np.ndarray:
     return indices.to_numpy()
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:

@@ -1,11 +1,11 @@
 """Simulate two organisations from one Kaggle-format Criteo file (`vfl prep split`).
 
-Writes the leader's table (id column, label column, the leader's fields) and the follower's (id column, the
-follower's fields) as TSV with a header row, the inputs `vfl prep table` reads. Column names come from the
-job: `parties.<role>.id_column`, `parties.leader.label_column`, the fields by name.
+Writes the leader's table (id column, label column, the leader's columns) and the follower's (id column, the
+follower's columns) as TSV with a header row, the inputs `vfl prep table` reads. Column names come from each
+party's schema: its id column, the leader's label column, the columns by name (Criteo's I1..I13, C1..C26).
 
 Who is in which table: source row r (0-based line) draws u = u(seed', r), the splitmix64 uniform of
-`data_prep.criteo.split_uniform` under a seed derived from `seed`, and is
+`data_prep.splits.split_uniform` under a seed derived from `seed`, and is
     in both tables            if u < overlap
     in the leader's only      if overlap <= u < overlap + (1 - overlap) / 2
     in the follower's only    otherwise.
@@ -17,7 +17,7 @@ Customer id of row r: "c" + 12 hex digits of a 4-round Feistel permutation of th
 `seed`: unique for every row (a permutation cannot collide), stable for a given seed, and without the key
 the order of ids says nothing about the order of rows.
 
-Values are written as the source has them: dense integers as integers (`260`), strings as they were, a
+Values are written as the source has them: numeric integers as integers (`260`), strings as they were, a
 missing value as an empty cell. Memory: this is a simulation tool and holds the selected columns of the
 whole input in memory (Arrow, about the size of the raw text's used columns; fine for a few million rows,
 not for the 45M-row Kaggle file), plus one output chunk at a time.
@@ -26,6 +26,7 @@ not for the 45M-row Kaggle file), plus one output chunk at a time.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +34,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from data_prep.criteo import split_uniform
 from data_prep.errors import DataError
 from data_prep.reader import BLOCK_SIZE, LABEL, BatchReader, ProgressFn
-from vfl_cli.job import ROLES, JobSpec, Role
+from data_prep.schema import ROLES, PartySchema
+from data_prep.splits import split_uniform
 
 WRITE_CHUNK = 100_000  # rows per output chunk
 _MEMBERSHIP_SALT = 0x5EED_0F_0B1A5  # derives the membership seed from `seed`, apart from the test split's
@@ -79,22 +80,26 @@ class SplitResult:
 
 def split_parties(
     path: Path,
-    job: JobSpec,
+    schemas: Sequence[PartySchema],
     overlap: float,
     seed: int,
     out: Path,
     on_progress: ProgressFn | None = None,
     block_size: int = BLOCK_SIZE,
 ) -> SplitResult:
-    """Write `<out>/leader.tsv` and `<out>/follower.tsv` from the Kaggle-format file at `path`."""
+    """Write `<out>/leader.tsv` and `<out>/follower.tsv` from the Kaggle-format file at `path`, the columns of
+    the leader's and the follower's schema (one of each in `schemas`)."""
     if not 0.0 <= overlap <= 1.0:
         raise DataError(f"--overlap must be between 0 and 1, got {overlap}")
-    fields = [f for role in ROLES for f in job.party(role).fields]
-    reader = BatchReader(path, fields, True, on_progress, block_size)
+    by_role = {schema.role: schema for schema in schemas}
+    if sorted(by_role) != sorted(ROLES) or len(schemas) != len(ROLES):
+        raise ValueError("split_parties needs the leader's schema and the follower's")
+    columns = {name: kind for role in ROLES for name, kind in by_role[role].columns}  # each raw column read once
+    reader = BatchReader(path, list(columns.items()), True, on_progress, block_size)
     pieces = []
     for _, batch in reader.batches("read"):
-        columns = [c.dictionary_decode() if isinstance(c, pa.DictionaryArray) else c for c in batch.columns]
-        pieces.append(pa.RecordBatch.from_arrays(columns, names=batch.schema.names))
+        decoded = [c.dictionary_decode() if isinstance(c, pa.DictionaryArray) else c for c in batch.columns]
+        pieces.append(pa.RecordBatch.from_arrays(decoded, names=batch.schema.names))
     if not pieces or sum(p.num_rows for p in pieces) == 0:
         raise DataError(f"{path}: empty input, no rows")
     source = pa.Table.from_batches(pieces).combine_chunks()
@@ -107,7 +112,7 @@ def split_parties(
         for role, member in zip(ROLES, (in_leader, in_follower), strict=True):
             order = rng.permutation(np.flatnonzero(member))
             target = out / f"{role}.tsv"
-            _write_table(source, role, job, order, seed, target)
+            _write_table(source, by_role[role], order, seed, target)
             written[role] = (target, len(order))
             if on_progress is not None:
                 on_progress(f"write {role}", len(order), len(order))
@@ -116,11 +121,11 @@ def split_parties(
     return SplitResult(source_rows=rows, shared=int((in_leader & in_follower).sum()), tables=written)
 
 
-def _write_table(source: pa.Table, role: Role, job: JobSpec, order: np.ndarray, seed: int, target: Path) -> None:
+def _write_table(source: pa.Table, party: PartySchema, order: np.ndarray, seed: int, target: Path) -> None:
     """One party's TSV, rows in `order`, written to a temporary name and renamed when complete."""
-    party = job.party(role)
-    names = [party.id_column] + ([party.label_column] if role == "leader" else []) + list(party.fields)
-    columns = ([LABEL] if role == "leader" else []) + list(party.fields)
+    label = [party.label.column] if party.label is not None else []
+    names = [party.id_column, *label, *party.fields]
+    columns = ([LABEL] if label else []) + list(party.fields)
     # Arrow writes a float64 260.0 as "260" and 1.5 as "1.5": integers stay integers, as in the source.
     schema = pa.schema(
         [pa.field(party.id_column, pa.string())]

@@ -3,11 +3,19 @@
     <data.dir>/<role>/meta.json              PartyMeta as JSON
     <data.dir>/<role>/<split>/ids.npy         int32   [N, F]  embedding ids, one column per field
     <data.dir>/<role>/<split>/vals.npy        float32 [N, F]  value multiplying each id's embedding
-    <data.dir>/<role>/<split>/labels.npy      float32 [N]     0/1 click labels, leader only
+    <data.dir>/<role>/<split>/labels.npy      float32 [N]     the label party's labels, by meta.task: 0/1
+                                                              (binary), the index into meta.classes
+                                                              (multiclass), the value (regression)
     <data.dir>/<role>/<split>/sample_ids.npy  int64   [N]     row number in the raw input (the join key)
     <data.dir>/<role>/vocab.json              categorical field -> its frequent raw values in id order
-    <data.dir>/<role>/dense_max.json          dense field -> the divisor of its values (column max), and
-                                              "scaling": "log" when values were log1p-scaled (absent = max)
+    <data.dir>/<role>/dense_max.json          numeric field -> what was fitted to scale it: its divisor
+                                              (max, log; "scaling": "log" for log, absent = max) or, for
+                                              standard, {"scaling": "standard", "columns": {field: {"mean",
+                                              "std"}}} (`data_prep.scaling` has the layouts)
+
+F may be 0 (a label party with no feature columns): ids and vals are then [N, 0].
+
+meta.json (`data_prep.meta`) says each field's kind, and for the label party its task and classes.
 
 The two JSON files are what `vfl prep` used to encode; a later step needs them to encode new rows the
 same way. The reader below does not need them.
@@ -15,7 +23,8 @@ same way. The reader below does not need them.
 `vfl prep table` writes one party's own table (keyed by customer id, before any alignment) as a single
 unsplit block in the same array format, `<data.dir>/tables/<role>/` (or `--out`):
 
-    table/meta.json          TableMeta as JSON (role, fields, rows, id_column, id_width, checksums, ...)
+    table/meta.json          TableMeta as JSON (role, fields, kinds, task, classes, rows, id_column,
+                             id_width, checksums, ...)
     table/ids.npy            int32   [N, F]  as above, rows in the party's file order
     table/vals.npy           float32 [N, F]
     table/labels.npy         float32 [N]     leader only (absent when scoring new rows without labels)
@@ -32,12 +41,11 @@ they are loaded with allow_pickle=False. `split` is `train` or `test`.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,54 +53,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from data_prep.errors import DataError
+from data_prep.meta import FORMAT_VERSION, PartyMeta, SplitMeta, TableMeta
 
-FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 ARRAY_FILES = ("ids.npy", "vals.npy", "labels.npy", "sample_ids.npy")
-
-
-@dataclass(frozen=True)
-class SplitMeta:
-    rows: int
-    sha256: dict[str, str]  # file name -> hex digest of the file's bytes
-    sample_ids_digest: str  # sha256 of the sample_ids array's raw bytes: the data fingerprint
-
-
-@dataclass(frozen=True)
-class PartyMeta:
-    role: str  # "leader" or "follower"
-    fields: tuple[str, ...]  # column order of ids/vals
-    has_labels: bool
-    vocab_size: int  # ids are in [0, vocab_size)
-    field_offsets: dict[str, int]  # first id of each field's id range
-    threshold: int
-    source: str  # the raw input's file name
-    splits: dict[str, SplitMeta]
-    format: int = FORMAT_VERSION
-    psi: dict[str, Any] | None = None  # after `vfl psi`: {"size", "digest", "my_size", "peer_size"}
-
-    def to_json(self) -> str:
-        body: dict[str, Any] = {
-            "format": self.format,
-            "role": self.role,
-            "fields": list(self.fields),
-            "has_labels": self.has_labels,
-            "vocab_size": self.vocab_size,
-            "field_offsets": self.field_offsets,
-            "threshold": self.threshold,
-            "source": self.source,
-            "splits": {name: vars(split) for name, split in self.splits.items()},
-        }
-        if self.psi is not None:
-            body["psi"] = self.psi
-        return json.dumps(body, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> PartyMeta:
-        raw = json.loads(text)
-        splits = {name: SplitMeta(**split) for name, split in raw.pop("splits").items()}
-        raw["fields"] = tuple(raw["fields"])
-        return cls(splits=splits, **raw)
 
 
 @dataclass(frozen=True)
@@ -206,37 +170,6 @@ def open_party(data_dir: Path, role: str) -> PartyData:
 # --- one party's own table (`vfl prep table`), before alignment -------------------------------------------
 
 TABLE_FILES = ("ids.npy", "vals.npy", "labels.npy", "sample_ids.npy", "customer_ids.npy")
-
-
-@dataclass(frozen=True)
-class TableMeta:
-    role: str  # "leader" or "follower"
-    fields: tuple[str, ...]  # column order of ids/vals
-    has_labels: bool  # labels.npy present
-    vocab_size: int  # ids are in [0, vocab_size)
-    field_offsets: dict[str, int]  # first id of each field's id range
-    threshold: int  # of the vocabulary used (the vocab_from directory's when set)
-    source: str  # the input table's file name
-    rows: int
-    id_column: str  # the input's customer id column
-    id_width: int  # w of customer_ids.npy's dtype S<w>
-    sha256: dict[str, str]  # file name -> hex digest of the file's bytes
-    sample_ids_digest: str  # sha256 of the sample_ids array's raw bytes
-    customer_ids_digest: str  # sha256 of the customer_ids array's raw bytes
-    vocab_from: str | None = None  # directory whose vocab.json/dense_max.json encoded it; None = fitted here
-    kind: str = "table"
-    format: int = FORMAT_VERSION
-
-    def to_json(self) -> str:
-        body = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        body["fields"] = list(self.fields)
-        return json.dumps(body, indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> TableMeta:
-        raw = json.loads(text)
-        raw["fields"] = tuple(raw["fields"])
-        return cls(**raw)
 
 
 class TableData:
@@ -373,6 +306,12 @@ def write_split(
 
 def write_meta(directory: Path, meta: PartyMeta) -> None:
     (directory / "meta.json").write_text(meta.to_json() + "\n")
+
+
+def remove_dirs(paths: Iterable[Path]) -> None:
+    """Remove staging directories (after a failure, or what publishing left), ignoring what is gone."""
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def staging_dir(out: Path, role: str) -> Path:

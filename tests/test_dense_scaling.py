@@ -10,10 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_prep.criteo import PartyVocab, prepare_criteo
+from data_prep.encode import PartyVocab
+from data_prep.scaling import Scale
 from data_prep.store import open_table
 from data_prep.table import prepare_table
-from tests.test_prep import ROWS, all_rows, criteo_line, write_rows
+from tests.test_prep import ROWS, all_rows, criteo_line, prep, write_rows
 from vfl_cli.errors import DataError, JobError
 from vfl_cli.job import JobSpec, parse_job
 
@@ -53,7 +54,7 @@ def log_scaled(values: list[int | None]) -> list[np.float32]:
 
 
 def test_log_values_are_log1p_over_the_column_max_negatives_and_missing_zero(tmp_path: Path) -> None:
-    prepare_criteo(write_rows(tmp_path / "train.txt", ROWS), job("log"), tmp_path / "out", 1, ("leader", "follower"))
+    prep(write_rows(tmp_path / "train.txt", ROWS), job("log"), tmp_path / "out", 1, ("leader", "follower"))
 
     leader = all_rows(tmp_path / "out", "leader")["vals"]
     np.testing.assert_array_equal(leader[:, 1], log_scaled(I1))
@@ -72,8 +73,8 @@ def test_log_values_are_log1p_over_the_column_max_negatives_and_missing_zero(tmp
 
 def test_max_is_the_default_and_unchanged(tmp_path: Path) -> None:
     raw = write_rows(tmp_path / "train.txt", ROWS)
-    prepare_criteo(raw, job(), tmp_path / "default", 1, ("leader", "follower"))
-    prepare_criteo(raw, job("max"), tmp_path / "max", 1, ("leader", "follower"))
+    prep(raw, job(), tmp_path / "default", 1, ("leader", "follower"))
+    prep(raw, job("max"), tmp_path / "max", 1, ("leader", "follower"))
 
     # By hand: I1 / 8, I2 / 3, I3 / 1 (its max -5 <= 0); missing -> 0; negatives kept.
     expected_i1 = np.array([0.5, 1, 0, 0.25, 0, -0.5], np.float32)
@@ -95,9 +96,9 @@ def test_max_is_the_default_and_unchanged(tmp_path: Path) -> None:
 
 
 def test_new_rows_are_encoded_with_the_scaling_the_directory_was_prepared_with(tmp_path: Path) -> None:
-    prepare_criteo(write_rows(tmp_path / "train.txt", ROWS), job("log"), tmp_path / "out", 1, ("leader",))
-    vocab = PartyVocab.load(tmp_path / "out/leader", "leader", job().leader)  # the job says max: the dir wins
-    assert vocab.dense_scaling == "log" and vocab.dense_max == {"I1": math.log1p(8)}
+    prep(write_rows(tmp_path / "train.txt", ROWS), job("log"), tmp_path / "out", 1, ("leader",))
+    vocab = PartyVocab.load(tmp_path / "out/leader", job().schema("leader"))  # the job says max: the dir wins
+    assert vocab.scaling == "log" and vocab.scales == {"I1": Scale("log", math.log1p(8))}
     batch = pa.record_batch({"I1": pa.array([26.0, None, -3.0, 8.0]), "C1": pa.array(["a"] * 4).dictionary_encode(),
                              "C2": pa.array(["x"] * 4).dictionary_encode()})
     _, vals = vocab.encode(batch)
@@ -108,11 +109,11 @@ def test_new_rows_are_encoded_with_the_scaling_the_directory_was_prepared_with(t
     tables = tmp_path / "tables"
     header = "id,label,C2,I1,C1\n"
     prepare_table(write_rows(tmp_path / "l.csv", [header, "u1,1,x,9,a\n", "u2,0,x,-1,a\n", "u3,1,y,,b\n"]),
-                  parse_job(job_config("log", tmp_path)), "leader", tables / "fitted")
+                  parse_job(job_config("log", tmp_path)).schema("leader"), tables / "fitted")
     fitted = open_table(tables / "fitted").arrays().vals[:, 1]
     np.testing.assert_array_equal(fitted, np.array([1.0, 0.0, 0.0], np.float32))
-    prepare_table(write_rows(tmp_path / "n.csv", ["id,C2,I1,C1\n", "n1,x,3,a\n", "n2,x,99,b\n"]), job(), "leader",
-                  tables / "scored", vocab_from=tables / "fitted")
+    prepare_table(write_rows(tmp_path / "n.csv", ["id,C2,I1,C1\n", "n1,x,3,a\n", "n2,x,99,b\n"]),
+                  job().schema("leader"), tables / "scored", vocab_from=tables / "fitted")
     scored = open_table(tables / "scored").arrays().vals[:, 1]
     expected = [np.float32(math.log1p(3) / math.log1p(9)), np.float32(math.log1p(99) / math.log1p(9))]
     np.testing.assert_array_equal(scored, np.array(expected, np.float32))
@@ -121,13 +122,13 @@ def test_new_rows_are_encoded_with_the_scaling_the_directory_was_prepared_with(t
 
 def test_a_directory_without_a_scaling_key_is_max_and_a_bad_one_is_refused(tmp_path: Path) -> None:
     raw = write_rows(tmp_path / "train.txt", [criteo_line(1, I1=4, C1="a", C2="x"), criteo_line(0, I1=2)])
-    prepare_criteo(raw, job(), tmp_path / "out", 0, ("leader",))
+    prep(raw, job(), tmp_path / "out", 0, ("leader",))
     directory = tmp_path / "out/leader"
     assert "scaling" not in json.loads((directory / "dense_max.json").read_text())  # as old vfl wrote it
-    assert PartyVocab.load(directory, "leader", job().leader).dense_scaling == "max"
+    assert PartyVocab.load(directory, job().schema("leader")).scaling == "max"
     (directory / "dense_max.json").write_text('{"I1": 4.0, "scaling": "sqrt"}')
     with pytest.raises(DataError, match=r"dense_max.json: unknown scaling 'sqrt'"):
-        PartyVocab.load(directory, "leader", job().leader)
+        PartyVocab.load(directory, job().schema("leader"))
 
 
 def test_an_unknown_dense_scaling_is_one_job_error_line() -> None:

@@ -6,19 +6,23 @@ import gzip
 import hashlib
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
 
-from data_prep.criteo import _ValueCounter, in_test_split, prepare_criteo, split_uniform
+from data_prep.criteo import PrepResult, prepare_criteo
+from data_prep.fit import ValueCounter
 from data_prep.reader import COLUMNS
+from data_prep.splits import in_test_split, split_uniform
 from data_prep.store import open_party
 from data_prep.synth import write_synth
 from vfl_cli.errors import DataError
-from vfl_cli.job import JobSpec, load_job, parse_job
+from vfl_cli.job import JobSpec, Role, load_job, parse_job
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/criteo-sample/train.txt"
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +60,12 @@ def small_job(seed: int = 3, test_fraction: float = 0.5) -> JobSpec:
     )
 
 
+def prep(raw: Path, job: JobSpec, out: Path, threshold: int, roles: tuple[Role, ...], **options: Any) -> PrepResult:
+    """`prepare_criteo` as `vfl prep criteo` calls it: each role's schema from the job, at this threshold."""
+    schemas = [replace(job.schema(role), threshold=threshold) for role in roles]
+    return prepare_criteo(raw, schemas, out, job.seed, job.data.test_fraction, **options)
+
+
 def write_rows(path: Path, rows: list[str]) -> Path:
     path.write_text("".join(rows))
     return path
@@ -89,7 +99,7 @@ def all_rows(out: Path, role: str) -> dict[str, np.ndarray]:
 
 def test_hand_written_rows_exact_ids_vals_labels(tmp_path: Path) -> None:
     raw = write_rows(tmp_path / "train.txt", ROWS)
-    result = prepare_criteo(raw, small_job(), tmp_path / "out", 1, ("leader", "follower"))
+    result = prep(raw, small_job(), tmp_path / "out", 1, ("leader", "follower"))
 
     leader = open_party(tmp_path / "out", "leader").meta
     assert leader.fields == ("C2", "I1", "C1")
@@ -124,7 +134,7 @@ def test_hand_written_rows_exact_ids_vals_labels(tmp_path: Path) -> None:
 def test_split_membership_follows_the_seeded_hash(tmp_path: Path) -> None:
     raw = write_rows(tmp_path / "train.txt", ROWS * 5)  # 30 rows
     job = small_job(seed=11, test_fraction=0.3)
-    result = prepare_criteo(raw, job, tmp_path / "out", 1, ("leader", "follower"))
+    result = prep(raw, job, tmp_path / "out", 1, ("leader", "follower"))
     expected_test = [r for r in range(30) if splitmix_uniform(11, r) < 0.3]
     assert 0 < len(expected_test) < 30
     for role in ("leader", "follower"):
@@ -151,7 +161,7 @@ def test_value_counter_merges_exactly_across_many_batches() -> None:
     rng = np.random.default_rng(0)
     words = np.array([f"v{int(k):05d}" for k in rng.zipf(1.3, 20_000) % 3000], dtype=object)
     words[rng.random(len(words)) < 0.1] = None  # missing values are not counted
-    counter = _ValueCounter(merge_floor=50)  # forces many intermediate merges
+    counter = ValueCounter(merge_floor=50)  # forces many intermediate merges
     for start in range(0, len(words), 700):
         counter.add(pa.array(words[start : start + 700], pa.string()).dictionary_encode())
     expected = Counter(w for w in words if w is not None)
@@ -161,7 +171,7 @@ def test_value_counter_merges_exactly_across_many_batches() -> None:
 
 def test_threshold_boundary_count_equal_to_threshold_is_oov(tmp_path: Path) -> None:
     raw = write_rows(tmp_path / "train.txt", ROWS)
-    prepare_criteo(raw, small_job(), tmp_path / "out", 2, ("leader",))
+    prep(raw, small_job(), tmp_path / "out", 2, ("leader",))
     # C1: b seen 3 times (> 2) keeps an id, a seen exactly 2 times goes to OOV; C2: x seen 3 times.
     assert json.loads((tmp_path / "out/leader/vocab.json").read_text()) == {"C2": ["x"], "C1": ["b"]}
     got = all_rows(tmp_path / "out", "leader")
@@ -172,9 +182,9 @@ def test_role_only_prep_equals_both_role_prep(tmp_path: Path) -> None:
     raw = tmp_path / "synth.txt"
     write_synth(raw, 3000, seed=1)
     job = load_job(REPO / "jobs/smoke.yaml")
-    prepare_criteo(raw, job, tmp_path / "both", 5, ("leader", "follower"))
+    prep(raw, job, tmp_path / "both", 5, ("leader", "follower"))
     for role in ("leader", "follower"):
-        prepare_criteo(raw, job, tmp_path / role, 5, (role,))
+        prep(raw, job, tmp_path / role, 5, (role,))
         assert not (tmp_path / role / job.peer_role(role)).exists()
         assert_same_prepared(tmp_path / "both" / role, tmp_path / role / role)
 
@@ -193,9 +203,9 @@ def test_gz_input_equals_plain_and_chunking_does_not_matter(tmp_path: Path) -> N
     packed = tmp_path / "train.txt.gz"
     packed.write_bytes(gzip.compress(raw.read_bytes()))
     job = load_job(REPO / "jobs/smoke.yaml")
-    prepare_criteo(raw, job, tmp_path / "plain", 5, ("leader", "follower"))
-    prepare_criteo(packed, job, tmp_path / "gz", 5, ("leader", "follower"))
-    prepare_criteo(raw, job, tmp_path / "small-blocks", 5, ("leader", "follower"), block_size=8192)
+    prep(raw, job, tmp_path / "plain", 5, ("leader", "follower"))
+    prep(packed, job, tmp_path / "gz", 5, ("leader", "follower"))
+    prep(raw, job, tmp_path / "small-blocks", 5, ("leader", "follower"), block_size=8192)
     for role in ("leader", "follower"):
         assert_same_prepared(tmp_path / "small-blocks" / role, tmp_path / "plain" / role)
         gz_meta = json.loads((tmp_path / "gz" / role / "meta.json").read_text())
@@ -208,17 +218,17 @@ def test_gz_input_equals_plain_and_chunking_does_not_matter(tmp_path: Path) -> N
 def test_failed_prep_leaves_previous_output_and_no_staging(tmp_path: Path) -> None:
     out = tmp_path / "out"
     good = write_rows(tmp_path / "good.txt", ROWS)
-    prepare_criteo(good, small_job(), out, 1, ("leader", "follower"))
+    prep(good, small_job(), out, 1, ("leader", "follower"))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     bad = write_rows(tmp_path / "bad.txt", ROWS + ["1\t2\n"])
     with pytest.raises(DataError, match=r"bad\.txt:7: expected 40 tab-separated columns, found 2"):
-        prepare_criteo(bad, small_job(), out, 1, ("leader", "follower"))
+        prep(bad, small_job(), out, 1, ("leader", "follower"))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == ["follower", "leader"]
 
     # A successful run replaces the old output, again without leftovers.
-    prepare_criteo(write_rows(tmp_path / "more.txt", ROWS * 2), small_job(), out, 1, ("leader",))
+    prep(write_rows(tmp_path / "more.txt", ROWS * 2), small_job(), out, 1, ("leader",))
     assert open_party(out, "leader").meta.source == "more.txt"
     assert sorted(p.name for p in out.iterdir()) == ["follower", "leader"]
 
@@ -227,7 +237,8 @@ def test_progress_reports_both_passes(tmp_path: Path) -> None:
     raw = tmp_path / "train.txt"
     write_synth(raw, 2000, seed=4)
     seen: list[tuple[str, int, int]] = []
-    prepare_criteo(raw, small_job(), tmp_path / "out", 1, ("leader",), lambda *r: seen.append(r), block_size=16384)
+    prep(raw, small_job(), tmp_path / "out", 1, ("leader",), on_progress=lambda *r: seen.append(r),
+         block_size=16384)
     phases = [phase for phase, _, _ in seen]
     assert phases[0] == "count" and phases[-1] == "encode" and phases.count("encode") > 1
     assert seen[-1] == ("encode", 2000, 2000)
@@ -236,7 +247,7 @@ def test_progress_reports_both_passes(tmp_path: Path) -> None:
 @pytest.mark.skipif(not SAMPLE.is_file(), reason=f"real Criteo sample not present at {SAMPLE}")
 def test_real_criteo_sample(tmp_path: Path) -> None:
     job = load_job(REPO / "jobs/criteo.yaml")
-    result = prepare_criteo(SAMPLE, job, tmp_path / "out", 5, ("leader", "follower"))
+    result = prep(SAMPLE, job, tmp_path / "out", 5, ("leader", "follower"))
     assert sum(result.split_rows.values()) == 7200
     expected_test = int((split_uniform(job.seed, np.arange(7200)) < job.data.test_fraction).sum())
     assert result.split_rows == {"train": 7200 - expected_test, "test": expected_test}
@@ -259,7 +270,7 @@ def test_held_out_test_files_are_the_test_split_and_teach_nothing(tmp_path: Path
     train = write_rows(tmp_path / "train.txt", ROWS)
     dev = write_rows(tmp_path / "dev.txt", [criteo_line(1, I1=16, C1="a", C2="w"), criteo_line(0, C1="new")])
     test = write_rows(tmp_path / "test.txt", [criteo_line(0, I1=2, C1="b")])
-    result = prepare_criteo(train, small_job(), tmp_path / "out", 1, ("leader", "follower"), test_files=[dev, test])
+    result = prep(train, small_job(), tmp_path / "out", 1, ("leader", "follower"), test_files=[dev, test])
     assert result.split_rows == {"train": 6, "test": 3}
     leader = open_party(tmp_path / "out", "leader")
     assert list(leader.split("train").sample_ids) == [0, 1, 2, 3, 4, 5]
@@ -268,7 +279,7 @@ def test_held_out_test_files_are_the_test_split_and_teach_nothing(tmp_path: Path
     held_out = leader.split("test")
     i1 = leader.meta.fields.index("I1")
     assert held_out.vals[0, i1] == pytest.approx(16 / 8)  # divided by the training rows' max (8), not 16
-    reference = prepare_criteo(train, small_job(), tmp_path / "plain", 1, ("leader",))
+    reference = prep(train, small_job(), tmp_path / "plain", 1, ("leader",))
     assert leader.meta.vocab_size == reference.vocab_sizes["leader"]  # the vocabulary is the input's alone
     c1 = leader.meta.fields.index("C1")
     offset = leader.meta.field_offsets["C1"]

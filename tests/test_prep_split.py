@@ -13,13 +13,12 @@ import pytest
 import yaml
 
 from data_prep.reader import COLUMNS
-from data_prep.schema import CRITEO_NUMERIC as DENSE_FIELDS
 from data_prep.split import customer_ids, membership, split_parties
 from data_prep.store import open_table
 from data_prep.synth import write_synth
 from data_prep.table import prepare_table
 from tests.conftest import run_vfl
-from vfl_cli.job import load_job
+from vfl_cli.job import ROLES, load_job
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared/data/criteo-sample/train.txt"
@@ -47,7 +46,7 @@ def raw_rows(path: Path) -> list[dict[str, str]]:
 def test_overlap_orders_columns_ids_and_values(source: Path, tmp_path: Path) -> None:
     job = load_job(REPO / "jobs/smoke.yaml")
     overlap = 0.6
-    result = split_parties(source, job, overlap, 11, tmp_path)
+    result = split_parties(source, [job.schema(r) for r in ROLES], overlap, 11, tmp_path)
 
     # Each count is binomial; allow 5 standard deviations (a false failure is ~1e-6 likely).
     def near(count: int, p: float) -> bool:
@@ -84,7 +83,7 @@ def test_overlap_orders_columns_ids_and_values(source: Path, tmp_path: Path) -> 
         for row in rows[role][:200]:
             expected = raw[row_of[row[0]]]
             for name, value in zip(header[role][1:], row[1:], strict=True):
-                if name in DENSE_FIELDS and value:
+                if job.party(role).columns.get(name) == "numeric" and value:
                     assert float(value) == float(expected[name]), (role, name)
                 else:
                     assert value == expected[name], (role, name)
@@ -109,7 +108,7 @@ def round_trip(source: Path, tables: Path, job_path: Path, prepared: Path, custo
     job = load_job(job_path)
     raw = raw_rows(source)
     for role in ("leader", "follower"):
-        prepare_table(tables / f"{role}.tsv", job, role, prepared / role)
+        prepare_table(tables / f"{role}.tsv", job.schema(role), prepared / role)
         table = open_table(prepared / role)
         arrays = table.arrays()
         vocab = json.loads((prepared / role / "vocab.json").read_text())
@@ -119,9 +118,9 @@ def round_trip(source: Path, tables: Path, job_path: Path, prepared: Path, custo
             expected = raw[row_of[customer]]
             if role == "leader":
                 assert arrays.labels is not None and arrays.labels[i] == float(expected["label"])
-            for j, field in enumerate(table.meta.fields):
+            for j, (field, kind) in enumerate(zip(table.meta.fields, table.meta.kinds, strict=True)):
                 offset = table.meta.field_offsets[field]
-                if field in DENSE_FIELDS:
+                if kind == "numeric":
                     value = float(expected[field]) if expected[field] else 0.0
                     assert arrays.ids[i, j] == offset
                     assert arrays.vals[i, j] == pytest.approx(value / dense_max[field], rel=1e-6)
@@ -153,6 +152,6 @@ def test_cli_split_then_table_round_trip(
 @pytest.mark.skipif(not SAMPLE.is_file(), reason=f"real Criteo sample not present at {SAMPLE}")
 def test_real_sample_round_trip(tmp_path: Path) -> None:
     job = load_job(REPO / "jobs/criteo.yaml")
-    result = split_parties(SAMPLE, job, 0.8, job.seed, tmp_path / "tables")
+    result = split_parties(SAMPLE, [job.schema(r) for r in ROLES], 0.8, job.seed, tmp_path / "tables")
     assert result.source_rows == 7200
     round_trip(SAMPLE, tmp_path / "tables", REPO / "jobs/criteo.yaml", tmp_path / "prepared", customers=30)

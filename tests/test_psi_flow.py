@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.criteo import in_test_split
+from data_prep.splits import in_test_split
 from data_prep.store import PartyMeta, open_party, open_table, table_dir, write_meta, write_split
 from tests.conftest import write_job
 from tests.test_two_party import VFL, environment, finish, start, tls_job

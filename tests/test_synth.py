@@ -12,9 +12,9 @@ from scipy import sparse
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from data_prep.criteo import prepare_criteo
 from data_prep.store import open_party
 from data_prep.synth import write_synth
+from tests.test_prep import prep
 from vfl_cli.errors import DataError
 from vfl_cli.job import load_job
 
@@ -74,7 +74,7 @@ def test_signal_needs_both_parties(tmp_path: Path) -> None:
     """A linear model on both parties' one-hot ids clearly beats one on the leader's alone (threshold 5)."""
     raw = tmp_path / "train.txt"
     write_synth(raw, 20_000, seed=7)
-    prepare_criteo(raw, load_job(REPO / "jobs/smoke.yaml"), tmp_path / "data", 5, ("leader", "follower"))
+    prep(raw, load_job(REPO / "jobs/smoke.yaml"), tmp_path / "data", 5, ("leader", "follower"))
     leader, follower = open_party(tmp_path / "data", "leader"), open_party(tmp_path / "data", "follower")
 
     def features(split: str, with_follower: bool) -> sparse.csr_matrix:

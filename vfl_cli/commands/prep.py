@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -117,13 +118,16 @@ def criteo(
     """Encode raw Criteo text into each party's ids/vals arrays, in two streaming passes."""
     spec = load_job(job)
     roles: tuple[Role, ...] = (role.value,) if role is not None else ROLES
+    schemas = [spec.schema(r) for r in roles]
+    if threshold is not None:
+        schemas = [replace(schema, threshold=threshold) for schema in schemas]
     with make_progress("rows") as progress:
         result = prepare_criteo(
             input,
-            spec,
+            schemas,
             out if out is not None else spec.data.dir,
-            threshold if threshold is not None else spec.data.threshold,
-            roles,
+            seed=spec.seed,
+            test_fraction=spec.data.test_fraction,
             on_progress=_Bars(progress),
             test_files=test or (),
         )
@@ -153,11 +157,12 @@ def table(
         Path,
         typer.Option(
             "--input",
-            help="The party's table: CSV or TSV with a header row, plain or .gz; the id column, the party's "
-            "fields by name and (leader) the label column; other columns are ignored.",
+            help="The party's table: CSV or TSV with a header row (plain or .gz), or Parquet (.parquet, .pq); the "
+            "id column, the party's columns by name and (leader) the label column; other columns are ignored.",
         ),
     ],
-    job: Annotated[Path, typer.Option("--job", help="Job file; gives the fields, id/label column names, threshold.")],
+    job: Annotated[Path, typer.Option("--job", help="Job file; gives the columns and their kinds, the id and label "
+                                      "columns, the task, the threshold and the scaling.")],
     delimiter: Annotated[
         str | None,
         typer.Option("--delimiter", help="',' or tab ('\\t' or 'tab'). Default: tab if the header has one, else ','."),
@@ -166,8 +171,8 @@ def table(
         Path | None,
         typer.Option(
             "--vocab-from",
-            help="Encode with this prepared party directory's vocab.json and dense_max.json (e.g. a trained "
-            "model's) instead of fitting them; unseen values get the OOV id; the leader's label is optional.",
+            help="Encode with this prepared party directory's vocab.json, dense_max.json and classes (e.g. a "
+            "trained model's) instead of fitting them; unseen values get the OOV id; the leader's label is optional.",
         ),
     ] = None,
     out: Annotated[
@@ -184,8 +189,7 @@ def table(
     with make_progress("rows") as progress:
         result = prepare_table(
             input,
-            spec,
-            role.value,
+            spec.schema(role.value),
             target,
             delimiter=_DELIMITERS[delimiter] if delimiter is not None else None,
             vocab_from=vocab_from,
@@ -200,6 +204,11 @@ def _table_summary(role: str, result: TableResult, vocab_from: Path | None, benc
     _say(f"  {fitted}: {result.vocab_size:,} ids; customer ids up to {result.id_width} bytes")
     if result.label_rate is not None:
         _say(f"  label rate {result.label_rate:.4f}")
+    elif result.task == "multiclass":
+        shown = ", ".join(result.classes[:10]) + (", ..." if len(result.classes) > 10 else "")
+        _say(f"  {len(result.classes)} classes: {shown}")
+    elif result.task == "regression":
+        _say("  regression labels")
     elif role == "leader":
         _say("  no label column: unlabelled rows (scoring)")
     _speed(result.rows_per_s, result.passes, bench)
@@ -233,7 +242,8 @@ def split(
     target = out if out is not None else spec.data.dir.parent / "organisations"
     with make_progress("rows") as progress:
         result = split_parties(
-            input, spec, overlap, spec.seed if seed is None else seed, target, on_progress=_Bars(progress)
+            input, [spec.schema(r) for r in ROLES], overlap, spec.seed if seed is None else seed, target,
+            on_progress=_Bars(progress),
         )
     for role, (path, rows) in result.tables.items():
         _say(f"{role}: {rows:,} rows -> {path}")

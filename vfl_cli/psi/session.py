@@ -46,11 +46,21 @@ def _announced(role: str) -> str:
 
 
 def open_own_table(job: JobSpec, role: Role, table: Path | None = None) -> TableData:
+    """The party's prepared table, if it was prepared for what the job says of this party's columns and labels."""
     data = open_table(table or table_dir(job.data.dir, role))
-    fields = job.party(role).fields
-    if data.meta.role != role or data.meta.fields != fields:
-        raise DataError(f"{data.dir}: a {data.meta.role} table of fields {', '.join(data.meta.fields)}, but the job "
-                        f"gives the {role} {', '.join(fields)}; run `vfl prep table` again")
+    meta, schema = data.meta, job.schema(role)
+    if meta.role != role or meta.fields != schema.fields:
+        raise DataError(f"{data.dir}: a {meta.role} table of fields {', '.join(meta.fields) or '(none)'}, but the "
+                        f"job gives the {role} {', '.join(schema.fields) or '(none)'}; run `vfl prep table` again")
+    kinds = tuple(kind for _, kind in schema.columns)
+    if meta.kinds != kinds:
+        wrong = [f"{name} {was} there, {kind} in the job"
+                 for (name, kind), was in zip(schema.columns, meta.kinds, strict=True) if kind != was]
+        raise DataError(f"{data.dir}: the {role}'s table has other column kinds than the job ({'; '.join(wrong)}); "
+                        "run `vfl prep table` again")
+    if meta.task is not None and meta.task != schema.task:
+        raise DataError(f"{data.dir}: the {role}'s table has {meta.task} labels, but the job's task is {schema.task}; "
+                        "run `vfl prep table` again")
     return data
 
 
