@@ -6,11 +6,16 @@ the pipe keeps a copy of every training gradient it receives, which is exactly w
 the run, every attack of `vfl_cli.privacy.leakage` (unsupervised, per batch and pooled; with 1% and 5% of the labels
 known; each averaged over every epoch kept so far) is scored against the leader's true labels, and the defence's
 leak is the strongest of them, named. The audit holds both parties' data, so it is a tool for a simulation or a
-joint review, not something either party runs alone. The test AUC is the run's own final figure: the selected
-epoch's with validation, the last epoch's without.
+joint review, not something either party runs alone. The test score is the run's own final figure in the task's
+primary metric (AUC, accuracy): the selected epoch's with validation, the last epoch's without.
 
-The sweep repeats that for a fixed list of settings plus the leader-only baseline, and writes a table, a CSV
-and a plot of test AUC against the strongest attack's leak AUC.
+By task: a binary label is attacked as above (leak AUC, 0.5 = nothing learnt). A multiclass label is attacked by
+clustering each batch's gradients into one group per class (`vfl_cli.privacy.multiclass_leak`): the leak is the
+label-inference accuracy, against the largest class's share (what guessing the majority class gets). A regression
+label is refused at the start, before any training: these attacks infer classes.
+
+The sweep (binary jobs: it includes Marvell, a binary defence) repeats that for a fixed list of settings plus the
+leader-only baseline, and writes a table, a CSV and a plot of test AUC against the strongest attack's leak AUC.
 
     <out>/<setting>/run/           the audit run's checkpoints (never the job's own run_dir)
     <out>/<setting>/epoch-E.npz    gradients [N, k] as received, labels [N], batch [N], rows [N]: the attacks' inputs
@@ -37,6 +42,7 @@ from vfl_cli.job import JobSpec, PrivacySpec
 from vfl_cli.peer import BatchKey, Hello, Kind, LocalPeer, Peer, WireTensors, run_both
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.privacy.leakage import EpochLeak, Received, epoch_leaks
+from vfl_cli.privacy.multiclass_leak import inference_accuracy
 from vfl_cli.train.batches import batch_rows
 from vfl_cli.train.loop import Reporter, SilentReporter, TrainOutcome
 from vfl_cli.train.session import open_run, train_session
@@ -61,13 +67,22 @@ SWEEP: tuple[tuple[str, dict[str, Any]], ...] = (
     ("quantize 6-bit", {"quantize": {"embeddings": 6, "gradients": 6}}),
 )
 LEADER_ONLY = "leader-only (no follower)"
+CLUSTERING = "k-means per batch"  # the multiclass attack's name (`multiclass_leak`)
+MEASURES = {"binary": "leak_auc", "multiclass": "inference_accuracy"}  # what a leak figure is, by task
 
 
 @dataclass(frozen=True)
 class AuditEpoch:
     epoch: int
-    scored_auc: float  # the epoch's validation AUC (its test AUC without validation)
-    leaks: dict[str, float]  # attack -> leak AUC; empty for the leader-only baseline
+    scored: float  # the epoch's validation score in the task's primary metric (its test score without validation)
+    leaks: dict[str, float]  # attack -> leak AUC (binary) or inference accuracy (multiclass); empty: leader-only
+    majority: float = math.nan  # multiclass: the largest class's share of the attacked rows
+    floor: float = math.nan  # multiclass: the clustering's accuracy against the labels shuffled per batch
+
+    @property
+    def scored_auc(self) -> float:
+        """`scored` under its binary name (audit.json's `scored_auc`)."""
+        return self.scored
 
     @property
     def strongest(self) -> tuple[str, float]:
@@ -77,8 +92,20 @@ class AuditEpoch:
 @dataclass(frozen=True)
 class AuditResult:
     setting: str
-    test_auc: float  # the run's final test AUC: the selected epoch's with validation, else the last epoch's
+    test_score: float  # the run's final test score in `metric`: the selected epoch's with validation, else the last
     epochs: list[AuditEpoch]
+    metric: str = "auc"  # the task's primary metric: auc (binary) or accuracy (multiclass)
+    task: str = "binary"
+
+    @property
+    def test_auc(self) -> float:
+        """`test_score` under its binary name (audit.json's and sweep.csv's `test_auc`)."""
+        return self.test_score
+
+    @property
+    def measure(self) -> str:
+        """What a leak figure is: leak_auc or inference_accuracy."""
+        return MEASURES[self.task]
 
     @property
     def strongest(self) -> tuple[str, float, int]:
@@ -108,11 +135,24 @@ class GradientRecorder(Peer):
         tensors = self.inner.receive(kind, key)
         if kind == "gradients" and key.phase == "train":
             floats = CutLayerDefences.received(tensors)
-            self.received[(key.epoch, key.step)] = torch.cat([floats["wide"], floats["deep"]], dim=1).numpy().copy()
+            rows = torch.cat(list(floats.values()), dim=1)  # the cut tensors in the sender's order (wide, deep)
+            self.received[(key.epoch, key.step)] = rows.numpy().copy()
         return tensors
 
     def abort(self, reason: str) -> None:
         self.inner.abort(reason)
+
+
+def check_auditable(job: JobSpec, sweep: bool = False) -> None:
+    """JobError before any training where the audit measures nothing: a regression label, a sweep of a job that
+    is not binary."""
+    task = job.leader.task
+    if task == "regression":
+        raise JobError("vfl audit: label-inference attacks are measured for binary and multiclass tasks only; "
+                       "this job's task is regression")
+    if sweep and task != "binary":
+        raise JobError(f"vfl audit --sweep: the defences sweep is for binary jobs (it includes Marvell, a binary "
+                       f"defence); this job's task is {task}: audit it without --sweep")
 
 
 def with_privacy(job: JobSpec, privacy: dict[str, Any]) -> JobSpec:
@@ -129,6 +169,7 @@ def audited(job: JobSpec, run_dir: Path) -> JobSpec:
 def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None, setting: str | None = None) -> AuditResult:
     """Train `job` from scratch in both roles here, recording the follower's gradients; attack them, write the
     audit (files under `out`, see the module docstring) and return it."""
+    check_auditable(job)
     job = audited(job, out / "run")
     leader_peer, follower_peer = LocalPeer.pair(job.transport.timeout_s)
     recorder = GradientRecorder(follower_peer)
@@ -141,18 +182,41 @@ def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None, setting
     labels = np.asarray(leader.view("train").labels, dtype=np.float64)  # the rows the run trains on, carve applied
     received = [received_in_epoch(recorder.received, labels, job, epoch, out / f"epoch-{epoch}.npz")
                 for epoch, _, _ in outcome.epochs]
-    leaks = epoch_leaks(received, seed=job.seed)
-    epochs = [AuditEpoch(epoch, result.auc if result else math.nan, leak.leaks)
-              for (epoch, _, result), leak in zip(outcome.epochs, leaks, strict=True)]
-    result = AuditResult(setting or (", ".join(job.privacy.enabled) or "none"), final_test_auc(outcome), epochs)
+    scored = {epoch: result.score if result else math.nan for epoch, _, result in outcome.epochs}
+    task = leader.task
+    if task.kind == "multiclass":
+        epochs = clustering_epochs(received, scored, task.width, job.seed)
+    else:
+        epochs = [AuditEpoch(epoch, score, leak.leaks)
+                  for (epoch, score), leak in zip(scored.items(), epoch_leaks(received, seed=job.seed), strict=True)]
+    result = AuditResult(setting or (", ".join(job.privacy.enabled) or "none"), final_test_score(outcome), epochs,
+                         task.primary.name, task.kind)
     write_json(result, job, out / "audit.json")
     return result
 
 
-def final_test_auc(outcome: TrainOutcome) -> float:
-    """The run's own test AUC: the selected epoch's with validation, else the last epoch's (NaN without one)."""
+def clustering_epochs(received: list[Received], scored: dict[int, float], classes: int, seed: int
+                      ) -> list[AuditEpoch]:
+    """The multiclass attack on each epoch's gradients (`scored`: epoch -> its score, in training order):
+    inference accuracy, majority share, shuffled floor."""
+    out = []
+    for got, (epoch, score) in zip(received, scored.items(), strict=True):
+        leak = inference_accuracy(got.gradients, got.labels, got.batch, classes, seed + 1000 * epoch)
+        out.append(AuditEpoch(epoch, score, {CLUSTERING: leak.accuracy}, leak.majority, leak.floor))
+    return out
+
+
+def final_test_score(outcome: TrainOutcome) -> float:
+    """The run's own test score (its task's primary metric): the selected epoch's with validation, else the last
+    epoch's (NaN without one)."""
     final = outcome.final_test if outcome.final_test is not None else outcome.epochs[-1][2]
-    return final.auc if final is not None else math.nan
+    return final.score if final is not None else math.nan
+
+
+def primary_metric(outcome: TrainOutcome) -> str:
+    """The name of the metric the outcome's scores are in (auc without any)."""
+    results = [outcome.final_test, *(result for _, _, result in outcome.epochs)]
+    return next((r.primary for r in results if r is not None), "auc")
 
 
 def received_in_epoch(received: dict[tuple[int, int], np.ndarray], labels: np.ndarray, job: JobSpec, epoch: int,
@@ -169,11 +233,20 @@ def received_in_epoch(received: dict[tuple[int, int], np.ndarray], labels: np.nd
 
 
 def write_json(result: AuditResult, job: JobSpec, path: Path) -> None:
+    """The audit's figures, named by the task's metric (`test_auc` / `test_accuracy`, `scored_...`) and leak
+    measure (`leak_auc` / `inference_accuracy`); a multiclass epoch adds its majority share and shuffled floor."""
     name, leak, epoch = result.strongest
+    metric = result.metric
+
+    def epoch_json(e: AuditEpoch) -> dict[str, Any]:
+        extra = {"majority_share": e.majority, "shuffled_floor": e.floor} if result.task == "multiclass" else {}
+        return {"epoch": e.epoch, f"scored_{metric}": e.scored, "leaks": e.leaks, **extra}
+
     path.write_text(json.dumps({
-        "job": job.name, "setting": result.setting, "privacy": job.privacy.model_dump(mode="json"),
-        "test_auc": result.test_auc, "strongest": {"attack": name, "leak_auc": leak, "epoch": epoch},
-        "epochs": [{"epoch": e.epoch, "scored_auc": e.scored_auc, "leaks": e.leaks} for e in result.epochs],
+        "job": job.name, "task": result.task, "metric": metric, "setting": result.setting,
+        "privacy": job.privacy.model_dump(mode="json"), f"test_{metric}": result.test_score,
+        "strongest": {"attack": name, result.measure: leak, "epoch": epoch},
+        "epochs": [epoch_json(e) for e in result.epochs],
     }, indent=1) + "\n")
 
 
@@ -182,6 +255,7 @@ def sweep(job: JobSpec, out: Path, progress: Callable[[int, int, str], Reporter]
     """Audit each setting (the job's own privacy section is replaced), then the leader-only baseline."""
     from vfl_cli.train.baseline import train_baseline
 
+    check_auditable(job, sweep=True)
     rows = []
     total = len(settings) + 1
     for index, (name, privacy) in enumerate(settings):
@@ -189,8 +263,9 @@ def sweep(job: JobSpec, out: Path, progress: Callable[[int, int, str], Reporter]
         rows.append(audit_run(with_privacy(job, privacy), out / slug(name), reporter, setting=name))
     reporter = progress(total, total, LEADER_ONLY) if progress else SilentReporter()
     baseline = train_baseline(audited(job, out / "leader-only"), "leader-only", reporter, restart=True)
-    rows.append(AuditResult(LEADER_ONLY, final_test_auc(baseline),
-                            [AuditEpoch(e, r.auc if r else math.nan, {}) for e, _, r in baseline.epochs]))
+    rows.append(AuditResult(LEADER_ONLY, final_test_score(baseline),
+                            [AuditEpoch(e, r.score if r else math.nan, {}) for e, _, r in baseline.epochs],
+                            primary_metric(baseline)))
     write_csv(rows, out / "sweep.csv")
     return rows
 
@@ -200,16 +275,18 @@ def slug(name: str) -> str:
 
 
 def write_csv(rows: list[AuditResult], path: Path) -> None:
-    """One line per setting and epoch: the run's test AUC, the epoch's strongest attack, then every attack."""
+    """One line per setting and epoch: the run's test score (`test_<metric>`, auc for the binary sweep), the
+    epoch's, the epoch's strongest attack, then every attack."""
     attacks = sorted({name for r in rows for e in r.epochs for name in e.leaks})
+    metric = rows[0].metric if rows else "auc"
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["setting", "test_auc", "epoch", "scored_auc", "strongest_attack", "strongest_leak_auc",
-                         *attacks])
+        writer.writerow(["setting", f"test_{metric}", "epoch", f"scored_{metric}", "strongest_attack",
+                         "strongest_leak_auc", *attacks])
         for row in rows:
             for e in row.epochs:
                 name, leak = e.strongest
-                writer.writerow([row.setting, f"{row.test_auc:.6f}", e.epoch, f"{e.scored_auc:.6f}", name,
+                writer.writerow([row.setting, f"{row.test_score:.6f}", e.epoch, f"{e.scored:.6f}", name,
                                  f"{leak:.6f}", *(f"{e.leaks.get(a, math.nan):.6f}" for a in attacks)])
 
 
@@ -226,14 +303,14 @@ def plot(rows: list[AuditResult], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
     colours = plt.get_cmap("tab20")
     for index, r in enumerate(defended):
-        ax.scatter([r.test_auc], [r.strongest[1]], marker="o", s=50, color=colours(index % 20),
+        ax.scatter([r.test_score], [r.strongest[1]], marker="o", s=50, color=colours(index % 20),
                    label=f"{r.setting} ({r.strongest[0]})")
     none = next((r for r in defended if r.setting == "none"), None)
     if none is not None:
-        ax.axvline(none.test_auc - 0.01, color="grey", linestyle=":", label="no defence - 0.01 AUC")
+        ax.axvline(none.test_score - 0.01, color="grey", linestyle=":", label="no defence - 0.01 AUC")
     leader_only = next((r for r in rows if r.setting == LEADER_ONLY), None)
     if leader_only is not None:
-        ax.axvline(leader_only.test_auc, color="red", linestyle="--", label="leader-only test AUC")
+        ax.axvline(leader_only.test_score, color="red", linestyle="--", label="leader-only test AUC")
     ax.axhline(0.6, color="grey", linestyle="--", label="leak AUC 0.60")
     ax.set_xlabel("leader's test AUC (the run's final figure, as the job runs)")
     ax.set_ylabel("label leak AUC of the strongest attack\n(0.5 = none, 1 = every label)")

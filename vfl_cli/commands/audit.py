@@ -1,4 +1,5 @@
-"""`vfl audit`: play the curious follower on a real training run and report what the labels leak."""
+"""`vfl audit`: play the curious follower on a real training run and report what the labels leak (binary: leak
+AUC of every attack; multiclass: the clustering attack's label-inference accuracy against the majority share)."""
 
 from __future__ import annotations
 
@@ -33,23 +34,32 @@ def audit(
     ] = None,
 ) -> None:
     """Train the job locally as it runs (both parties in this process, its privacy defences, validation and model
-    selection on) while recording every gradient the follower receives, then attack the labels with them: every
-    attack we know (unsupervised per batch and pooled, with 1% and 5% of the labels known, and each averaged over
-    the epochs kept), scored as leak AUC (0.5 = nothing learnt, 1.0 = every label). Prints the run's test AUC and,
-    per epoch, the strongest attack, named. Needs both parties' prepared data, so it is for simulations and joint
-    reviews; the job's own checkpoints are not touched."""
+    selection on) while recording every gradient the follower receives, then attack the labels with them. Binary
+    labels: every attack we know (unsupervised per batch and pooled, with 1% and 5% of the labels known, and each
+    averaged over the epochs kept), scored as leak AUC (0.5 = nothing learnt, 1.0 = every label); prints the run's
+    test AUC and, per epoch, the strongest attack, named. Multiclass labels: each batch's gradients clustered into
+    one group per class, scored as label-inference accuracy under the best cluster-to-class mapping; prints it per
+    epoch beside the majority class's share (what guessing gets) and how far above that share it is. Regression
+    labels are refused (exit 2). Needs both parties' prepared data, so it is for simulations and joint reviews; the
+    job's own checkpoints are not touched."""
     from vfl_cli import audit as auditing
     from vfl_cli.train.session import set_threads
 
     spec = load_job(job)
+    auditing.check_auditable(spec, sweep)  # before any training
     target = out or spec.train.run_dir.parent / "audit"
     set_threads(sum(p.threads or 0 for p in spec.parties.values()) or None)
     started = time.perf_counter()
     if not sweep:
         target.mkdir(parents=True, exist_ok=True)
         result = auditing.audit_run(spec, target, RichReporter())
-        console.print(_epoch_table(result, f"{spec.name} ({result.setting}): label leakage per epoch, test AUC "
-                                   f"{result.test_auc:.4f}"))
+        title = (f"{spec.name} ({result.setting}): label leakage per epoch, test {_title(result.metric)} "
+                 f"{result.test_score:.4f}")
+        if result.task == "multiclass":
+            console.print(_clustering_table(result, title))
+            console.print(_clustering_summary(result))
+        else:
+            console.print(_epoch_table(result, title))
         typer.echo(f"audit: {target}  ({time.perf_counter() - started:,.1f} s)")
         return
 
@@ -68,13 +78,46 @@ def _fmt(value: float) -> str:
     return "-" if value != value else f"{value:.3f}"  # NaN: no gradients (the leader-only row)
 
 
+def _title(metric: str) -> str:
+    from vfl_cli.task import TITLES
+
+    return TITLES.get(metric, metric)
+
+
+def _clustering_table(result: AuditResult, title: str) -> Table:
+    """Multiclass: per epoch, the clustering attack's inference accuracy beside what guessing gets."""
+    table = Table(title=title, title_justify="left")
+    for name in ("epoch", f"scored {_title(result.metric)}", "inference accuracy", "majority share",
+                 "above majority", "labels shuffled"):
+        table.add_column(name, justify="right")
+    for e in result.epochs:
+        accuracy = e.strongest[1]  # the one attack: k-means per batch
+        table.add_row(str(e.epoch), f"{e.scored:.4f}", _fmt(accuracy), _fmt(e.majority),
+                      _signed(accuracy - e.majority), _fmt(e.floor))
+    return table
+
+
+def _clustering_summary(result: AuditResult) -> str:
+    """One line: the best epoch's inference accuracy and how far above the majority share it is."""
+    attack, accuracy, epoch = result.strongest
+    if epoch < 0:
+        return "label inference: no batch with more rows than classes to cluster"
+    at = next(e for e in result.epochs if e.epoch == epoch)
+    return (f"label inference ({attack}): accuracy {accuracy:.3f} at epoch {epoch}, {_signed(accuracy - at.majority)} "
+            f"above the majority share {at.majority:.3f} (the same clusters against shuffled labels: {at.floor:.3f})")
+
+
+def _signed(value: float) -> str:
+    return "-" if value != value else f"{value:+.3f}"
+
+
 def _epoch_table(result: AuditResult, title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for name in ("epoch", "scored AUC", "strongest attack", "leak AUC", "direction", "norm"):
+    for name in ("epoch", f"scored {_title(result.metric)}", "strongest attack", "leak AUC", "direction", "norm"):
         table.add_column(name, justify="left" if name == "strongest attack" else "right")
     for e in result.epochs:
         attack, leak = e.strongest
-        table.add_row(str(e.epoch), f"{e.scored_auc:.4f}", attack, _fmt(leak),
+        table.add_row(str(e.epoch), f"{e.scored:.4f}", attack, _fmt(leak),
                       _fmt(e.leaks.get("direction per batch", math.nan)), _fmt(e.leaks.get("norm per batch", math.nan)))
     return table
 
@@ -85,10 +128,10 @@ def _sweep_table(rows: list[AuditResult], title: str) -> Table:
         table.add_column(name, justify="left" if name in ("setting", "strongest attack (epoch)") else "right")
     none = next((r for r in rows if r.setting == "none"), None)
     for r in rows:
-        cost = none.test_auc - r.test_auc if none else math.nan
+        cost = none.test_score - r.test_score if none else math.nan
         attack, leak, epoch = r.strongest
         last = r.epochs[-1].leaks if r.epochs else {}
-        table.add_row(r.setting, f"{r.test_auc:.4f}", f"{cost:+.4f}", f"{attack} ({epoch})" if epoch >= 0 else "-",
+        table.add_row(r.setting, f"{r.test_score:.4f}", f"{cost:+.4f}", f"{attack} ({epoch})" if epoch >= 0 else "-",
                       _fmt(leak), _fmt(last.get("direction per batch", math.nan)),
                       _fmt(last.get("norm per batch", math.nan)))
     return table
