@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from vfl_cli.privacy.multiclass_leak import inference_accuracy, kmeans, matched, standardised
+from vfl_cli.privacy.multiclass_leak import check_classes, inference_accuracy, kmeans, matched, standardised
 
 
 def softmax_gradients(labels: np.ndarray, width: int, seed: int, confidence: float = 1.0) -> np.ndarray:
@@ -89,3 +89,6 @@ def test_the_assignment_without_scipy_is_the_same(monkeypatch: pytest.MonkeyPatc
     assert [matched(*case) for case in cases] == with_scipy
     with pytest.raises(ValueError, match="needs scipy"):
         matched(np.arange(9), np.arange(9), 9)
+    with pytest.raises(ValueError, match="9 classes"):
+        check_classes(9)
+    check_classes(8)

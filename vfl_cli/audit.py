@@ -42,7 +42,7 @@ from vfl_cli.job import JobSpec, PrivacySpec
 from vfl_cli.peer import BatchKey, Hello, Kind, LocalPeer, Peer, WireTensors, run_both
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.privacy.leakage import EpochLeak, Received, epoch_leaks
-from vfl_cli.privacy.multiclass_leak import inference_accuracy
+from vfl_cli.privacy.multiclass_leak import check_classes, inference_accuracy
 from vfl_cli.train.batches import batch_rows
 from vfl_cli.train.loop import Reporter, SilentReporter, TrainOutcome
 from vfl_cli.train.session import open_run, train_session
@@ -175,6 +175,11 @@ def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None, setting
     recorder = GradientRecorder(follower_peer)
     leader = open_run(job, "leader", leader_peer, reporter)
     follower = open_run(job, "follower", recorder)
+    if leader.task.kind == "multiclass":
+        try:
+            check_classes(leader.task.width)  # before training, not after
+        except ValueError as exc:
+            raise JobError(f"vfl audit: {exc}") from exc
     outcome: TrainOutcome = run_both({
         "leader": (partial(train_session, leader, True), leader_peer),
         "follower": (partial(train_session, follower, True), recorder),

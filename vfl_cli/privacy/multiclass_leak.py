@@ -91,6 +91,16 @@ def kmeans(rows: np.ndarray, k: int, seed: int, restarts: int = RESTARTS) -> np.
     return best
 
 
+def check_classes(k: int) -> None:
+    """ValueError when the cluster-to-class assignment of k classes cannot be computed here (no scipy, k > 8)."""
+    try:
+        import scipy.optimize  # noqa: F401
+    except ImportError:
+        if k > MAX_PERMUTED:
+            raise ValueError(f"{k} classes: the cluster-to-class assignment needs scipy (pip install scipy) beyond "
+                             f"{MAX_PERMUTED} classes") from None
+
+
 def matched(clusters: np.ndarray, labels: np.ndarray, k: int) -> int:
     """Rows the best one-to-one mapping of the k clusters to the k classes labels correctly."""
     counts = np.zeros((k, k), dtype=np.int64)  # (cluster, class)
@@ -98,9 +108,7 @@ def matched(clusters: np.ndarray, labels: np.ndarray, k: int) -> int:
     try:
         from scipy.optimize import linear_sum_assignment
     except ImportError:
-        if k > MAX_PERMUTED:
-            raise ValueError(f"{k} classes: the cluster-to-class assignment needs scipy beyond "
-                             f"{MAX_PERMUTED}") from None
+        check_classes(k)
         return max(int(counts[np.arange(k), list(p)].sum()) for p in itertools.permutations(range(k)))
     row, column = linear_sum_assignment(counts, maximize=True)
     return int(counts[row, column].sum())
