@@ -101,7 +101,7 @@ class ParquetTable:
                 for raw in handle.iter_batches(batch_size=self.batch_rows, columns=list(self.read), use_threads=False):
                     batch = self._convert(raw)
                     check_batch(first_row, batch, id_column=self.id_column, rule=self.rule, numeric=self.numeric,
-                                where=self.where, cell=partial(self._cell, batch, first_row))
+                                where=self.where, cell=partial(self._cell, raw, first_row))
                     first_row += batch.num_rows
                     if self.on_progress is not None:
                         self.on_progress(phase, first_row, total_rows or self.rows)
@@ -125,9 +125,9 @@ class ParquetTable:
             names.append(name)
         return pa.RecordBatch.from_arrays(arrays, names=names)
 
-    def _cell(self, batch: pa.RecordBatch, first_row: int, row: int, column: str) -> str:
-        name = LABEL if self.rule is not None and column == self.rule.column else column
-        value = batch.column(name)[row - first_row].as_py()
+    def _cell(self, raw: pa.RecordBatch, first_row: int, row: int, column: str) -> str:
+        """The value as the file holds it (2 for an integer column, not the 2.0 it was cast to), as text."""
+        value = raw.column(column)[row - first_row].as_py()
         return "" if value is None else str(value)
 
     def where(self, row: int) -> str:

@@ -1,4 +1,5 @@
-"""`data.dense`: `max` (value / column max, unchanged) or `log` (log1p(max(value, 0)) / its column max)."""
+"""`data.dense`: `max` (value / column max, unchanged), `log` (log1p(max(value, 0)) / its column max) or `standard`
+((value - mean) / std) on Criteo text; the kinds come from the job, not from the Criteo names."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from data_prep.encode import PartyVocab
 from data_prep.scaling import Scale
-from data_prep.store import open_table
+from data_prep.store import open_party, open_table
 from data_prep.table import prepare_table
 from tests.test_prep import ROWS, all_rows, criteo_line, prep, write_rows
 from vfl_cli.errors import DataError, JobError
@@ -129,6 +130,33 @@ def test_a_directory_without_a_scaling_key_is_max_and_a_bad_one_is_refused(tmp_p
     (directory / "dense_max.json").write_text('{"I1": 4.0, "scaling": "sqrt"}')
     with pytest.raises(DataError, match=r"dense_max.json: unknown scaling 'sqrt'"):
         PartyVocab.load(directory, job().schema("leader"))
+
+
+def test_standard_on_criteo_text_is_the_mean_and_std_of_all_input_rows(tmp_path: Path) -> None:
+    prep(write_rows(tmp_path / "train.txt", ROWS), job("standard"), tmp_path / "out", 1, ("leader", "follower"))
+    # I1: 4, 8, 2, 0, -4 present: mean 2, population std 4; missing -> the mean -> 0.0.
+    leader = all_rows(tmp_path / "out", "leader")["vals"]
+    np.testing.assert_array_equal(leader[:, 1], np.array([0.5, 1.5, 0, 0, -0.5, -1.5], np.float32))
+    scales = json.loads((tmp_path / "out/leader/dense_max.json").read_text())
+    assert scales == {"scaling": "standard", "columns": {"I1": {"mean": 2.0, "std": 4.0}}}
+    follower = all_rows(tmp_path / "out", "follower")["vals"]
+    np.testing.assert_array_equal(follower[:, 2], np.zeros(6, np.float32))  # I3: one value, -5: constant -> 0.0
+
+
+def test_kinds_come_from_the_job_not_the_criteo_names(tmp_path: Path) -> None:
+    config = job_config()
+    config["parties"]["leader"] = {"name": "leader", "columns": {"I1": "categorical", "C1": "categorical"}}  # type: ignore[index]
+    prep(write_rows(tmp_path / "train.txt", ROWS), parse_job(config), tmp_path / "out", 1, ("leader",))
+    # I1's values as text: 4, 8, 2, 0, -4 each once (threshold 1: all OOV), missing OOV too.
+    assert json.loads((tmp_path / "out/leader/vocab.json").read_text()) == {"I1": [], "C1": ["a", "b"]}
+    assert open_party(tmp_path / "out", "leader").meta.kinds == ("categorical", "categorical")
+    assert all_rows(tmp_path / "out", "leader")["ids"][:, 0].tolist() == [0] * 6
+    config["parties"]["leader"] = {"name": "leader", "columns": {"x0": "numeric"}}  # type: ignore[index]
+    with pytest.raises(DataError, match=r"train.txt: Criteo text has no column\(s\) x0 \(label, I1..I13 and C1"):
+        prep(tmp_path / "train.txt", parse_job(config), tmp_path / "x", 1, ("leader",))
+    config["parties"]["leader"]["task"] = "regression"  # type: ignore[index]
+    with pytest.raises(DataError, match="Criteo text has a 0/1 label; the leader's task is regression"):
+        prep(tmp_path / "train.txt", parse_job(config), tmp_path / "x", 1, ("leader",))
 
 
 def test_an_unknown_dense_scaling_is_one_job_error_line() -> None:
