@@ -26,7 +26,7 @@ Labels = bool | None  # True: required, False: not read, None: read when the tab
 
 
 class TableSource(BatchSource, Protocol):
-    unit: str  # what `position` counts: "line" (CSV, the header is line 1) or "row" (Parquet, data rows from 1)
+    unit: str  # what `where` and `ids_at` count: "line" (CSV, the header is line 1) or "row" (Parquet, from 1)
 
     def where(self, row: int) -> str:
         """The place of data row `row` (0-based) for an error line: "file:line" or "file: row n"."""
