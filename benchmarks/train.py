@@ -122,7 +122,7 @@ def write_data(job: JobSpec, train_rows: int, seed: int = 0) -> None:
     """Both parties' prepared data, aligned (same sample ids, same order), in the job's data.dir."""
     rng = np.random.default_rng(seed)
     rows = train_rows + TEST_ROWS
-    columns = {role: party_columns(rng, job.schema(role), rows) for role in ROLES}
+    columns = {role: party_columns(rng, job.table_schema(role), rows) for role in ROLES}
     labels = planted_labels(rng, columns["leader"][0], columns["follower"][0])
     sample_ids = np.arange(rows, dtype=np.int64)
     for role in ROLES:
@@ -138,8 +138,8 @@ def write_data(job: JobSpec, train_rows: int, seed: int = 0) -> None:
         meta = PartyMeta(
             role=role, fields=job.party(role).fields, has_labels=role == "leader", vocab_size=VOCAB_PER_PARTY,
             field_offsets=offsets, threshold=job.data.threshold, source="benchmarks.train synthetic",
-            splits=splits, kinds=tuple(kind for _, kind in job.schema(role).columns),
-            task=job.schema(role).task,
+            splits=splits, kinds=tuple(kind for _, kind in job.table_schema(role).columns),
+            task=job.table_schema(role).task,
         )
         write_meta(job.data.dir / role, meta)
 

@@ -42,7 +42,7 @@ def _settle_schema(meta: PartyMeta | TableMeta) -> None:
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
     classes = tuple(str(c) for c in meta.classes)
-    if classes and task != "multiclass":
+    if classes and task not in ("multiclass", None):  # None: new customers encoded with a multiclass vocabulary
         raise ValueError("classes are only for multiclass labels")
     object.__setattr__(meta, "kinds", kinds)
     object.__setattr__(meta, "task", task)

@@ -188,7 +188,8 @@ def prepare_table(
             vocab_from=str(vocab_from) if vocab_from is not None else None,
             kinds=vocab.kinds,
             task=task,
-            classes=vocab.classes if task == "multiclass" else (),
+            # the encoding's classes, with or without labels: a model scoring these rows needs their number
+            classes=vocab.classes if vocab.task == "multiclass" else (),
         )
         (staging / "meta.json").write_text(meta.to_json() + "\n")
         (staging / "vocab.json").write_text(vocab.to_json() + "\n")

@@ -25,8 +25,8 @@ def train_auc(job: JobSpec, precision: str) -> tuple[list[float], float]:
     run_dir = Path(f"{job.train.run_dir}-{precision}")
     job = job.model_copy(update={"train": job.train.model_copy(update={"precision": precision, "run_dir": run_dir})})
     outcome = run_local(job, lambda run: train_session(run, restart=True))["leader"]
-    per_epoch = [result.auc for _, _, result in outcome.epochs if result is not None]
-    return per_epoch, outcome.final_test.auc if outcome.final_test is not None else per_epoch[-1]
+    per_epoch = [result.score for _, _, result in outcome.epochs if result is not None]
+    return per_epoch, outcome.final_test.score if outcome.final_test is not None else per_epoch[-1]
 
 
 def main() -> None:

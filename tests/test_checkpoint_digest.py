@@ -196,7 +196,7 @@ def test_a_baseline_resumes_past_a_corrupt_checkpoint_and_eval_refuses_it(
         again = train_baseline(job, "central", SilentReporter())
     assert warnings(caplog) == [f"{newest}: {CORRUPT}; not counted as held"]
     assert again.start.step == 28 and [e for e, _, _ in again.epochs] == [1]
-    assert again.epochs[-1][2].auc == first.epochs[-1][2].auc
+    assert again.epochs[-1][2].score == first.epochs[-1][2].score
 
 
 def test_a_baseline_refuses_a_corrupt_selected_checkpoint(tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def test_max_is_the_default_and_unchanged(tmp_path: Path) -> None:
 
 def test_new_rows_are_encoded_with_the_scaling_the_directory_was_prepared_with(tmp_path: Path) -> None:
     prep(write_rows(tmp_path / "train.txt", ROWS), job("log"), tmp_path / "out", 1, ("leader",))
-    vocab = PartyVocab.load(tmp_path / "out/leader", job().schema("leader"))  # the job says max: the dir wins
+    vocab = PartyVocab.load(tmp_path / "out/leader", job().table_schema("leader"))  # the job says max: the dir wins
     assert vocab.scaling == "log" and vocab.scales == {"I1": Scale("log", math.log1p(8))}
     batch = pa.record_batch({"I1": pa.array([26.0, None, -3.0, 8.0]), "C1": pa.array(["a"] * 4).dictionary_encode(),
                              "C2": pa.array(["x"] * 4).dictionary_encode()})
@@ -110,11 +110,11 @@ def test_new_rows_are_encoded_with_the_scaling_the_directory_was_prepared_with(t
     tables = tmp_path / "tables"
     header = "id,label,C2,I1,C1\n"
     prepare_table(write_rows(tmp_path / "l.csv", [header, "u1,1,x,9,a\n", "u2,0,x,-1,a\n", "u3,1,y,,b\n"]),
-                  parse_job(job_config("log", tmp_path)).schema("leader"), tables / "fitted")
+                  parse_job(job_config("log", tmp_path)).table_schema("leader"), tables / "fitted")
     fitted = open_table(tables / "fitted").arrays().vals[:, 1]
     np.testing.assert_array_equal(fitted, np.array([1.0, 0.0, 0.0], np.float32))
     prepare_table(write_rows(tmp_path / "n.csv", ["id,C2,I1,C1\n", "n1,x,3,a\n", "n2,x,99,b\n"]),
-                  job().schema("leader"), tables / "scored", vocab_from=tables / "fitted")
+                  job().table_schema("leader"), tables / "scored", vocab_from=tables / "fitted")
     scored = open_table(tables / "scored").arrays().vals[:, 1]
     expected = [np.float32(math.log1p(3) / math.log1p(9)), np.float32(math.log1p(99) / math.log1p(9))]
     np.testing.assert_array_equal(scored, np.array(expected, np.float32))
@@ -126,10 +126,10 @@ def test_a_directory_without_a_scaling_key_is_max_and_a_bad_one_is_refused(tmp_p
     prep(raw, job(), tmp_path / "out", 0, ("leader",))
     directory = tmp_path / "out/leader"
     assert "scaling" not in json.loads((directory / "dense_max.json").read_text())  # as old vfl wrote it
-    assert PartyVocab.load(directory, job().schema("leader")).scaling == "max"
+    assert PartyVocab.load(directory, job().table_schema("leader")).scaling == "max"
     (directory / "dense_max.json").write_text('{"I1": 4.0, "scaling": "sqrt"}')
     with pytest.raises(DataError, match=r"dense_max.json: unknown scaling 'sqrt'"):
-        PartyVocab.load(directory, job().schema("leader"))
+        PartyVocab.load(directory, job().table_schema("leader"))
 
 
 def test_standard_on_criteo_text_is_the_mean_and_std_of_all_input_rows(tmp_path: Path) -> None:

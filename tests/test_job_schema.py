@@ -26,11 +26,11 @@ def spec(**leader: object) -> dict:
 def test_columns_by_name_and_kind_with_the_same_names_at_both_parties() -> None:
     job = parse_job(spec())
     assert job.leader.fields == ("x0", "region") and job.follower.fields == ("x0", "x1")  # x0 twice: two columns
-    schema = job.schema("leader")
+    schema = job.table_schema("leader")
     assert schema.numeric == ("x0",) and schema.categorical == ("region",)
     assert schema.label is not None and (schema.label.column, schema.task) == ("y", "binary")
     assert schema.scaling == "standard"  # outside the Criteo preset
-    assert job.schema("follower").label is None
+    assert job.table_schema("follower").label is None
     assert job.cut_widths("follower") == {"cut": 8}
 
 
@@ -77,7 +77,7 @@ def test_multiclass_keeps_label_dp_and_every_task_keeps_the_other_defences() -> 
 
 def test_the_criteo_preset_keeps_its_kinds_scaling_model_and_fingerprints() -> None:
     job = load_job(Path("jobs/demo.yaml"))
-    assert job.leader.preset == "criteo" and job.schema("leader").scaling == "max"
+    assert job.leader.preset == "criteo" and job.table_schema("leader").scaling == "max"
     assert job.leader.columns["I1"] == "numeric" and job.leader.columns["C1"] == "categorical"
     assert job.cut_widths("follower") == {"wide": 1, "deep": 1}
     # the fingerprints the jobs had before schemas existed (checkpoints of existing runs stay valid)

@@ -1,4 +1,5 @@
-"""Wide&Deep pieces and the split model: shapes, the wide sum, L2, seeded parts, the cut-layer contract, and that it learns."""
+"""Wide&Deep pieces and the split model: shapes, the wide sum, L2, seeded parts, the cut-layer contract, and that
+it learns."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import torch.nn.functional as F
 
 from vfl_cli.job import AdamSpec, FtrlSpec, ModelSpec
 from vfl_cli.metrics import roc_auc
-from vfl_cli.model.ftrl import Ftrl
 from vfl_cli.model.build import CentralModel, SplitModel, build_top
+from vfl_cli.model.ftrl import Ftrl
 from vfl_cli.model.optimizers import build_optimizers
 from vfl_cli.model.wide_deep import WideDeepBottom, part_generator
 
@@ -19,7 +20,8 @@ CUT = {"wide": 1, "deep": 1}  # a Wide&Deep party's cut
 
 
 def _joint(leader_vocab: int, leader_f: int, follower_vocab: int, follower_f: int, seed: int) -> SplitModel:
-    return SplitModel.build(SMALL, seed, (leader_vocab, ("numeric",) * leader_f), (follower_vocab, ("numeric",) * follower_f))
+    kinds = ("numeric",) * leader_f, ("numeric",) * follower_f  # Wide&Deep treats every field alike
+    return SplitModel.build(SMALL, seed, (leader_vocab, kinds[0]), (follower_vocab, kinds[1]))
 
 
 def _top(seed: int) -> torch.nn.Module:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vfl_cli.job import ModelSpec
+from vfl_cli.job import AdamSpec, FtrlSpec, ModelSpec
 from vfl_cli.model.build import CentralModel, SplitModel, build_bottom, build_top, cut_widths
 from vfl_cli.model.mlp import MlpBottom
 from vfl_cli.model.optimizers import build_optimizers
-from vfl_cli.job import AdamSpec, FtrlSpec
 from vfl_cli.task import Task
 
 MLP = ModelSpec(bottom="mlp", emb_dim=4, deep_layers=(16,), cut_dim=6, top_layers=(8,))

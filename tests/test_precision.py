@@ -38,9 +38,11 @@ def test_bf16_bottom_sends_float32_and_computes_in_bfloat16(tmp_path: Path) -> N
     assert party.bf16
     ids = torch.randint(0, meta.vocab_size, (32, len(job.leader.fields)), dtype=torch.int32)
     vals = torch.rand(32, len(job.leader.fields))
-    wide, deep = party.bottom_forward(ids, vals)
+    cut = party.bottom_forward(ids, vals)
+    wide, deep = cut["wide"], cut["deep"]
     assert wide.dtype == deep.dtype == torch.float32  # the cut layer is float32 whatever the precision
-    fp32_deep = party.bottom(ids, vals)[1]
+    assert party.bottom is not None
+    fp32_deep = party.bottom(ids, vals)["deep"]
     assert not torch.equal(deep, fp32_deep)  # the matmuls really ran in bfloat16
     torch.testing.assert_close(deep, fp32_deep, rtol=0.05, atol=0.02)
     assert all(p.dtype == torch.float32 for p in party.bottom.parameters())  # master weights stay float32
@@ -57,7 +59,7 @@ def joint_bf16_losses(job: JobSpec) -> list[float]:
     data = {role: open_party(job.data.dir, role) for role in ("leader", "follower")}
     leader = build_party(job, "leader", data["leader"].meta, device)
     follower = build_party(job, "follower", data["follower"].meta, device)
-    assert leader.top is not None
+    assert leader.top is not None and leader.bottom is not None and follower.bottom is not None
     modules = [leader.bottom, follower.bottom, leader.top]
     ftrl, adam = job.train.wide_optimizer, job.train.deep_optimizer
     optimizers = [Ftrl([*leader.bottom.wide_parameters(), *follower.bottom.wide_parameters()], lr=ftrl.lr,
@@ -70,10 +72,10 @@ def joint_bf16_losses(job: JobSpec) -> list[float]:
         for optimizer in optimizers:
             optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            lw, ld = leader.bottom(lb.ids, lb.vals)
-            fw, fd = follower.bottom(fb.ids, fb.vals)
-        logits = leader.top(lw.float(), ld.float(), fw.float(), fd.float())
-        loss = F.binary_cross_entropy_with_logits(logits, lb.labels)
+            own = leader.bottom(lb.ids, lb.vals)
+            theirs = follower.bottom(fb.ids, fb.vals)
+        logits = leader.top([{k: t.float() for k, t in own.items()}, {k: t.float() for k, t in theirs.items()}])
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], lb.labels)
         l2 = sum(m.l2_penalty(job.train.l2_coef) for m in modules[:2])
         (loss + l2).backward()
         for optimizer in optimizers:
@@ -100,8 +102,8 @@ def test_bf16_learns_what_fp32_learns(tmp_path: Path) -> None:
     fp32 = run_local(planted_job(tmp_path / "fp32", "fp32"), train_session)["leader"].epochs[-1][2]
     bf16 = run_local(planted_job(tmp_path / "bf16", "bf16"), train_session)["leader"].epochs[-1][2]
     assert fp32 is not None and bf16 is not None
-    assert bf16.auc != fp32.auc  # bf16 really ran
-    assert abs(bf16.auc - fp32.auc) < 0.01
+    assert bf16.score != fp32.score  # bf16 really ran
+    assert abs(bf16.score - fp32.score) < 0.01
 
 
 def test_bf16_without_native_support_falls_back_to_fp32_with_a_warning(
@@ -116,15 +118,15 @@ def test_bf16_without_native_support_falls_back_to_fp32_with_a_warning(
 
 @needs_bf16
 def test_a_bf16_baseline_computes_in_bfloat16_and_returns_float32_logits(tmp_path: Path) -> None:
-    from vfl_cli.train.baseline import build_model, logits, open_baseline_data
+    from vfl_cli.train.baseline import baseline_task, build_model, logits, open_baseline_data
     from vfl_cli.train.batches import Batch
 
     job = planted_job(tmp_path, "bf16")
     fp32 = job.model_copy(update={"train": job.train.model_copy(update={"precision": "fp32"})})
     data = open_baseline_data(job, "central")
-    model = build_model(job, data)
+    model = build_model(job, data, baseline_task(job, data))
     batch: Batch = next(data.batches("train", 64, job.seed, 0, shuffle=False))
     in_bf16, in_fp32 = logits(model, job, batch), logits(model, fp32, batch)
-    assert in_bf16.dtype == torch.float32 and in_bf16.shape == in_fp32.shape == (64,)
+    assert in_bf16.dtype == torch.float32 and in_bf16.shape == in_fp32.shape == (64, 1)
     assert not torch.equal(in_bf16, in_fp32)  # the matmuls really ran in bfloat16...
     assert torch.allclose(in_bf16, in_fp32, atol=0.05)  # ...and agree to bfloat16's precision

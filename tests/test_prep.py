@@ -62,7 +62,7 @@ def small_job(seed: int = 3, test_fraction: float = 0.5) -> JobSpec:
 
 def prep(raw: Path, job: JobSpec, out: Path, threshold: int, roles: tuple[Role, ...], **options: Any) -> PrepResult:
     """`prepare_criteo` as `vfl prep criteo` calls it: each role's schema from the job, at this threshold."""
-    schemas = [replace(job.schema(role), threshold=threshold) for role in roles]
+    schemas = [replace(job.table_schema(role), threshold=threshold) for role in roles]
     return prepare_criteo(raw, schemas, out, job.seed, job.data.test_fraction, **options)
 
 

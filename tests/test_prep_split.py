@@ -46,7 +46,7 @@ def raw_rows(path: Path) -> list[dict[str, str]]:
 def test_overlap_orders_columns_ids_and_values(source: Path, tmp_path: Path) -> None:
     job = load_job(REPO / "jobs/smoke.yaml")
     overlap = 0.6
-    result = split_parties(source, [job.schema(r) for r in ROLES], overlap, 11, tmp_path)
+    result = split_parties(source, [job.table_schema(r) for r in ROLES], overlap, 11, tmp_path)
 
     # Each count is binomial; allow 5 standard deviations (a false failure is ~1e-6 likely).
     def near(count: int, p: float) -> bool:
@@ -108,7 +108,7 @@ def round_trip(source: Path, tables: Path, job_path: Path, prepared: Path, custo
     job = load_job(job_path)
     raw = raw_rows(source)
     for role in ("leader", "follower"):
-        prepare_table(tables / f"{role}.tsv", job.schema(role), prepared / role)
+        prepare_table(tables / f"{role}.tsv", job.table_schema(role), prepared / role)
         table = open_table(prepared / role)
         arrays = table.arrays()
         vocab = json.loads((prepared / role / "vocab.json").read_text())
@@ -152,6 +152,6 @@ def test_cli_split_then_table_round_trip(
 @pytest.mark.skipif(not SAMPLE.is_file(), reason=f"real Criteo sample not present at {SAMPLE}")
 def test_real_sample_round_trip(tmp_path: Path) -> None:
     job = load_job(REPO / "jobs/criteo.yaml")
-    result = split_parties(SAMPLE, [job.schema(r) for r in ROLES], 0.8, job.seed, tmp_path / "tables")
+    result = split_parties(SAMPLE, [job.table_schema(r) for r in ROLES], 0.8, job.seed, tmp_path / "tables")
     assert result.source_rows == 7200
     round_trip(SAMPLE, tmp_path / "tables", REPO / "jobs/criteo.yaml", tmp_path / "prepared", customers=30)

@@ -132,7 +132,7 @@ def test_a_crash_during_the_last_evaluation_runs_it_again(
         run_local(job, train_session, {victim: CrashAfter(2 * STEPS_PER_EPOCH + 4 + 2)})
     outcome = run_local(job, train_session)["leader"]
     assert outcome.start.step == 28 and [e for e, _, _ in outcome.epochs] == [1]
-    assert abs(outcome.epochs[-1][2].auc - reference[0]) <= 1e-6
+    assert abs(outcome.epochs[-1][2].score - reference[0]) <= 1e-6
 
 
 @pytest.mark.parametrize("loser", ["leader", "follower"])
@@ -171,7 +171,7 @@ def test_restart_on_one_side_alone_is_refused_and_changes_nothing(local_spec: di
         assert {role: held(job, role) for role in ("leader", "follower")} == before
     restarted = run_local(job, lambda run: train_session(run, restart=True))["leader"]
     assert not restarted.resumed and restarted.run_id != first.run_id and len(restarted.epochs) == EPOCHS
-    assert abs(restarted.epochs[-1][2].auc - first.epochs[-1][2].auc) <= 1e-6  # deterministic from the seed
+    assert abs(restarted.epochs[-1][2].score - first.epochs[-1][2].score) <= 1e-6  # deterministic from the seed
 
 
 def test_different_runs_on_the_two_sides_are_refused(local_spec: dict[str, Any], tmp_path: Path) -> None:

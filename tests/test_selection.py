@@ -94,10 +94,10 @@ def test_eval_uses_the_best_validation_epoch_not_the_last(tmp_path: Path) -> Non
     assert follower_store.selected(run_id)["step"] == selected["step"]  # type: ignore[index]
     final = [r for r in records if r["event"] == "final_test"]
     assert len(final) == 1 and final[0]["epoch"] == best_epoch
-    assert outcome.final_test is not None and outcome.final_test.auc == final[0]["auc"]
+    assert outcome.final_test is not None and outcome.final_test.score == final[0]["auc"]
     # eval and infer load the selected checkpoint on both sides: the same AUC as the final test score
     evaluated = run_local(job, lambda run: eval_session(run, job.train.run_dir, "test"))["leader"]
-    assert evaluated is not None and evaluated.auc == pytest.approx(final[0]["auc"], abs=1e-12)
+    assert evaluated is not None and evaluated.score == pytest.approx(final[0]["auc"], abs=1e-12)
     last_weights = store.load(run_id, newest)["state"]["bottom"]["deep_embedding.weight"]
     selected_weights = store.load_selected()["state"]["bottom"]["deep_embedding.weight"]  # type: ignore[index]
     assert not torch.equal(last_weights, selected_weights)
@@ -133,12 +133,12 @@ def test_baselines_select_on_validation_too(tmp_path: Path) -> None:
     job = overfitting_job(tmp_path, early_stopping={"patience": 1})
     outcome = train_baseline(job, "leader-only", SilentReporter(), restart=True)
     assert outcome.final_test is not None and len(outcome.epochs) < job.train.epochs
-    aucs = [result.auc for _, _, result in outcome.epochs if result is not None]
+    aucs = [result.score for _, _, result in outcome.epochs if result is not None]
     store = CheckpointStore(job.train.run_dir / "leader-only", job.fingerprint())
     run_id = store.run_id()
     assert run_id is not None and store.selected(run_id)["epoch"] == int(np.argmax(aucs))  # type: ignore[index]
     evaluated = evaluate_baseline_checkpoint(job, "leader-only", job.train.run_dir, "test")
-    assert evaluated.auc == pytest.approx(outcome.final_test.auc, abs=1e-12)
+    assert evaluated.score == pytest.approx(outcome.final_test.score, abs=1e-12)
 
 
 def test_a_baseline_writes_the_records_vfl_report_reads(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_a_baseline_writes_the_records_vfl_report_reads(tmp_path: Path) -> None:
     assert [r["event"] for r in records if r["event"] in ("start", "epoch", "final_test")] == [
         "start", "epoch", "epoch", "final_test"]
     assert outcome.final_test is not None
-    assert baseline_auc(job.train.run_dir, "central") == f"{outcome.final_test.auc:.6f}"
+    assert baseline_auc(job.train.run_dir, "central") == f"{outcome.final_test.score:.6f}"
 
 
 def test_a_run_that_stopped_early_stays_stopped_when_run_again(tmp_path: Path) -> None:
@@ -164,9 +164,9 @@ def test_a_run_that_stopped_early_stays_stopped_when_run_again(tmp_path: Path) -
     first = run_local(job, train_session)["leader"]
     again = run_local(job, train_session)["leader"]
     assert len(first.epochs) < job.train.epochs and again.resumed and again.epochs == []
-    assert again.final_test is not None and again.final_test.auc == first.final_test.auc  # type: ignore[union-attr]
+    assert again.final_test is not None and again.final_test.score == first.final_test.score  # type: ignore[union-attr]
 
     stopped = train_baseline(job, "central", SilentReporter(), restart=True)
     resumed = train_baseline(job, "central", SilentReporter())
     assert len(stopped.epochs) < job.train.epochs and resumed.resumed and resumed.epochs == []
-    assert resumed.final_test is not None and resumed.final_test.auc == stopped.final_test.auc  # type: ignore[union-attr]
+    assert resumed.final_test is not None and resumed.final_test.score == stopped.final_test.score  # type: ignore[union-attr]

@@ -60,7 +60,7 @@ def write(path: Path, text: str) -> Path:
 
 def test_hand_written_csv_exact_ids_vals_labels(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = prepare_table(write(tmp_path / "leader.csv", LEADER_CSV), small_job(tmp_path).schema("leader"), out)
+    result = prepare_table(write(tmp_path / "leader.csv", LEADER_CSV), small_job(tmp_path).table_schema("leader"), out)
     table = open_table(out)
     # C2: OOV 0, x 1 (y once) | I1: 2 | C1: OOV 3, "a,b" 4 (b once, one missing).
     assert table.meta.field_offsets == {"C2": 0, "I1": 2, "C1": 3} and table.meta.vocab_size == 5
@@ -83,14 +83,14 @@ def test_hand_written_csv_exact_ids_vals_labels(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["leader.tsv", "leader.tsv.gz", "leader.csv.gz"])
 def test_tsv_and_gzip_give_the_same_arrays(tmp_path: Path, name: str) -> None:
     text = LEADER_CSV if ".csv" in name else LEADER_TSV
-    prepare_table(write(tmp_path / "ref.csv", LEADER_CSV), small_job(tmp_path).schema("leader"), tmp_path / "ref")
-    prepare_table(write(tmp_path / name, text), small_job(tmp_path).schema("leader"), tmp_path / "out")
+    prepare_table(write(tmp_path / "ref.csv", LEADER_CSV), small_job(tmp_path).table_schema("leader"), tmp_path / "ref")
+    prepare_table(write(tmp_path / name, text), small_job(tmp_path).table_schema("leader"), tmp_path / "out")
     for file in ("ids.npy", "vals.npy", "labels.npy", "sample_ids.npy", "customer_ids.npy", "vocab.json"):
         assert (tmp_path / "out" / file).read_bytes() == (tmp_path / "ref" / file).read_bytes(), file
 
 
 def test_threshold_boundary_count_equal_to_threshold_is_oov(tmp_path: Path) -> None:
-    leader = small_job(tmp_path, threshold=2).schema("leader")
+    leader = small_job(tmp_path, threshold=2).table_schema("leader")
     prepare_table(write(tmp_path / "t.csv", LEADER_CSV), leader, tmp_path / "o")
     # x and "a,b" are each seen exactly twice: not more than 2, so both go to their field's OOV id.
     assert json.loads((tmp_path / "o/vocab.json").read_text()) == {"C2": [], "C1": []}
@@ -103,7 +103,7 @@ def test_delimiter_detection_and_override(tmp_path: Path) -> None:
     assert read_header(write(tmp_path / "a.tsv.gz", LEADER_TSV), None)[1] == "\t"
     assert read_header(tmp_path / "a.csv", "\t") == (["extra,C1,click,cust,I1,C2"], "\t")  # forced: one column
     with pytest.raises(DataError, match="header has no id column 'cust'"):
-        prepare_table(tmp_path / "a.csv", small_job(tmp_path).schema("leader"), tmp_path / "o", delimiter="\t")
+        prepare_table(tmp_path / "a.csv", small_job(tmp_path).table_schema("leader"), tmp_path / "o", delimiter="\t")
 
 
 def test_many_small_batches_equal_one_batch_and_find_late_errors(tmp_path: Path) -> None:
@@ -112,23 +112,23 @@ def test_many_small_batches_equal_one_batch_and_find_late_errors(tmp_path: Path)
     config = job_config(tmp_path)
     config["parties"]["leader"]["fields"] = ["I1", "C1"]  # type: ignore[index]
     job = parse_job(config)
-    prepare_table(write(tmp_path / "t.csv", text), job.schema("leader"), tmp_path / "one")
-    prepare_table(tmp_path / "t.csv", job.schema("leader"), tmp_path / "many", block_size=4096)
+    prepare_table(write(tmp_path / "t.csv", text), job.table_schema("leader"), tmp_path / "one")
+    prepare_table(tmp_path / "t.csv", job.table_schema("leader"), tmp_path / "many", block_size=4096)
     for file in ("ids.npy", "vals.npy", "labels.npy", "sample_ids.npy", "customer_ids.npy", "meta.json"):
         assert (tmp_path / "one" / file).read_bytes() == (tmp_path / "many" / file).read_bytes(), file
     # A duplicate in a far batch and a bad value on a late line are found and named.
     dup = write(tmp_path / "dup.csv", text + "1,c00017,k1,0\n")
     with pytest.raises(DataError, match=r"customer id 'c00017' appears more than once \(lines 19 and 3002\)"):
-        prepare_table(dup, job.schema("leader"), tmp_path / "x", block_size=4096)
+        prepare_table(dup, job.table_schema("leader"), tmp_path / "x", block_size=4096)
     bad = write(tmp_path / "bad.csv", text.replace("\n2,c02900,", "\nsix,c02900,"))
     with pytest.raises(DataError, match=rf"^{bad}:2902: I1 must be a number, found 'six'$"):
-        prepare_table(bad, job.schema("leader"), tmp_path / "x", block_size=4096)
+        prepare_table(bad, job.table_schema("leader"), tmp_path / "x", block_size=4096)
     assert not (tmp_path / "x").exists()
 
 
 def test_equal_hashes_of_different_ids_are_not_duplicates(tmp_path: Path) -> None:
     path = write(tmp_path / "t.csv", LEADER_CSV)
-    reader = CsvTable(path, small_job(tmp_path).schema("leader"), (), False)
+    reader = CsvTable(path, small_job(tmp_path).table_schema("leader"), (), False)
     tally = IdTally()
     tally.hashes = [np.array([5, 9, 5, 7], np.int64)]  # rows 0 and 2 (u1, u3) collide on the hash only
     tally.check_unique(reader)  # no error: the real ids differ
@@ -138,10 +138,10 @@ def test_equal_hashes_of_different_ids_are_not_duplicates(tmp_path: Path) -> Non
 def test_vocab_from_maps_unseen_to_oov_and_keeps_the_training_max(tmp_path: Path) -> None:
     job = small_job(tmp_path)
     training = tmp_path / "data/tables/leader"
-    prepare_table(write(tmp_path / "train.csv", LEADER_CSV), job.schema("leader"), training)
+    prepare_table(write(tmp_path / "train.csv", LEADER_CSV), job.table_schema("leader"), training)
     before = {p.name: p.read_bytes() for p in training.iterdir()}
     new = write(tmp_path / "new.csv", 'cust,C2,C1,I1\nn1,x,a,520\nn2,w,"a,b",\nn3,,b,13\n')  # no label column
-    result = prepare_table(new, job.schema("leader"), tmp_path / "score", vocab_from=training)
+    result = prepare_table(new, job.table_schema("leader"), tmp_path / "score", vocab_from=training)
     scored = open_table(tmp_path / "score")
     arrays = scored.arrays()
     assert arrays.ids.tolist() == [[1, 2, 3], [0, 2, 4], [0, 2, 3]]  # w, a, b unseen or rare -> OOV
@@ -151,7 +151,7 @@ def test_vocab_from_maps_unseen_to_oov_and_keeps_the_training_max(tmp_path: Path
     assert (tmp_path / "score/vocab.json").read_text() == (training / "vocab.json").read_text()
     assert {p.name: p.read_bytes() for p in training.iterdir()} == before  # the training table untouched
     with pytest.raises(DataError, match="holds the leader's vocabulary, not the follower's"):
-        prepare_table(new, job.schema("follower"), tmp_path / "f", vocab_from=training)
+        prepare_table(new, job.table_schema("follower"), tmp_path / "f", vocab_from=training)
 
 
 # --- through the CLI: exit code 3 and one line per bad input ---------------------------------------------

@@ -47,7 +47,7 @@ def same_files(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("name", ["t.parquet", "t.pq", "t.bin"])  # .bin: found by its PAR1 magic bytes
 def test_parquet_gives_the_arrays_the_same_csv_gives(tmp_path: Path, name: str) -> None:
-    schema = job(tmp_path, COLUMNS).schema("leader")
+    schema = job(tmp_path, COLUMNS).table_schema("leader")
     prepare_table(write(tmp_path / "t.csv", CSV_TEXT), schema, tmp_path / "csv")
     result = prepare_table(parquet(tmp_path / name, TABLE), schema, tmp_path / "pq")  # row groups of 2 rows
     same_files(tmp_path / "csv", tmp_path / "pq")
@@ -58,7 +58,7 @@ def test_parquet_gives_the_arrays_the_same_csv_gives(tmp_path: Path, name: str) 
 
 
 def test_parquet_labels_by_task_and_vocab_from(tmp_path: Path) -> None:
-    schema = job(tmp_path, {"x0": "numeric"}, "multiclass").schema("leader")
+    schema = job(tmp_path, {"x0": "numeric"}, "multiclass").table_schema("leader")
     rows = {"cust": ["a", "b", "c"], "y": [10, 2, 1], "x0": [1.0, 2.0, 3.0]}
     prepare_table(write(tmp_path / "t.csv", "cust,y,x0\na,10,1\nb,2,2\nc,1,3\n"), schema, tmp_path / "csv")
     prepare_table(parquet(tmp_path / "t.parquet", rows), schema, tmp_path / "pq")
@@ -69,7 +69,7 @@ def test_parquet_labels_by_task_and_vocab_from(tmp_path: Path) -> None:
         prepare_table(new, schema, tmp_path / "x", vocab_from=tmp_path / "pq")
     assert str(caught.value) == f"{new}: row 2: y '3' is not a class seen in training (classes: 1, 2, 10)"
 
-    regression = job(tmp_path, {"x0": "numeric"}, "regression").schema("leader")
+    regression = job(tmp_path, {"x0": "numeric"}, "regression").table_schema("leader")
     prepare_table(parquet(tmp_path / "r.parquet", {**rows, "y": [0.5, -1.0, 2.0]}), regression, tmp_path / "r")
     assert open_table(tmp_path / "r").arrays().labels.tolist() == [0.5, -1.0, 2.0]  # type: ignore[union-attr]
 
@@ -140,14 +140,14 @@ def test_fate_tables_prepare_as_numpy_computes_them(tmp_path: Path, name: str, t
     spec = parse_job(fate_job(tmp_path, name, task))
     for role, side in (("leader", "guest"), ("follower", "host")):
         source = FATE / f"{name}_hetero_{side}.csv"
-        prepare_table(source, spec.schema(role), tmp_path / role)
+        prepare_table(source, spec.table_schema(role), tmp_path / role)
         table = open_table(tmp_path / role)
         raw = pa_csv.read_csv(source)
         x = np.stack([raw.column(c).to_numpy().astype(float) for c in table.meta.fields], axis=1)
         np.testing.assert_array_equal(table.arrays().vals, ((x - x.mean(0)) / x.std(0)).astype(np.float32))
         assert table.arrays().ids.tolist()[0] == list(range(len(table.meta.fields)))
         pq.write_table(raw, tmp_path / f"{role}.parquet", row_group_size=5000)  # and as Parquet: the same bytes
-        prepare_table(tmp_path / f"{role}.parquet", spec.schema(role), tmp_path / f"{role}-pq")
+        prepare_table(tmp_path / f"{role}.parquet", spec.table_schema(role), tmp_path / f"{role}-pq")
         same_files(tmp_path / role, tmp_path / f"{role}-pq")
     leader = open_table(tmp_path / "leader")
     y = pa_csv.read_csv(FATE / f"{name}_hetero_guest.csv").column("y").to_numpy()

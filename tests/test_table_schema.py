@@ -55,7 +55,7 @@ FOLLOWER_CSV = "cust,x0,code\nu1,5,7\nu2,5,7\nu3,5,8\nu4,,7\n"  # x0 constant; c
 
 def test_any_names_kinds_from_the_job_and_standard_scaling_exact(tmp_path: Path) -> None:
     spec = job(tmp_path)
-    result = prepare_table(write(tmp_path / "l.csv", LEADER_CSV), spec.schema("leader"), tmp_path / "l")
+    result = prepare_table(write(tmp_path / "l.csv", LEADER_CSV), spec.table_schema("leader"), tmp_path / "l")
     table = open_table(tmp_path / "l")
     assert table.meta.fields == ("x0", "city", "age") and table.meta.kinds == ("numeric", "categorical", "numeric")
     assert table.meta.field_offsets == {"x0": 0, "city": 1, "age": 3} and table.meta.vocab_size == 4
@@ -70,7 +70,7 @@ def test_any_names_kinds_from_the_job_and_standard_scaling_exact(tmp_path: Path)
     assert json.loads((tmp_path / "l/dense_max.json").read_text()) == {
         "scaling": "standard", "columns": {"x0": {"mean": 20.0, "std": 10.0}, "age": {"mean": 2.0, "std": 1.0}}}
 
-    prepare_table(write(tmp_path / "f.csv", FOLLOWER_CSV), spec.schema("follower"), tmp_path / "f")
+    prepare_table(write(tmp_path / "f.csv", FOLLOWER_CSV), spec.table_schema("follower"), tmp_path / "f")
     follower = open_table(tmp_path / "f")
     assert follower.meta.kinds == ("numeric", "categorical") and follower.meta.task is None
     assert follower.arrays().ids.tolist() == [[0, 2], [0, 2], [0, 1], [0, 2]]
@@ -80,8 +80,8 @@ def test_any_names_kinds_from_the_job_and_standard_scaling_exact(tmp_path: Path)
 
 def test_an_all_missing_numeric_column_is_zero_and_integer_codes_are_categories(tmp_path: Path) -> None:
     spec = job(tmp_path, {"empty": "numeric", "code": "categorical"})
-    prepare_table(write(tmp_path / "t.csv", "cust,y,empty,code\na,1,,3\nb,0,,3\nc,1,,12\n"), spec.schema("leader"),
-                  tmp_path / "o")
+    text = "cust,y,empty,code\na,1,,3\nb,0,,3\nc,1,,12\n"
+    prepare_table(write(tmp_path / "t.csv", text), spec.table_schema("leader"), tmp_path / "o")
     arrays = open_table(tmp_path / "o").arrays()
     assert arrays.vals[:, 0].tolist() == [0, 0, 0] and arrays.ids.tolist() == [[0, 2], [0, 2], [0, 1]]
     assert json.loads((tmp_path / "o/vocab.json").read_text()) == {"code": ["3"]}
@@ -90,9 +90,9 @@ def test_an_all_missing_numeric_column_is_zero_and_integer_codes_are_categories(
 
 def test_vocab_from_encodes_new_rows_with_the_fitted_mean_and_std(tmp_path: Path) -> None:
     training = tmp_path / "data/tables/leader"
-    prepare_table(write(tmp_path / "l.csv", LEADER_CSV), job(tmp_path).schema("leader"), training)
+    prepare_table(write(tmp_path / "l.csv", LEADER_CSV), job(tmp_path).table_schema("leader"), training)
     new = write(tmp_path / "new.csv", "cust,age,city,x0\nn1,5,rome,40\nn2,,berlin,\n")  # no label column
-    scoring = job(tmp_path, dense="max").schema("leader")  # the job says max: the directory's standard wins
+    scoring = job(tmp_path, dense="max").table_schema("leader")  # the job says max: the directory's standard wins
     prepare_table(new, scoring, tmp_path / "score", vocab_from=training)
     scored = open_table(tmp_path / "score")
     assert scored.arrays().ids.tolist() == [[0, 1, 3], [0, 1, 3]]  # rome rare, berlin unseen: OOV
@@ -100,7 +100,7 @@ def test_vocab_from_encodes_new_rows_with_the_fitted_mean_and_std(tmp_path: Path
     assert scored.arrays().labels is None and (scored.meta.task, scored.meta.kinds[1]) == (None, "categorical")
     assert (tmp_path / "score/dense_max.json").read_text() == (training / "dense_max.json").read_text()
     with pytest.raises(DataError, match=r"column kinds differ from the job's \(age is numeric there, categorical"):
-        prepare_table(new, job(tmp_path, {**LEADER, "age": "categorical"}).schema("leader"), tmp_path / "x",
+        prepare_table(new, job(tmp_path, {**LEADER, "age": "categorical"}).table_schema("leader"), tmp_path / "x",
                       vocab_from=training)
 
 
@@ -109,7 +109,7 @@ def test_moments_do_not_depend_on_how_the_input_is_cut_into_batches(tmp_path: Pa
     values = rng.lognormal(3, 2, size=(10_000, 2)) * 1e3
     lines = [f"c{i},{i % 2},{a!r},{'' if i % 7 == 0 else repr(b)},k{i % 4}" for i, (a, b) in enumerate(values.tolist())]
     path = write(tmp_path / "t.csv", "cust,y,x0,age,city\n" + "\n".join(lines) + "\n")
-    schema = job(tmp_path).schema("leader")
+    schema = job(tmp_path).table_schema("leader")
     prepare_table(path, schema, tmp_path / "one")
     prepare_table(path, schema, tmp_path / "many", block_size=4096)  # ~80 batches, none on a 4096-row boundary
     for file in ("ids.npy", "vals.npy", "labels.npy", "dense_max.json", "meta.json"):
@@ -132,7 +132,7 @@ def test_multiclass_classes_are_read_sorted_recorded_and_indexed(
 ) -> None:
     rows = "".join(f"c{i},{label},{i}\n" for i, label in enumerate(labels))
     spec = job(tmp_path, {"x0": "numeric"}, "multiclass")
-    result = prepare_table(write(tmp_path / "t.csv", "cust,y,x0\n" + rows), spec.schema("leader"), tmp_path / "o")
+    result = prepare_table(write(tmp_path / "t.csv", "cust,y,x0\n" + rows), spec.table_schema("leader"), tmp_path / "o")
     table = open_table(tmp_path / "o")
     assert (table.meta.task, table.meta.classes, result.classes, result.label_rate) == ("multiclass", classes,
                                                                                          classes, None)
@@ -141,7 +141,7 @@ def test_multiclass_classes_are_read_sorted_recorded_and_indexed(
 
 
 def test_multiclass_vocab_from_takes_the_classes_and_refuses_an_unseen_one(tmp_path: Path) -> None:
-    spec = job(tmp_path, {"x0": "numeric"}, "multiclass").schema("leader")
+    spec = job(tmp_path, {"x0": "numeric"}, "multiclass").table_schema("leader")
     training = tmp_path / "fitted"
     prepare_table(write(tmp_path / "t.csv", "cust,y,x0\na,10,1\nb,2,2\nc,1,3\n"), spec, training)
     prepare_table(write(tmp_path / "n.csv", "cust,y,x0\nn1,2,5\nn2,10,\n"), spec, tmp_path / "new", vocab_from=training)
@@ -157,7 +157,7 @@ def test_multiclass_vocab_from_takes_the_classes_and_refuses_an_unseen_one(tmp_p
 def test_regression_labels_are_stored_as_values(tmp_path: Path) -> None:
     spec = job(tmp_path, {"x0": "numeric"}, "regression")
     text = "cust,y,x0\na,1.5,1\nb,-2,2\nc,3e2,3\n"
-    result = prepare_table(write(tmp_path / "t.csv", text), spec.schema("leader"), tmp_path / "o")
+    result = prepare_table(write(tmp_path / "t.csv", text), spec.table_schema("leader"), tmp_path / "o")
     table = open_table(tmp_path / "o")
     assert (table.meta.task, table.meta.classes, result.label_rate) == ("regression", (), None)
     assert table.arrays().labels.tolist() == [1.5, -2.0, 300.0]  # type: ignore[union-attr]
@@ -166,9 +166,9 @@ def test_regression_labels_are_stored_as_values(tmp_path: Path) -> None:
 def test_a_label_only_leader_prepares_and_aligns_with_zero_width_arrays(tmp_path: Path) -> None:
     spec = job(tmp_path, {}, "multiclass")
     tables = tmp_path / "data/tables"
-    prepare_table(write(tmp_path / "l.csv", "cust,y\nu1,b\nu2,a\nu3,b\nu9,c\n"), spec.schema("leader"),
+    prepare_table(write(tmp_path / "l.csv", "cust,y\nu1,b\nu2,a\nu3,b\nu9,c\n"), spec.table_schema("leader"),
                   tables / "leader")
-    prepare_table(write(tmp_path / "f.csv", FOLLOWER_CSV), spec.schema("follower"), tables / "follower")
+    prepare_table(write(tmp_path / "f.csv", FOLLOWER_CSV), spec.table_schema("follower"), tables / "follower")
     leader = open_table(tables / "leader")
     assert leader.arrays().ids.shape == (4, 0) and leader.arrays().vals.shape == (4, 0)
     assert leader.meta.vocab_size == 0 and leader.arrays().labels.tolist() == [1, 0, 1, 2]  # type: ignore[union-attr]
@@ -184,7 +184,7 @@ def test_a_label_only_leader_prepares_and_aligns_with_zero_width_arrays(tmp_path
 
 def test_psi_refuses_a_table_prepared_with_other_kinds_or_task(tmp_path: Path) -> None:
     spec = job(tmp_path)
-    prepare_table(write(tmp_path / "l.csv", LEADER_CSV), spec.schema("leader"), tmp_path / "data/tables/leader")
+    prepare_table(write(tmp_path / "l.csv", LEADER_CSV), spec.table_schema("leader"), tmp_path / "data/tables/leader")
     with pytest.raises(DataError, match=r"other column kinds than the job \(city categorical there, numeric in"):
         open_own_table(job(tmp_path, {**LEADER, "city": "numeric"}), "leader")
     with pytest.raises(DataError, match="has binary labels, but the job's task is regression"):

@@ -14,8 +14,8 @@ from data_prep.store import open_party
 from tests.conftest import job_dict, write_planted_data
 from vfl_cli.errors import CheckpointError, DataError, PeerAborted, ProtocolError
 from vfl_cli.job import JobSpec, parse_job
+from vfl_cli.model.build import SplitModel
 from vfl_cli.model.ftrl import Ftrl
-from vfl_cli.model.wide_deep import JointWideDeep
 from vfl_cli.peer import BatchKey, Hello, LocalPeer
 from vfl_cli.train.baseline import train_baseline
 from vfl_cli.train.batches import iterate
@@ -35,8 +35,8 @@ def joint_losses(job: JobSpec, steps: int) -> list[float]:
     leader_data, follower_data = open_party(job.data.dir, "leader"), open_party(job.data.dir, "follower")
     leader = build_party(job, "leader", leader_data.meta, device)
     follower = build_party(job, "follower", follower_data.meta, device)
-    assert leader.top is not None
-    model = JointWideDeep(leader.bottom, follower.bottom, leader.top)
+    assert leader.top is not None and follower.bottom is not None
+    model = SplitModel(leader.bottom, follower.bottom, leader.top)
     # The plain form of the math: L2 in the loss, Adam's loop over tensors (not build_optimizers' fused Adam
     # with weight decay), so that split training is checked against the reference, not against itself.
     ftrl, adam = job.train.wide_optimizer, job.train.deep_optimizer
@@ -50,8 +50,8 @@ def joint_losses(job: JobSpec, steps: int) -> list[float]:
         for lb, fb in zip(leader_batches, follower_batches, strict=True):
             for optimizer in optimizers:
                 optimizer.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(model(lb.ids, lb.vals, fb.ids, fb.vals), lb.labels)
-            (loss + model.l2_penalty(job.train.l2_coef)).backward()
+            loss = F.binary_cross_entropy_with_logits(model(lb.ids, lb.vals, fb.ids, fb.vals)[:, 0], lb.labels)
+            (loss + sum(b.l2_penalty(job.train.l2_coef) for b in model.bottoms())).backward()
             for optimizer in optimizers:
                 optimizer.step()
             losses.append(loss.item())
@@ -79,7 +79,7 @@ def test_local_training_learns_the_planted_signal(planted_job: JobSpec) -> None:
     # clearly (here 0.84 against 0.75), so a broken follower path fails this test.
     leader_only = train_baseline(planted_job, "leader-only", SilentReporter(), restart=True).epochs[-1][2]
     assert epochs[-1][2] is not None and leader_only is not None
-    assert epochs[-1][2].auc > leader_only.auc + 0.05
+    assert epochs[-1][2].score > leader_only.score + 0.05
     assert results["follower"].epochs[-1][2] is None  # the follower never sees labels or metrics
     assert results["leader"].run_id == results["follower"].run_id and not results["leader"].resumed
     for role in ("leader", "follower"):  # 15 steps per epoch: the two epoch ends are the newest two
@@ -90,7 +90,7 @@ def test_local_training_learns_the_planted_signal(planted_job: JobSpec) -> None:
 def test_eval_of_checkpoint_reproduces_last_epoch_auc(planted_job: JobSpec) -> None:
     trained = run_local(planted_job, train_session)["leader"].epochs[-1][2]
     evaluated = run_local(planted_job, lambda run: eval_session(run, planted_job.train.run_dir, "test"))["leader"]
-    assert evaluated.auc == pytest.approx(trained.auc, abs=1e-9)
+    assert evaluated.score == pytest.approx(trained.score, abs=1e-9)
     assert evaluated.rows == 240
 
 
@@ -134,7 +134,9 @@ def test_data_prepared_for_other_fields_is_refused(tmp_path: Path) -> None:
     spec = job_dict(tmp_path)
     write_planted_data(Path(spec["data"]["dir"]))
     spec["parties"]["leader"]["fields"] = spec["parties"]["leader"]["fields"][:-1]
-    with pytest.raises(DataError, match="run `vfl prep criteo` again"):
+    expected = (r"prepared for 20 columns, the job gives the leader 19 "
+                r"\(column 20: prepared C13 \(categorical\), the job none\)")
+    with pytest.raises(DataError, match=expected + "; run `vfl prep` again"):
         open_run(parse_job(spec), "leader", LocalPeer.pair()[0])
 
 
@@ -160,6 +162,6 @@ def test_central_beats_leader_only_on_a_signal_split_across_parties(planted_job:
     central = train_baseline(planted_job, "central", SilentReporter()).epochs[-1][2]
     leader_only = train_baseline(planted_job, "leader-only", SilentReporter()).epochs[-1][2]
     assert central is not None and leader_only is not None
-    assert central.auc > leader_only.auc + 0.05
+    assert central.score > leader_only.score + 0.05
     reloaded = evaluate_baseline_checkpoint(planted_job, "central", planted_job.train.run_dir, "test")
-    assert reloaded.auc == pytest.approx(central.auc, abs=1e-9)
+    assert reloaded.score == pytest.approx(central.score, abs=1e-9)

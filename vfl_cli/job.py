@@ -104,7 +104,7 @@ class PartySpec(_Spec):
     def port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
 
-    def schema(self, role: Role, data: DataSpec) -> PartySchema:
+    def table_schema(self, role: Role, data: DataSpec) -> PartySchema:
         """This party's table as data preparation sees it."""
         scaling = data.dense or (CRITEO_SCALING if self.preset == "criteo" else "standard")
         label = Label(self.label_column, self.task) if role == "leader" else None
@@ -343,8 +343,8 @@ class JobSpec(_Spec):
     def follower(self) -> PartySpec:
         return self.parties["follower"]
 
-    def schema(self, role: Role) -> PartySchema:
-        return self.party(role).schema(role, self.data)
+    def table_schema(self, role: Role) -> PartySchema:
+        return self.party(role).table_schema(role, self.data)
 
     def cut_widths(self, role: str) -> dict[str, int]:
         """The cut tensors `role` sends (the leader's go to its own top), name -> width."""

@@ -118,7 +118,7 @@ def criteo(
     """Encode raw Criteo text into each party's ids/vals arrays, in two streaming passes."""
     spec = load_job(job)
     roles: tuple[Role, ...] = (role.value,) if role is not None else ROLES
-    schemas = [spec.schema(r) for r in roles]
+    schemas = [spec.table_schema(r) for r in roles]
     if threshold is not None:
         schemas = [replace(schema, threshold=threshold) for schema in schemas]
     with make_progress("rows") as progress:
@@ -189,7 +189,7 @@ def table(
     with make_progress("rows") as progress:
         result = prepare_table(
             input,
-            spec.schema(role.value),
+            spec.table_schema(role.value),
             target,
             delimiter=_DELIMITERS[delimiter] if delimiter is not None else None,
             vocab_from=vocab_from,
@@ -242,7 +242,7 @@ def split(
     target = out if out is not None else spec.data.dir.parent / "organisations"
     with make_progress("rows") as progress:
         result = split_parties(
-            input, [spec.schema(r) for r in ROLES], overlap, spec.seed if seed is None else seed, target,
+            input, [spec.table_schema(r) for r in ROLES], overlap, spec.seed if seed is None else seed, target,
             on_progress=_Bars(progress),
         )
     for role, (path, rows) in result.tables.items():

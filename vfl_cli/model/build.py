@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from vfl_cli.job import ModelSpec
-from vfl_cli.model.mlp import CUT, MlpBottom
+from vfl_cli.model.mlp import MlpBottom
 from vfl_cli.model.top import CutWidths, Top
 from vfl_cli.model.wide_deep import Part, WideDeepBottom, part_generator
 

@@ -35,6 +35,8 @@ class MlpBottom(nn.Module):
         super().__init__()
         numeric = [j for j, kind in enumerate(kinds) if kind == "numeric"]
         categorical = [j for j, kind in enumerate(kinds) if kind == "categorical"]
+        self.numeric: Tensor
+        self.categorical: Tensor
         self.register_buffer("numeric", torch.tensor(numeric, dtype=torch.long), persistent=False)
         self.register_buffer("categorical", torch.tensor(categorical, dtype=torch.long), persistent=False)
         self.embedding = embedding(vocab_size, emb_dim, generator) if categorical else None

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 Part = Literal["leader", "follower", "top", "central"]
 EMBEDDING_STD = 0.01  # MindSpore EmbeddingLookup's default normal init
 

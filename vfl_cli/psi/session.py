@@ -48,7 +48,7 @@ def _announced(role: str) -> str:
 def open_own_table(job: JobSpec, role: Role, table: Path | None = None) -> TableData:
     """The party's prepared table, if it was prepared for what the job says of this party's columns and labels."""
     data = open_table(table or table_dir(job.data.dir, role))
-    meta, schema = data.meta, job.schema(role)
+    meta, schema = data.meta, job.table_schema(role)
     if meta.role != role or meta.fields != schema.fields:
         raise DataError(f"{data.dir}: a {meta.role} table of fields {', '.join(meta.fields) or '(none)'}, but the "
                         f"job gives the {role} {', '.join(schema.fields) or '(none)'}; run `vfl prep table` again")

@@ -31,8 +31,8 @@ from data_prep.store import PartyData, SplitArrays
 from vfl_cli.checkpoint import CheckpointStore
 from vfl_cli.errors import CheckpointError, ProtocolError
 from vfl_cli.job import JobSpec
-from vfl_cli.peer import BatchKey, Peer, Phase, WireTensors
 from vfl_cli.model.build import cut_widths
+from vfl_cli.peer import BatchKey, Peer, Phase, WireTensors
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.task import Task
 from vfl_cli.telemetry import Telemetry
@@ -318,8 +318,7 @@ def train(run: PartyRun, run_id: str, start: Position) -> Iterator[tuple[int, fl
         stop = run.validating and select(run, run_id, epoch, step, result)
         yield epoch, samples_per_s, result
         if stop:
-            run.reporter.log(f"early stop after epoch {epoch}: no better validation {run.task.primary.title} "
-                             "since the best epoch")
+            run.reporter.log(f"early stop after epoch {epoch}: no better validation score since the best epoch")
             return
 
 

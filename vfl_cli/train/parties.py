@@ -72,7 +72,8 @@ class PartyModel:
             "top": None if self.top is None else self.top.state_dict(),
             "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
             # the regression label's scale, fitted on the training rows: scoring data without them needs it
-            "task": None if self.task is None else {"label_mean": self.task.label_mean, "label_std": self.task.label_std},
+            "task": None if self.task is None else {"label_mean": self.task.label_mean,
+                                                    "label_std": self.task.label_std},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -96,7 +97,7 @@ def build_party(job: JobSpec, role: str, meta: PartyMeta, device: torch.device, 
     bottom = build_bottom(job.model, job.seed, role, meta.vocab_size, meta.kinds)  # type: ignore[arg-type]
     top = None
     if role == "leader":
-        task = task or Task.of(meta.task or "binary", meta.classes)
+        task = task or Task.of(job.leader.task, tuple(meta.classes))
         follower_columns = len(job.follower.columns)
         cuts = [cut_widths(job.model, len(meta.fields)), cut_widths(job.model, follower_columns)]
         top = build_top(job.model, job.seed, cuts, task.width)

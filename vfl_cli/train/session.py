@@ -29,8 +29,8 @@ from vfl_cli.checkpoint import (
 from vfl_cli.errors import CheckpointError, DataError, ProtocolError
 from vfl_cli.job import JobSpec
 from vfl_cli.peer import Hello, LocalPeer, Peer, run_both
-from vfl_cli.telemetry import Telemetry
 from vfl_cli.task import Task
+from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import Position, view_of
 from vfl_cli.train.loop import (
     EvalResult,
@@ -53,18 +53,27 @@ def open_run(
 ) -> PartyRun:
     spec = job.party(role)
     data = open_party(job.data.dir, role)
-    expected = tuple(spec.columns.items())
-    if tuple(zip(data.meta.fields, data.meta.kinds, strict=True)) != expected:
-        have = ", ".join(f"{f} ({k})" for f, k in zip(data.meta.fields, data.meta.kinds, strict=True)) or "none"
-        want = ", ".join(f"{f} ({k})" for f, k in expected) or "none"
-        raise DataError(f"{data.dir}: prepared for columns {have}, but the job gives the {role} {want}; "
-                        "prepare it again (`vfl prep`)")
+    prepared, expected = tuple(zip(data.meta.fields, data.meta.kinds, strict=True)), tuple(spec.columns.items())
+    if prepared != expected:
+        raise DataError(f"{data.dir}: prepared for {len(prepared)} columns, the job gives the {role} {len(expected)} "
+                        f"({_first_difference(prepared, expected)}); run `vfl prep` again")
     if role == "leader" and data.meta.has_labels and (data.meta.task or "binary") != spec.task:
         raise DataError(f"{data.dir}: prepared for a {data.meta.task} label, but the job's task is {spec.task}")
     task = leader_task(job, data) if role == "leader" else None
     party = build_party(job, role, data.meta, pick_device(spec.device), task)
     return PartyRun(job, role, data, party, peer, reporter or SilentReporter(), job.train.run_dir / role,
                     telemetry or Telemetry(role))
+
+
+def _first_difference(prepared: tuple[tuple[str, str], ...], expected: tuple[tuple[str, str], ...]) -> str:
+    def show(column: tuple[str, str] | None) -> str:
+        return "none" if column is None else f"{column[0]} ({column[1]})"
+
+    for i in range(max(len(prepared), len(expected))):
+        mine, theirs = (cols[i] if i < len(cols) else None for cols in (prepared, expected))
+        if mine != theirs:
+            return f"column {i + 1}: prepared {show(mine)}, the job {show(theirs)}"
+    return "the same columns"
 
 
 def leader_task(job: JobSpec, data: PartyData) -> Task:
