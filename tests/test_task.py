@@ -105,3 +105,14 @@ def test_two_classes_is_the_binary_flip_exactly() -> None:
     uniforms = torch.from_numpy(RNG.random(1000))
     expected = torch.where(uniforms < flip_probability(0.5), 1 - labels, labels)
     assert torch.equal(randomized_response(labels, 0.5, uniforms, classes=2), expected)
+
+
+def test_ties_on_the_primary_metric_go_to_the_lower_loss() -> None:
+    """A small validation split's AUC saturates at 1.0 within a few epochs: the log loss decides between them
+    (without it, the first perfect epoch was kept: breast's test AUC 0.980 against 0.994 with it, 5 seeds)."""
+    binary = Task("binary")
+    assert binary.tiebreak.name == "log_loss" and Task("regression").tiebreak.name == "mae"
+    assert binary.better(1.0, 1.0, tie=0.10, than_tie=0.20) and not binary.better(1.0, 1.0, 0.30, 0.20)
+    assert not binary.better(1.0, 1.0, 0.20, 0.20)  # a tie of both: the earlier epoch stays
+    assert not binary.better(1.0, 1.0, 0.10, None)  # a record from before the tiebreak: no change
+    assert Task("regression").better(3.0, 3.0, tie=1.0, than_tie=1.5)

@@ -251,7 +251,8 @@ class CheckpointStore:
 
     # -- model selection: the best-validation epoch's checkpoint, kept whatever newer ones come and go
 
-    def select(self, run_id: str, step: int, epoch: int, valid_score: float | None) -> None:
+    def select(self, run_id: str, step: int, epoch: int, valid_score: float | None,
+               valid_tiebreak: float | None = None) -> None:
         """Keep the checkpoint at `step` (just saved) as the selected one: a hard link, so no copy of the
         weights; the record is written last, so a crash in between leaves the previous selection's record,
         which no longer matches the linked file and is then ignored."""
@@ -259,12 +260,13 @@ class CheckpointStore:
         temp.unlink(missing_ok=True)
         os.link(self.directory / file_name(step), temp)
         os.replace(temp, self.directory / SELECTED_FILE)
-        record = {"run_id": run_id, "step": step, "epoch": epoch, "valid_score": valid_score}
+        record = {"run_id": run_id, "step": step, "epoch": epoch, "valid_score": valid_score,
+                  "valid_tiebreak": valid_tiebreak}
         _write_atomically(self.directory / SELECTED_RECORD, lambda f: f.write(json.dumps(record).encode()))
 
     def selected(self, run_id: str) -> dict[str, Any] | None:
-        """The selection record of `run_id` ({run_id, step, epoch, valid_score: the task's primary metric}), or
-        None. A record from before tasks existed names it valid_auc."""
+        """The selection record of `run_id` ({run_id, step, epoch, valid_score: the task's primary metric,
+        valid_tiebreak: its tiebreak metric}), or None. A record from before tasks existed names it valid_auc."""
         try:
             record = json.loads((self.directory / SELECTED_RECORD).read_text())
         except (OSError, ValueError):

@@ -55,6 +55,10 @@ METRICS: dict[TaskKind, tuple[Metric, ...]] = {  # the first is the primary one,
 }
 
 
+def _beats(value: float, than: float, higher_is_better: bool) -> bool:
+    return value > than if higher_is_better else value < than
+
+
 TITLES = {m.name: m.title for task in METRICS.values() for m in task}
 
 
@@ -94,6 +98,12 @@ class Task:
     def primary(self) -> Metric:
         return self.metrics[0]
 
+    @property
+    def tiebreak(self) -> Metric:
+        """What decides between epochs of equal primary score: the log loss (a small validation split's AUC or
+        accuracy saturates and ties), for regression the MAE."""
+        return next(m for m in self.metrics if m.name in ("log_loss", "mae"))
+
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The training loss of head outputs [B, width] against the prepared labels [B] (float32)."""
         if self.kind == "binary":
@@ -119,13 +129,16 @@ class Task:
             return {m.name: float("nan") for m in self.metrics}
         return {m.name: m.compute(np.asarray(labels), predictions) for m in self.metrics}
 
-    def better(self, value: float, than: float | None) -> bool:
-        """Whether a primary-metric value beats `than` (None: nothing yet); NaN is never better."""
+    def better(self, value: float, than: float | None, tie: float = math.nan, than_tie: float | None = None) -> bool:
+        """Whether a primary-metric value beats `than` (None: nothing yet); NaN is never better. Equal values
+        are decided by the tiebreak metric's `tie` against `than_tie` (the earlier epoch keeps a tie of both)."""
         if math.isnan(value):
             return than is None
         if than is None or math.isnan(than):
             return True
-        return value > than if self.primary.higher_is_better else value < than
+        if value == than:
+            return than_tie is not None and _beats(tie, than_tie, self.tiebreak.higher_is_better)
+        return _beats(value, than, self.primary.higher_is_better)
 
 
     def columns(self) -> list[str]:

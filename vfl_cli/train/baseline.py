@@ -205,7 +205,7 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
         save((epoch + 1) * total)
         write({"event": "epoch", "epoch": epoch, "train_samples_per_s": samples_per_s, "metric": result.primary,
                **{f"{scored}_{name}": value for name, value in result.scores.items()}})
-        if validating and choose(store, run_id, job, task, epoch, (epoch + 1) * total, result.score).stop:
+        if validating and choose(store, run_id, job, task, epoch, (epoch + 1) * total, result.scores).stop:
             reporter.log(f"early stop after epoch {epoch}")
             break
     final = None

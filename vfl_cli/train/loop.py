@@ -331,13 +331,14 @@ class Selection:
 
 
 def choose(store: CheckpointStore, run_id: str, job: JobSpec, task: Task, epoch: int, step: int,
-           value: float) -> Selection:
-    """After epoch `epoch` (checkpointed at `step`, validation score `value` of the task's primary metric): the
-    best epoch so far, kept as the selected checkpoint when it is this one, and whether `train.early_stopping`
-    ends training. One rule for the leader of a split run and for the baselines."""
+           scores: dict[str, float]) -> Selection:
+    """After epoch `epoch` (checkpointed at `step`, validation `scores`): the best epoch so far by the task's
+    primary metric (ties by its tiebreak metric), kept as the selected checkpoint when it is this one, and
+    whether `train.early_stopping` ends training. One rule for the leader of a split run and for the baselines."""
     best = store.selected(run_id)
-    if best is None or task.better(value, best["valid_score"]):  # NaN (one class) is never better
-        store.select(run_id, step, epoch, value)
+    value, tie = scores[task.primary.name], scores[task.tiebreak.name]
+    if best is None or task.better(value, best["valid_score"], tie, best.get("valid_tiebreak")):  # NaN never wins
+        store.select(run_id, step, epoch, value, tie)
         best = {"step": step, "epoch": epoch, "valid_score": value}
     patience = job.train.early_stopping
     stop = patience is not None and epoch - best["epoch"] >= patience.patience
@@ -353,7 +354,7 @@ def select(run: PartyRun, run_id: str, epoch: int, step: int, result: EvalResult
     store, key = run.checkpoints, BatchKey("eval", epoch, 0)
     if run.is_leader:
         assert result is not None
-        chosen = choose(store, run_id, run.job, run.task, epoch, step, result.score)
+        chosen = choose(store, run_id, run.job, run.task, epoch, step, result.scores)
         run.peer.send("selection", key, {"best_step": torch.tensor([chosen.step]),
                                          "stop": torch.tensor([int(chosen.stop)])})
         run.write_metrics({"event": "selected", "epoch": chosen.epoch, "step": chosen.step,
