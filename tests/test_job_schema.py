@@ -90,3 +90,15 @@ def test_kinds_task_and_model_are_part_of_the_fingerprint() -> None:
     assert parse_job(spec(columns={"x0": "categorical", "region": "categorical"})).fingerprint() != base
     assert parse_job(spec(task="multiclass")).fingerprint() != base
     assert parse_job({**spec(), "model": {"bottom": "mlp", "cut_dim": 4}}).fingerprint() != base
+
+
+def test_data_preparation_imports_nothing_of_vfl_cli() -> None:
+    """The dependency runs one way: vfl_cli -> data_prep (every data_prep module imported, no vfl_cli loaded)."""
+    import subprocess
+    import sys
+
+    code = ("import pkgutil, importlib, sys, data_prep\n"
+            "for m in pkgutil.iter_modules(data_prep.__path__): importlib.import_module('data_prep.' + m.name)\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] == 'vfl_cli'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
