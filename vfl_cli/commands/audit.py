@@ -43,12 +43,12 @@ def audit(
     labels are refused (exit 2). Needs both parties' prepared data, so it is for simulations and joint reviews; the
     job's own checkpoints are not touched."""
     from vfl_cli import audit as auditing
-    from vfl_cli.train.session import set_threads
+    from vfl_cli.train.session import local_threads, set_threads
 
     spec = load_job(job)
     auditing.check_auditable(spec, sweep)  # before any training
     target = out or spec.train.run_dir.parent / "audit"
-    set_threads(sum(p.threads or 0 for p in spec.parties.values()) or None)
+    set_threads(local_threads(spec))
     started = time.perf_counter()
     if not sweep:
         target.mkdir(parents=True, exist_ok=True)

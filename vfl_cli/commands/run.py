@@ -121,7 +121,7 @@ def train(
     """Train the job's model. Both parties checkpoint every train.checkpoint_every steps and at each epoch end;
     a rerun resumes at the newest step both hold, with the same batches an uninterrupted run would see."""
     from vfl_cli.train.baseline import train_baseline
-    from vfl_cli.train.session import run_local, set_threads, train_session
+    from vfl_cli.train.session import local_threads, run_local, set_threads, train_session
 
     spec = load_job(job)
     started = time.perf_counter()
@@ -129,7 +129,7 @@ def train(
         outcome = train_baseline(spec, role.value, RichReporter(), restart)
         peer = None
     elif role == RunRole.local:
-        set_threads(sum(p.threads or 0 for p in spec.parties.values()) or None)
+        set_threads(local_threads(spec))
         outcome = run_local(spec, lambda run: train_session(run, restart), {"leader": RichReporter()})["leader"]
         peer = None
     else:
@@ -161,13 +161,14 @@ def evaluate(
     log loss; RMSE, MAE, R²); the follower only contributes.
     Both sides' newest checkpoints must be of the same run and step; otherwise both stop and say which is newer."""
     from vfl_cli.train.baseline import evaluate_baseline_checkpoint
-    from vfl_cli.train.session import eval_session, run_local
+    from vfl_cli.train.session import eval_session, local_threads, run_local, set_threads
 
     spec = load_job(job)
     run_dir = checkpoint or spec.train.run_dir
     if role in (RunRole.central, RunRole.leader_only):
         result: EvalResult | None = evaluate_baseline_checkpoint(spec, role.value, run_dir, split)
     elif role == RunRole.local:
+        set_threads(local_threads(spec))
         result = run_local(spec, lambda run: eval_session(run, run_dir, split))["leader"]
     else:
         result, _ = _two_party(spec, role.value, lambda run: eval_session(run, run_dir, split))
@@ -197,7 +198,7 @@ def infer(
     """Predict a prepared split with the newest checkpoint (the same run and step on both sides). The leader
     writes the predictions to --out; the follower only computes and sends its part."""
     from vfl_cli.train.loop import SilentReporter
-    from vfl_cli.train.session import infer_session, run_local
+    from vfl_cli.train.session import infer_session, local_threads, run_local, set_threads
 
     spec = load_job(job)
     if data is not None:  # a local setting: the job fingerprint leaves data.dir out
@@ -208,6 +209,7 @@ def infer(
     if role != PartyRole.follower and out is None:
         raise JobError("--out: name the CSV file the predictions go to")
     if role == PartyRole.local:
+        set_threads(local_threads(spec))
         result = run_local(spec, lambda run: infer_session(run, run_dir, split, out),
                            {"leader": SilentReporter()})["leader"]
     else:

@@ -243,6 +243,15 @@ def run_local(
     return run_both({role: (partial(session, run), run.peer) for role, run in runs.items()})
 
 
+def local_threads(job: JobSpec) -> int | None:
+    """Torch's threads for `--role local`, where both parties share one process and torch's thread count is the
+    process's: the parties' own setting, so that each party computes what its own process computes (another
+    count changes the summation order inside matmuls, and after thousands of steps the result: 0.057 apart in
+    predictions on default_credit with 2 threads against 1); the larger where the two settings differ."""
+    given = [p.threads for p in job.parties.values() if p.threads]
+    return max(given) if given else None
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
