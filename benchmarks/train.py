@@ -3,13 +3,14 @@ in fp32 and bf16.
 
 What it measures (one run, one table, figures also in runs/bench/train.json):
 
-1. `plain torch fp32` / `bf16`: `JointWideDeep` (both bottoms + top in one module) trained as a torch user would
+1. `plain torch fp32` / `bf16`: `SplitModel` (both bottoms + top in one module) trained as a torch user would
    write it: FTRL on the wide parameters, `torch.optim.Adam` (its default loop over tensors) on the rest, the
    L2 term on both deep tables in the loss, a plain loop, `torch.set_num_threads(2)`, batches read from the same
    prepared arrays with the trainer's own `iterate`; bf16 is the same loop under `torch.autocast` bfloat16.
    This row is the yardstick the ratios are taken against; it keeps the plain optimiser and L2 on purpose.
 2. `local`: `run_local(job, train_session)`: both parties in one process, two threads joined by `LocalPeer`,
-   2 torch threads as `vfl train --role local` sets for two 1-thread parties. Speed from the step timestamps
+   1 torch thread, as `vfl train --role local` sets for two 1-thread parties (each party thread computes on its
+   own core). Speed from the step timestamps
    the leader writes to metrics.jsonl (log_every 1).
 3. `two-party HTTPS fp32` / `bf16` / `fp32 6-bit`: two real processes, `python -m vfl_cli.app train --role
    leader|follower`, on 127.0.0.1 with mutual TLS (certificates from `vfl certs`), `threads: 1` each, with
@@ -196,19 +197,19 @@ def rates(step_ends: list[float], warmup: int, steps: int, batch_size: int) -> t
 
 
 def plain_forward(model: Any, leader: Any, follower: Any) -> Any:
-    """JointWideDeep's logits as the plain torch formulation writes them (and vfl did before issue 10):
+    """SplitModel's logits [B] as the plain torch formulation writes them (and vfl did before issue 10):
     nn.Embedding lookups times values, out-of-place ReLU. Same weights, same values as the model's forward."""
     import torch
 
-    def bottom(part: Any, ids: Any, vals: Any) -> tuple[Any, Any]:
+    def bottom(part: Any, ids: Any, vals: Any) -> dict[str, Any]:
         wide = (part.wide_embedding(ids).squeeze(-1) * vals).sum(dim=1, keepdim=True) + part.wide_bias
         x = (part.deep_embedding(ids) * vals.unsqueeze(-1)).view(len(ids), -1)
         for layer in part.deep_mlp:
             x = torch.relu(x) if isinstance(layer, torch.nn.ReLU) else layer(x)
-        return wide, x
+        return {"wide": wide, "deep": x}
 
     leader_out = bottom(model.leader, leader.ids, leader.vals)
-    return model.top(*leader_out, *bottom(model.follower, follower.ids, follower.vals))
+    return model.top([leader_out, bottom(model.follower, follower.ids, follower.vals)])[:, 0]
 
 
 def plain_torch(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
@@ -230,16 +231,15 @@ def joint_torch(job: JobSpec, warmup: int, steps: int, plain: bool) -> dict[str,
     import torch.nn.functional as F
 
     from data_prep.store import open_party
+    from vfl_cli.model.build import SplitModel
     from vfl_cli.model.ftrl import Ftrl
-    from vfl_cli.model.wide_deep import JointWideDeep, build_optimizers
+    from vfl_cli.model.optimizers import build_optimizers
     from vfl_cli.train.batches import iterate
 
     torch.set_num_threads(2)
     data = {role: open_party(job.data.dir, role) for role in ROLES}
-    model = JointWideDeep.build(
-        data["leader"].meta.vocab_size, len(job.leader.fields),
-        data["follower"].meta.vocab_size, len(job.follower.fields), job.model, job.seed,
-    )
+    model = SplitModel.build(job.model, job.seed, (data["leader"].meta.vocab_size, data["leader"].meta.kinds),
+                             (data["follower"].meta.vocab_size, data["follower"].meta.kinds))
     ftrl, adam = job.train.wide_optimizer, job.train.deep_optimizer
     if plain:
         optimizers = [
@@ -260,10 +260,10 @@ def joint_torch(job: JobSpec, warmup: int, steps: int, plain: bool) -> dict[str,
             if plain:
                 logits = plain_forward(model, leader, follower).float()  # (B,)
             else:
-                logits = model(leader.ids, leader.vals, follower.ids, follower.vals).float()
+                logits = model(leader.ids, leader.vals, follower.ids, follower.vals)[:, 0].float()
         loss = F.binary_cross_entropy_with_logits(logits, leader.labels)
         if plain:
-            loss = loss + model.l2_penalty(job.train.l2_coef)
+            loss = loss + sum(b.l2_penalty(job.train.l2_coef) for b in model.bottoms())
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -288,9 +288,9 @@ def local_mode(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
     """`vfl train --role local` without the console: both parties in this process, joined by LocalPeer."""
     import torch
 
-    from vfl_cli.train.session import run_local, train_session
+    from vfl_cli.train.session import local_threads, run_local, train_session
 
-    torch.set_num_threads(sum(p.threads or 0 for p in job.parties.values()) or 2)  # as the CLI does
+    torch.set_num_threads(local_threads(job) or 2)  # as the CLI does
     run_local(job, train_session)
     start, ends = step_times(job.train.run_dir / "leader" / "metrics.jsonl")
     return {"step_ends": ends, "start": start}
@@ -522,7 +522,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[Row]:
     in_process = ((PLAIN_FP32, "plain", "fp32", "1 process, 2 threads: the yardstick"),
                   (PLAIN_BF16, "plain", "bf16", "1 process, 2 threads, autocast bfloat16"),
                   ("joint torch fp32, tuned", "joint", "fp32", "1 process, 2 threads, vfl's kernels and optimiser"),
-                  ("local fp32", "local", "fp32", "1 process, both parties, 2 threads"))
+                  ("local fp32", "local", "fp32", "1 process, both parties, 1 torch thread each"))
     for name, kind, precision, note in in_process:
         job_path = write_job(workdir, f"{kind}-{precision}", None, precision=precision)
         result, rss = run_worker(kind, job_path, args.warmup, args.steps, workdir)
