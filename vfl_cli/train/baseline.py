@@ -48,6 +48,7 @@ from vfl_cli.train.loop import (
 )
 from vfl_cli.train.metrics_log import MetricsLog
 from vfl_cli.train.parties import bf16_autocast, use_bf16
+from vfl_cli.train.session import leader_task
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,7 @@ def open_baseline_data(job: JobSpec, kind: str) -> BaselineData:
 
 
 def baseline_task(job: JobSpec, data: BaselineData) -> Task:
-    """The leader's task, as its split run has it (`vfl_cli.train.session.leader_task`)."""
-    from vfl_cli.train.session import leader_task
-
+    """The leader's task, as its split run has it."""
     return leader_task(job, data.parties[0])
 
 
