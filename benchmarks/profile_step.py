@@ -26,9 +26,10 @@ from benchmarks.train import BENCH_DIR, write_data, write_job
 from data_prep.store import open_party
 from vfl_cli.job import load_job
 from vfl_cli.peer import BatchKey, LocalPeer
+from vfl_cli.reporter import SilentReporter
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import iterate
-from vfl_cli.train.loop import PartyRun, SilentReporter, follower_train_step, leader_train_step
+from vfl_cli.train.loop import PartyRun, follower_train_step, leader_train_step
 from vfl_cli.train.parties import build_party
 
 BUCKETS = (

@@ -22,8 +22,8 @@ from tests.test_two_party import VFL, environment
 from vfl_cli.checkpoint import SELECTED_FILE, file_name
 from vfl_cli.errors import CheckpointError
 from vfl_cli.job import JobSpec, parse_job
+from vfl_cli.reporter import SilentReporter
 from vfl_cli.train.baseline import evaluate_baseline_checkpoint, train_baseline
-from vfl_cli.train.loop import SilentReporter
 from vfl_cli.train.session import eval_session, infer_session, run_local, train_session
 
 CORRUPT = "corrupt: its bytes do not match the SHA-256 digest saved with them"

@@ -17,7 +17,7 @@ from tests.conftest import job_dict, write_job, write_planted_data
 from tests.test_two_party import VFL, environment, finish, start, tls_job
 from vfl_cli.errors import CheckpointError, ProtocolError
 from vfl_cli.job import JobSpec, parse_job
-from vfl_cli.train.loop import SilentReporter
+from vfl_cli.reporter import SilentReporter
 from vfl_cli.train.session import eval_session, infer_session, run_local, train_session
 
 # The local job: 960 train rows / batch 64 = 15 steps per epoch, 2 epochs, 4 test batches; a checkpoint every

@@ -127,8 +127,8 @@ def test_a_selection_message_is_checked() -> None:
 
 def test_baselines_select_on_validation_too(tmp_path: Path) -> None:
     """central and leader-only train on the same carved rows, select the same way, score test once."""
+    from vfl_cli.reporter import SilentReporter
     from vfl_cli.train.baseline import evaluate_baseline_checkpoint, train_baseline
-    from vfl_cli.train.loop import SilentReporter
 
     job = overfitting_job(tmp_path, early_stopping={"patience": 1})
     outcome = train_baseline(job, "leader-only", SilentReporter(), restart=True)
@@ -143,8 +143,8 @@ def test_baselines_select_on_validation_too(tmp_path: Path) -> None:
 
 def test_a_baseline_writes_the_records_vfl_report_reads(tmp_path: Path) -> None:
     from vfl_cli.report import baseline_auc
+    from vfl_cli.reporter import SilentReporter
     from vfl_cli.train.baseline import train_baseline
-    from vfl_cli.train.loop import SilentReporter
 
     job = overfitting_job(tmp_path, epochs=2)
     outcome = train_baseline(job, "central", SilentReporter(), restart=True)
@@ -157,8 +157,8 @@ def test_a_baseline_writes_the_records_vfl_report_reads(tmp_path: Path) -> None:
 
 def test_a_run_that_stopped_early_stays_stopped_when_run_again(tmp_path: Path) -> None:
     """Rerunning `vfl train` without --restart after an early stop trains no further epoch (split and baseline)."""
+    from vfl_cli.reporter import SilentReporter
     from vfl_cli.train.baseline import train_baseline
-    from vfl_cli.train.loop import SilentReporter
 
     job = overfitting_job(tmp_path, early_stopping={"patience": 1})
     first = run_local(job, train_session)["leader"]

@@ -71,8 +71,8 @@ def test_a_run_writes_the_metrics_records_as_tensorboard_scalars(tmp_path: Path)
 
 
 def test_a_baseline_writes_event_files_too_and_the_setting_is_local(tmp_path: Path) -> None:
+    from vfl_cli.reporter import SilentReporter
     from vfl_cli.train.baseline import train_baseline
-    from vfl_cli.train.loop import SilentReporter
 
     spec = job(tmp_path)
     train_baseline(spec, "central", SilentReporter(), restart=True)

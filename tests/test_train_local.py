@@ -17,9 +17,9 @@ from vfl_cli.job import JobSpec, parse_job
 from vfl_cli.model.build import SplitModel
 from vfl_cli.model.ftrl import Ftrl
 from vfl_cli.peer import BatchKey, Hello, LocalPeer
+from vfl_cli.reporter import SilentReporter
 from vfl_cli.train.baseline import train_baseline
 from vfl_cli.train.batches import iterate
-from vfl_cli.train.loop import SilentReporter
 from vfl_cli.train.parties import build_party
 from vfl_cli.train.session import eval_session, open_run, run_local, train_session
 
@@ -156,8 +156,8 @@ def test_hello_mismatch_names_what_differs() -> None:
 
 
 def test_central_beats_leader_only_on_a_signal_split_across_parties(planted_job: JobSpec) -> None:
+    from vfl_cli.reporter import SilentReporter
     from vfl_cli.train.baseline import evaluate_baseline_checkpoint, train_baseline
-    from vfl_cli.train.loop import SilentReporter
 
     central = train_baseline(planted_job, "central", SilentReporter()).epochs[-1][2]
     leader_only = train_baseline(planted_job, "leader-only", SilentReporter()).epochs[-1][2]

@@ -43,8 +43,9 @@ from vfl_cli.peer import BatchKey, Hello, Kind, LocalPeer, Peer, WireTensors, ru
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.privacy.leakage import EpochLeak, Received, epoch_leaks
 from vfl_cli.privacy.multiclass_leak import check_classes, inference_accuracy
+from vfl_cli.reporter import Reporter, SilentReporter
 from vfl_cli.train.batches import batch_rows
-from vfl_cli.train.loop import Reporter, SilentReporter, TrainOutcome
+from vfl_cli.train.loop import TrainOutcome
 from vfl_cli.train.session import open_run, train_session
 
 # The sweep: (name, privacy section). Gradient noise is scaled to each batch's largest row norm (Li et al.'s

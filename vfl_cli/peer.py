@@ -30,6 +30,7 @@ from typing import Literal, TypeVar
 import torch
 
 from vfl_cli.errors import PeerAborted, PeerTimeout, ProtocolError
+from vfl_cli.job import JobSpec
 from vfl_cli.privacy.quantize import QuantizedTensor
 
 T = TypeVar("T")
@@ -205,3 +206,17 @@ def run_both(sides: dict[str, tuple[Callable[[], T], Peer]]) -> dict[str, T]:
     if first is not None or errors:
         raise first or next(iter(errors.values()))
     return results
+
+
+def meet(job: JobSpec, role: str, peer: Peer, mine: Hello) -> Hello:
+    """Send our Hello, take the peer's; a peer that is not the job's other party, or differs in anything both
+    must share, stops the run here (train, eval, infer and psi alike)."""
+    theirs = peer.handshake(mine)
+    peer_role = job.peer_role(role)
+    if theirs.role != peer_role or theirs.name != job.party(peer_role).name:
+        raise ProtocolError(f"handshake: expected the {peer_role} {job.party(peer_role).name!r}, "
+                            f"met {theirs.role} {theirs.name!r}")
+    problem = mine.mismatch(theirs)
+    if problem:
+        raise ProtocolError(f"handshake with the {peer_role}: {problem}")
+    return theirs

@@ -197,7 +197,7 @@ def infer(
 ) -> None:
     """Predict a prepared split with the newest checkpoint (the same run and step on both sides). The leader
     writes the predictions to --out; the follower only computes and sends its part."""
-    from vfl_cli.train.loop import SilentReporter
+    from vfl_cli.reporter import SilentReporter
     from vfl_cli.train.session import infer_session, local_threads, run_local, set_threads
 
     spec = load_job(job)

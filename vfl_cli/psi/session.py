@@ -25,11 +25,10 @@ from data_prep.align import write_aligned
 from data_prep.store import TableData, open_table, table_dir
 from vfl_cli.errors import DataError, ProtocolError
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import PSI_POINTS, BatchKey, Hello, LocalPeer, Peer, WireTensors, run_both
+from vfl_cli.peer import PSI_POINTS, BatchKey, Hello, LocalPeer, Peer, WireTensors, meet, run_both
 from vfl_cli.psi.group import psi_tag
 from vfl_cli.psi.protocol import Intersection, PsiParty, check_min_intersection, check_peer_size
-from vfl_cli.train.loop import Reporter, SilentReporter
-from vfl_cli.train.session import meet
+from vfl_cli.reporter import Reporter, SilentReporter
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from vfl_cli.job import JobSpec
 from vfl_cli.model.build import cut_widths
 from vfl_cli.peer import BatchKey, Peer, Phase, WireTensors
 from vfl_cli.privacy.cut_layer import CutLayerDefences
+from vfl_cli.reporter import Reporter
 from vfl_cli.task import Task
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import (
@@ -49,29 +49,6 @@ from vfl_cli.train.batches import (
 )
 from vfl_cli.train.metrics_log import MetricsLog
 from vfl_cli.train.parties import PartyModel
-
-
-class Reporter(Protocol):
-    """How the loop tells the outside world what it is doing (the CLI draws it with rich)."""
-
-    def begin(self, description: str, total_samples: int) -> None: ...
-    def advance(self, samples: int) -> None: ...
-    def log(self, line: str) -> None: ...
-    def end(self) -> None: ...
-
-
-class SilentReporter:
-    def begin(self, description: str, total_samples: int) -> None:
-        pass
-
-    def advance(self, samples: int) -> None:
-        pass
-
-    def log(self, line: str) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
 
 
 def job_carve(job: JobSpec, train_rows: int) -> Carve | None:

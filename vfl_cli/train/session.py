@@ -26,17 +26,16 @@ from vfl_cli.checkpoint import (
     new_run_id,
     same_checkpoint,
 )
-from vfl_cli.errors import CheckpointError, DataError, ProtocolError
+from vfl_cli.errors import CheckpointError, DataError
 from vfl_cli.job import JobSpec
-from vfl_cli.peer import Hello, LocalPeer, Peer, run_both
+from vfl_cli.peer import Hello, LocalPeer, Peer, meet, run_both
+from vfl_cli.reporter import Reporter, SilentReporter
 from vfl_cli.task import Task
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import Position, view_of
 from vfl_cli.train.loop import (
     EvalResult,
     PartyRun,
-    Reporter,
-    SilentReporter,
     TrainOutcome,
     final_test,
     forward_split,
@@ -105,20 +104,6 @@ def handshake(
     )
     theirs = meet(run.job, run.role, run.peer, mine)
     return (mine, theirs) if run.is_leader else (theirs, mine)
-
-
-def meet(job: JobSpec, role: str, peer: Peer, mine: Hello) -> Hello:
-    """Send our Hello, take the peer's; a peer that is not the job's other party, or differs in anything both
-    must share, stops the run here (train, eval, infer and psi alike)."""
-    theirs = peer.handshake(mine)
-    peer_role = job.peer_role(role)
-    if theirs.role != peer_role or theirs.name != job.party(peer_role).name:
-        raise ProtocolError(f"handshake: expected the {peer_role} {job.party(peer_role).name!r}, "
-                            f"met {theirs.role} {theirs.name!r}")
-    problem = mine.mismatch(theirs)
-    if problem:
-        raise ProtocolError(f"handshake with the {peer_role}: {problem}")
-    return theirs
 
 
 def restore(run: PartyRun, payload: dict[str, Any], path: Path) -> None:
