@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import REPO, run_vfl, write_job
 from vfl_cli.job import JobSpec
+from vfl_cli.metric_names import TASK_METRICS, TITLES
 from vfl_cli.report import PLOTS, read_run
-from vfl_cli.report.records import TASK_METRICS, TITLES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -217,12 +217,11 @@ def test_an_unknown_metric_is_one_error_line(tmp_path: Path, monkeypatch: pytest
 
 
 def test_the_metric_names_are_the_tasks() -> None:
-    """The report keeps its own copy of the tasks' metric names and titles (vfl_cli.task imports torch)."""
-    from vfl_cli.task import METRICS
-    from vfl_cli.task import TITLES as TASK_TITLES
+    """The report reads the names the tasks compute (vfl_cli.metric_names, which imports no torch)."""
+    from vfl_cli.task import METRICS, Task
 
-    assert TASK_METRICS == tuple(tuple(m.name for m in metrics) for metrics in METRICS.values())
-    assert TITLES == TASK_TITLES
+    assert {kind: tuple(m.name for m in metrics) for kind, metrics in METRICS.items()} == TASK_METRICS
+    assert Task("regression").primary.title == TITLES["rmse"] and not Task("regression").primary.higher_is_better
 
 
 def test_the_report_imports_no_torch() -> None:

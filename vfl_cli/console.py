@@ -93,7 +93,7 @@ class RichReporter:
 
 def epoch_table(rows: list[tuple[int, float, dict[str, float] | None]], title: str, scored: str = "test") -> Table:
     """Epoch, train samples/s, and the task's metrics on the split scored each epoch (valid, or test)."""
-    from vfl_cli.task import TITLES
+    from vfl_cli.metric_names import TITLES
 
     names = next((list(scores) for _, _, scores in rows if scores), [])
     table = Table(title=title, title_justify="left")

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from data_prep.schema import Task as TaskKind
 from vfl_cli import metrics
+from vfl_cli.metric_names import LOWER_IS_BETTER, TASK_METRICS, TITLES
 
 
 @dataclass(frozen=True)
@@ -44,22 +45,25 @@ def _defined(compute: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[np
     return safe
 
 
-METRICS: dict[TaskKind, tuple[Metric, ...]] = {  # the first is the primary one, which selects the best epoch
-    "binary": (Metric("auc", "AUC", _defined(metrics.roc_auc)), Metric("log_loss", "log loss",
-               _defined(metrics.log_loss), False), Metric("ks", "KS", _defined(metrics.ks_statistic))),
-    "multiclass": (Metric("accuracy", "accuracy", _defined(metrics.accuracy)),
-                   Metric("macro_f1", "macro-F1", _defined(metrics.macro_f1)),
-                   Metric("log_loss", "log loss", _defined(metrics.multiclass_log_loss), False)),
-    "regression": (Metric("rmse", "RMSE", _defined(metrics.rmse), False), Metric("mae", "MAE", _defined(metrics.mae),
-                   False), Metric("r2", "R²", _defined(metrics.r2))),
+COMPUTE: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "auc": metrics.roc_auc, "log_loss": metrics.log_loss, "ks": metrics.ks_statistic,
+    "accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1, "rmse": metrics.rmse, "mae": metrics.mae,
+    "r2": metrics.r2,
+}
+
+
+def _metric(task: str, name: str) -> Metric:
+    compute = metrics.multiclass_log_loss if (task, name) == ("multiclass", "log_loss") else COMPUTE[name]
+    return Metric(name, TITLES[name], _defined(compute), name not in LOWER_IS_BETTER)
+
+
+METRICS: dict[str, tuple[Metric, ...]] = {  # the first is the primary one, which selects the best epoch
+    task: tuple(_metric(task, name) for name in names) for task, names in TASK_METRICS.items()
 }
 
 
 def _beats(value: float, than: float, higher_is_better: bool) -> bool:
     return value > than if higher_is_better else value < than
-
-
-TITLES = {m.name: m.title for task in METRICS.values() for m in task}
 
 
 def describe(scores: dict[str, float]) -> str:

@@ -79,7 +79,7 @@ def _fmt(value: float) -> str:
 
 
 def _title(metric: str) -> str:
-    from vfl_cli.task import TITLES
+    from vfl_cli.metric_names import TITLES
 
     return TITLES.get(metric, metric)
 

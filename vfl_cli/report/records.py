@@ -20,16 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from vfl_cli.errors import DataError
+from vfl_cli.metric_names import TASK_METRICS, TITLES
 
 BASELINES = ("central", "leader-only")
 DEFAULT_METRIC = "auc"  # records without "metric": binary runs written before tasks existed
 
-# Each task's metrics, primary first, and their titles: `vfl_cli.task.METRICS` / `TITLES` without importing torch
-# (the report needs none); tests/test_report.py checks that the two agree.
-TASK_METRICS: tuple[tuple[str, ...], ...] = (("auc", "log_loss", "ks"), ("accuracy", "macro_f1", "log_loss"),
-                                             ("rmse", "mae", "r2"))
-TITLES = {"auc": "AUC", "log_loss": "log loss", "ks": "KS", "accuracy": "accuracy", "macro_f1": "macro-F1",
-          "rmse": "RMSE", "mae": "MAE", "r2": "R²"}
 
 Scores = dict[str, float | None]  # metric name -> value; None where absent, null or not finite
 
@@ -174,7 +169,7 @@ def _primary(records: list[dict[str, Any]], source: Path) -> str:
 
 def task_metrics(primary: str) -> tuple[str, ...]:
     """Every metric of the task whose primary metric is `primary`, primary first."""
-    return next((names for names in TASK_METRICS if names[0] == primary), (primary,))
+    return next((names for names in TASK_METRICS.values() if names[0] == primary), (primary,))
 
 
 def _reported(metric: str, epochs: list[EpochRow], final: FinalTest | None) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vfl_cli.errors import JobError
-from vfl_cli.task import TITLES
+from vfl_cli.metric_names import TITLES
 
 STEP_SCALARS = {"wide_loss": "loss/wide", "deep_loss": "loss/deep"}
 METRIC_NAMES = tuple(TITLES)  # every task's metrics (vfl_cli.task)
