@@ -25,7 +25,8 @@ import torch
 from benchmarks.train import BENCH_DIR, write_data, write_job
 from data_prep.store import open_party
 from vfl_cli.job import load_job
-from vfl_cli.peer import BatchKey, LocalPeer
+from vfl_cli.peer import LocalPeer
+from vfl_cli.protocol import BatchKey
 from vfl_cli.reporter import SilentReporter
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import iterate

@@ -20,7 +20,7 @@ from vfl_cli.checkpoint import (
     same_checkpoint,
 )
 from vfl_cli.errors import CheckpointError, ProtocolError
-from vfl_cli.peer import Hello
+from vfl_cli.protocol import Hello
 from vfl_cli.train.batches import Position, batch_rows, checkpoint_due
 
 JOB = "job-fingerprint"

@@ -32,7 +32,7 @@ from tests.test_transport import (  # noqa: F401 - certs is a fixture
     tensor_body,
 )
 from vfl_cli.job import JobSpec
-from vfl_cli.peer import BatchKey
+from vfl_cli.protocol import BatchKey
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.inbox import Inbox
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vfl_cli.errors import ProtocolError
-from vfl_cli.peer import BatchKey, Hello
+from vfl_cli.protocol import BatchKey, Hello
 from vfl_cli.transport.codec import (
     MAX_DIMS,
     WIRE_VERSION,

@@ -34,7 +34,7 @@ from tests.test_transport import (  # noqa: F401 - certs is a fixture
 )
 from vfl_cli.errors import PeerAborted
 from vfl_cli.job import JobSpec
-from vfl_cli.peer import BatchKey
+from vfl_cli.protocol import BatchKey
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import HelloMessage, encode
 from vfl_cli.transport.inbox import Inbox

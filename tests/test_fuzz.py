@@ -66,10 +66,9 @@ from tests.test_transport import (  # noqa: F401 - certs and leader_server are f
 )
 from vfl_cli.errors import ProtocolError
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import KINDS, BatchKey, Hello, Kind, session_id
+from vfl_cli.protocol import KINDS, RECEIVES, BatchKey, Hello, Kind, session_id
 from vfl_cli.transport.codec import DTYPES, AbortMessage, HelloMessage, Message, TensorMessage, decode, encode
 from vfl_cli.transport.inbox import Inbox
-from vfl_cli.transport.server import RECEIVES
 
 EXAMPLES = 2000  # fuzzed requests per endpoint per server
 RAW_EXAMPLES = 200  # raw-socket requests per server (each opens its own TLS connection)

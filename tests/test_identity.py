@@ -19,7 +19,7 @@ from tests.test_transport import LEADER_ENV, LEADER_PASSWORD, build_job, certs, 
 from tests.test_two_party import VFL, environment, tls_job
 from vfl_cli.errors import TlsError
 from vfl_cli.job import JobSpec
-from vfl_cli.peer import BatchKey
+from vfl_cli.protocol import BatchKey
 from vfl_cli.transport.https_peer import HttpsPeer
 from vfl_cli.transport.inbox import Inbox
 from vfl_cli.transport.listener import ServerThread

@@ -16,9 +16,9 @@ from tests.conftest import job_dict, run_vfl, write_job, write_planted_data
 from vfl_cli.audit import LEADER_ONLY, audit_run, plot, sweep
 from vfl_cli.errors import JobError
 from vfl_cli.job import JobSpec, PrivacySpec, parse_job
-from vfl_cli.peer import BatchKey
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.privacy.quantize import QuantizedTensor
+from vfl_cli.protocol import BatchKey
 from vfl_cli.train.session import run_local, train_session
 
 KEY = BatchKey("train", 0, 3)

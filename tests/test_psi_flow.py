@@ -21,7 +21,8 @@ from tests.conftest import write_job
 from tests.test_two_party import VFL, environment, finish, start, tls_job
 from vfl_cli.errors import DataError, ProtocolError
 from vfl_cli.job import JobSpec, load_job
-from vfl_cli.peer import BatchKey, Kind, LocalPeer, run_both
+from vfl_cli.peer import LocalPeer, run_both
+from vfl_cli.protocol import BatchKey, Kind
 from vfl_cli.psi.session import psi_locally, psi_session
 
 ROLES = ("leader", "follower")

@@ -14,9 +14,9 @@ from tests.conftest import job_dict, write_planted_data
 from vfl_cli.checkpoint import CheckpointStore
 from vfl_cli.errors import JobError, ProtocolError
 from vfl_cli.job import JobSpec, parse_job
+from vfl_cli.protocol import check_selection
 from vfl_cli.train.batches import carve_valid
 from vfl_cli.train.session import eval_session, run_local, train_session
-from vfl_cli.transport.server import check_selection
 
 
 def test_carve_is_disjoint_sorted_and_fixed_by_the_seed() -> None:

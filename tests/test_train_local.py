@@ -16,7 +16,8 @@ from vfl_cli.errors import CheckpointError, DataError, PeerAborted, ProtocolErro
 from vfl_cli.job import JobSpec, parse_job
 from vfl_cli.model.build import SplitModel
 from vfl_cli.model.ftrl import Ftrl
-from vfl_cli.peer import BatchKey, Hello, LocalPeer
+from vfl_cli.peer import LocalPeer
+from vfl_cli.protocol import BatchKey, Hello
 from vfl_cli.reporter import SilentReporter
 from vfl_cli.train.baseline import train_baseline
 from vfl_cli.train.batches import iterate

@@ -28,7 +28,7 @@ from vfl_cli.errors import (
     TlsError,
 )
 from vfl_cli.job import JobSpec, Role, TlsSpec, parse_job
-from vfl_cli.peer import BatchKey, Hello, session_id
+from vfl_cli.protocol import BatchKey, Hello, session_id
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import AbortMessage, HelloMessage, TensorMessage, encode
 from vfl_cli.transport.https_peer import HttpsPeer

@@ -29,8 +29,8 @@ from tests.test_transport import (  # noqa: F401 - certs is a fixture
 )
 from tests.test_wire_quantized import SESSION, quantised, raw_body, with_quantize
 from vfl_cli.errors import PeerRefused, ProtocolError
-from vfl_cli.peer import BatchKey, Hello
 from vfl_cli.privacy.quantize import FLOAT32_MAX, QuantizedTensor, dequantize, pack_bits
+from vfl_cli.protocol import BatchKey, Hello
 from vfl_cli.transport.codec import (
     MAX_CHECKPOINTS,
     MAX_DIMS,

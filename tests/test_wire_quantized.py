@@ -25,11 +25,11 @@ from tests.test_transport import (  # noqa: F401 - certs is a fixture
 )
 from vfl_cli.errors import PeerRefused, ProtocolError
 from vfl_cli.job import JobSpec, PrivacySpec, QuantizeSpec
-from vfl_cli.peer import BatchKey, LocalPeer, WireTensors
+from vfl_cli.peer import LocalPeer
 from vfl_cli.privacy.quantize import QuantizedTensor, pack_bits, packed_size, quantize
+from vfl_cli.protocol import BatchKey, WireTensors, check_cut_tensors, check_points
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import MAX_DIMS, TensorMessage, decode, encode
-from vfl_cli.transport.server import check_cut_tensors, check_points
 
 JOB = "0123456789abcdef"
 SESSION = "a1b2c3d4e5f60718"

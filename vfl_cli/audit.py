@@ -39,10 +39,11 @@ import torch
 
 from vfl_cli.errors import JobError
 from vfl_cli.job import JobSpec, PrivacySpec
-from vfl_cli.peer import BatchKey, Hello, Kind, LocalPeer, Peer, WireTensors, run_both
+from vfl_cli.peer import LocalPeer, Peer, run_both
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.privacy.leakage import EpochLeak, Received, epoch_leaks
 from vfl_cli.privacy.multiclass_leak import check_classes, inference_accuracy
+from vfl_cli.protocol import BatchKey, Hello, Kind, WireTensors
 from vfl_cli.reporter import Reporter, SilentReporter
 from vfl_cli.train.batches import batch_rows
 from vfl_cli.train.loop import TrainOutcome

@@ -44,7 +44,7 @@ from typing import IO, Any
 import torch
 
 from vfl_cli.errors import CheckpointError, ProtocolError
-from vfl_cli.peer import Hello
+from vfl_cli.protocol import Hello
 from vfl_cli.train.batches import Position
 
 FORMAT_VERSION = 3  # 3: with the digest trailer

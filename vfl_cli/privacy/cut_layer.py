@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from vfl_cli.job import PrivacySpec
-from vfl_cli.peer import BatchKey, WireTensors
 from vfl_cli.privacy.marvell import marvell_noise
 from vfl_cli.privacy.mechanisms import (
     embedding_dp,
@@ -36,6 +35,7 @@ from vfl_cli.privacy.mechanisms import (
     randomized_response,
 )
 from vfl_cli.privacy.quantize import QuantizedTensor, dequantize, quantize
+from vfl_cli.protocol import BatchKey, WireTensors
 
 _PURPOSES = {"labels": 1, "gradients": 2, "embeddings": 3}
 _PHASES = {"train": 1, "eval": 2, "infer": 3, "psi": 4}

@@ -25,7 +25,8 @@ from data_prep.align import write_aligned
 from data_prep.store import TableData, open_table, table_dir
 from vfl_cli.errors import DataError, ProtocolError
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import PSI_POINTS, BatchKey, Hello, LocalPeer, Peer, WireTensors, meet, run_both
+from vfl_cli.peer import LocalPeer, Peer, run_both
+from vfl_cli.protocol import PSI_POINTS, BatchKey, Hello, WireTensors, meet
 from vfl_cli.psi.group import psi_tag
 from vfl_cli.psi.protocol import Intersection, PsiParty, check_min_intersection, check_peer_size
 from vfl_cli.reporter import Reporter, SilentReporter

@@ -31,8 +31,9 @@ from vfl_cli.checkpoint import CheckpointStore
 from vfl_cli.errors import CheckpointError, ProtocolError
 from vfl_cli.job import JobSpec
 from vfl_cli.model.build import cut_widths
-from vfl_cli.peer import BatchKey, Peer, Phase, WireTensors
+from vfl_cli.peer import Peer
 from vfl_cli.privacy.cut_layer import CutLayerDefences
+from vfl_cli.protocol import BatchKey, Phase, WireTensors, read_selection, selection_message
 from vfl_cli.reporter import Reporter
 from vfl_cli.task import Task
 from vfl_cli.telemetry import Telemetry
@@ -332,13 +333,11 @@ def select(run: PartyRun, run_id: str, epoch: int, step: int, result: EvalResult
     if run.is_leader:
         assert result is not None
         chosen = choose(store, run_id, run.job, run.task, epoch, step, result.scores)
-        run.peer.send("selection", key, {"best_step": torch.tensor([chosen.step]),
-                                         "stop": torch.tensor([int(chosen.stop)])})
+        run.peer.send("selection", key, selection_message(chosen.step, chosen.stop))
         run.write_metrics({"event": "selected", "epoch": chosen.epoch, "step": chosen.step,
                            "metric": result.primary, f"valid_{result.primary}": chosen.valid_score})
         return chosen.stop
-    message = run.peer.receive("selection", key)
-    best_step, stop = int(message["best_step"][0]), bool(message["stop"][0])  # type: ignore[index]
+    best_step, stop = read_selection(run.peer.receive("selection", key))
     held = store.selected(run_id)
     if best_step == step:
         store.select(run_id, step, epoch, None)

@@ -28,7 +28,8 @@ from vfl_cli.checkpoint import (
 )
 from vfl_cli.errors import CheckpointError, DataError
 from vfl_cli.job import JobSpec
-from vfl_cli.peer import Hello, LocalPeer, Peer, meet, run_both
+from vfl_cli.peer import LocalPeer, Peer, run_both
+from vfl_cli.protocol import Hello, meet
 from vfl_cli.reporter import Reporter, SilentReporter
 from vfl_cli.task import Task
 from vfl_cli.telemetry import Telemetry

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from vfl_cli.errors import ProtocolError
-from vfl_cli.peer import KINDS, PHASES, PROTOCOL_VERSION, BatchKey, Hello, Kind, WireTensor, WireTensors
 from vfl_cli.privacy.quantize import FLOAT32_MAX, MAX_BITS, MIN_BITS, QuantizedTensor, packed_size
+from vfl_cli.protocol import KINDS, PHASES, PROTOCOL_VERSION, BatchKey, Hello, Kind, WireTensor, WireTensors
 from vfl_cli.transport.extent import MAX_OBJECTS, MAX_TEXT_BYTES, check_extent
 
 WIRE_VERSION = PROTOCOL_VERSION
@@ -65,7 +65,7 @@ class HelloMessage:
 
 @dataclass(frozen=True)
 class TensorMessage:
-    session: str  # the session id of the handshake (`vfl_cli.peer.session_id`)
+    session: str  # the session id of the handshake (`vfl_cli.protocol.session_id`)
     kind: Kind
     key: BatchKey
     seq: int  # 1, 2, 3, ... per kind per run: lets the receiver drop retried duplicates

@@ -33,7 +33,8 @@ from vfl_cli.errors import (
     TlsError,
 )
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import KINDS, PSI_KINDS, BatchKey, Hello, Kind, Peer, WireTensors
+from vfl_cli.peer import Peer
+from vfl_cli.protocol import KINDS, RECEIVES, BatchKey, Hello, Kind, WireTensors, accepted_kinds
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import (
     MAX_REASON_CHARS,
@@ -45,7 +46,7 @@ from vfl_cli.transport.codec import (
 )
 from vfl_cli.transport.inbox import Inbox
 from vfl_cli.transport.listener import ServerThread
-from vfl_cli.transport.server import CONTROL, RECEIVES, create_app
+from vfl_cli.transport.server import create_app
 from vfl_cli.transport.tls import (
     CertificateSummary,
     client_ssl_context,
@@ -153,7 +154,7 @@ class HttpsPeer(Peer):
         self.telemetry.sent(kind, len(body))
 
     def receive(self, kind: Kind, key: BatchKey) -> WireTensors:
-        if kind not in (RECEIVES[self._role], *CONTROL[self._role], *PSI_KINDS):
+        if kind not in accepted_kinds(self._role):
             raise ValueError(f"the {self._role} never receives {kind}")
         timeout_s = self._job.transport.timeout_s
         message = self._inbox.next_tensors(self._peer.name, kind, timeout_s)

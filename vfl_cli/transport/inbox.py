@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from vfl_cli.errors import PeerAborted
-from vfl_cli.peer import KINDS, BatchKey, Hello, Kind, session_id
+from vfl_cli.protocol import KINDS, BatchKey, Hello, Kind, session_id
 from vfl_cli.transport.codec import AbortMessage, TensorMessage
 
 Offer = Literal["accepted", "duplicate"]

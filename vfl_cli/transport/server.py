@@ -4,9 +4,9 @@ connections are accepted, authenticated and timed out is `listener.py`'s busines
 Routes (all under /v1, all answered with JSON; refusals are `{"error": reason}` and apply nothing):
     POST /v1/hello     the peer's Hello: opens a new session (the current Hello again is acknowledged; one
                        of an earlier session is refused with 409: a session is never re-opened)
-    POST /v1/tensors   one batch of cut-layer tensors of the current session: the leader takes
-                       "embeddings", the follower "gradients" (float32, or quantised with exactly the bits of
-                       the job's `privacy.quantize.<kind>`); 503 + Retry-After while the inbox is full
+    POST /v1/tensors   one message of the current session, of a kind this party receives, checked by
+                       `vfl_cli.protocol.check_message` (the leader takes "embeddings", the follower
+                       "gradients" and "selection", both the PSI kinds); 503 + Retry-After while the inbox is full
     POST /v1/abort     the peer stopped, with a reason
     GET  /v1/health    liveness
 
@@ -24,7 +24,6 @@ from collections.abc import MutableMapping
 from functools import lru_cache
 from typing import Any
 
-import torch
 from cryptography import x509
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -33,8 +32,7 @@ from starlette.requests import ClientDisconnect
 
 from vfl_cli.errors import ProtocolError
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.peer import PSI_KINDS, PSI_POINTS, SELECTION_TENSORS, Kind, WireTensor, WireTensors
-from vfl_cli.privacy.quantize import QuantizedTensor
+from vfl_cli.protocol import check_message
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import AbortMessage, HelloMessage, Message, TensorMessage, decode
 from vfl_cli.transport.inbox import Inbox, InboxFull, ReplayedHello, SeqConflict, WrongSession
@@ -42,9 +40,6 @@ from vfl_cli.transport.tls import peer_common_name
 
 log = logging.getLogger(__name__)
 
-RECEIVES: dict[Role, Kind] = {"leader": "embeddings", "follower": "gradients"}  # the cut-layer kind each takes
-CONTROL: dict[Role, tuple[Kind, ...]] = {"leader": (), "follower": ("selection",)}  # and the control kinds
-POINT_BYTES = 32  # a ristretto255 point
 RETRY_AFTER_S = 1  # what a 503 asks the sender to wait at most; it backs off from much shorter pauses
 FORBIDDEN = "the client certificate is not the job's peer's"  # the whole 403 answer: it names nobody
 
@@ -72,12 +67,7 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
     peer_role = job.peer_role(role)
     peer_name = job.party(peer_role).name
     fingerprint = job.fingerprint()
-    accepts = (RECEIVES[role], *CONTROL[role], *PSI_KINDS)
     limit = job.transport.max_body_bytes
-    # Both sides run the same job (its fingerprint is checked on every message), so the bits are known here.
-    quantize = job.privacy.quantize
-    bits = quantize.embeddings if RECEIVES[role] == "embeddings" else quantize.gradients
-    cut = job.cut_widths("follower")  # both ways: the follower's cut outputs, then the gradients for them
 
     async def authenticate(request: Request) -> None:
         if not job.tls.enabled:
@@ -126,15 +116,8 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
         if job_of_message != fingerprint:
             raise Refusal(409, f"job fingerprint {job_of_message[:40]} differs from this side's {fingerprint}",
                           "wrong_job")
-        if message.kind not in accepts:
-            raise Refusal(400, f"this {role} receives {', '.join(accepts)}, not {message.kind}")
         try:
-            if message.kind in PSI_KINDS:
-                check_points(message.tensors, job.psi.batch_size)
-            elif message.kind == "selection":
-                check_selection(message.tensors)
-            else:
-                check_cut_tensors(message.tensors, cut, job.train.batch_size, bits)
+            check_message(job, role, message.kind, message.tensors)  # the kind's checks: `vfl_cli.protocol`
             status = inbox.offer(sender, message, size)
         except ProtocolError as exc:
             raise Refusal(400, str(exc)) from exc
@@ -198,65 +181,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect as exc:  # the peer died mid-upload: drop the half message, no traceback
         raise Refusal(400, "the peer disconnected before the body was complete", "cut_body") from exc
     return bytes(body)
-
-
-def check_cut_tensors(tensors: WireTensors, widths: dict[str, int], max_batch: int, bits: int | None = None) -> None:
-    """Exactly the job's cut-layer tensors (`widths`: name -> width), each [B, width] with the same
-    1 <= B <= batch size: float32 when `bits` is None, else QuantizedTensors of exactly `bits` bits (finiteness
-    and packing are checked by the codec)."""
-    _exactly(tensors, tuple(widths))
-    expected = "float32" if bits is None else f"{bits}-bit quantised"
-    batch = None
-    for name, width in widths.items():
-        tensor = tensors[name]
-        got = _describe(tensor)
-        if got.removeprefix("dtype ") != expected:
-            raise ProtocolError(f"tensors.{name}: {got}, expected {expected}")
-        shape = list(tensor.shape)
-        if len(shape) != 2 or shape[1] != width:
-            raise ProtocolError(f"tensors.{name}: shape {shape}, expected [B, {width}]")
-        if not 1 <= shape[0] <= max_batch:
-            raise ProtocolError(f"tensors.{name}: batch of {shape[0]}, expected 1..{max_batch}")
-        if batch is not None and shape[0] != batch:
-            raise ProtocolError(f"tensors: batch sizes differ ({batch} and {shape[0]})")
-        batch = shape[0]
-
-
-def _exactly(tensors: WireTensors, names: tuple[str, ...]) -> None:
-    """The message holds exactly these named tensors, no more, no fewer."""
-    if set(tensors) != set(names):
-        got = ", ".join(sorted(name[:40] for name in tensors)) or "none"
-        raise ProtocolError(f"tensors: expected exactly {', '.join(names)}; got {got}")
-
-
-def _describe(tensor: WireTensor) -> str:
-    """What a tensor travels as, in the words of a refusal: "dtype float32", "dtype uint8", "6-bit quantised"."""
-    if isinstance(tensor, QuantizedTensor):
-        return f"{tensor.bits}-bit quantised"
-    return f"dtype {str(tensor.dtype).removeprefix('torch.')}"
-
-
-def check_selection(tensors: WireTensors) -> None:
-    """Exactly best_step and stop, each int64 [1]; stop is 0 or 1, best_step at least 1 (an epoch end)."""
-    _exactly(tensors, SELECTION_TENSORS)
-    for name in SELECTION_TENSORS:
-        tensor = tensors[name]
-        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tuple(tensor.shape) != (1,):
-            raise ProtocolError(f"tensors.{name}: expected int64 [1]")
-    if int(tensors["stop"][0]) not in (0, 1) or int(tensors["best_step"][0]) < 1:  # type: ignore[index]
-        raise ProtocolError("tensors: stop must be 0 or 1 and best_step at least 1")
-
-
-def check_points(tensors: WireTensors, max_batch: int) -> None:
-    """Exactly one tensor of 1 <= n <= psi.batch_size encoded points, uint8 [n, 32] (whether each is a valid
-    point is checked by the PSI step that uses it)."""
-    _exactly(tensors, (PSI_POINTS,))
-    points = tensors[PSI_POINTS]
-    got = _describe(points).removeprefix("dtype ")  # points are never quantised
-    if got != "uint8" or len(points.shape) != 2 or points.shape[1] != POINT_BYTES:
-        raise ProtocolError(f"tensors.{PSI_POINTS}: {got} {list(points.shape)}, expected uint8 [n, {POINT_BYTES}]")
-    if not 1 <= points.shape[0] <= max_batch:
-        raise ProtocolError(f"tensors.{PSI_POINTS}: {points.shape[0]} points, expected 1..{max_batch}")
 
 
 def client_common_name(scope: Scope) -> str | None:
