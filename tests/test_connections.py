@@ -250,11 +250,12 @@ from vfl_cli.transport.inbox import Inbox
 from vfl_cli.transport.listener import ServerThread
 from vfl_cli.transport.server import create_app
 from vfl_cli.transport.tls import server_ssl_context
+from vfl_cli.party import PartyContext
 
 job = build_job(Path(sys.argv[1]), read_timeout_s=30, max_unauthenticated=16)
 inbox = Inbox()
-server = ServerThread(create_app(inbox, job, "leader"), "127.0.0.1", 0, server_ssl_context(job, "leader"),
-                      read_timeout_s=30, max_unauthenticated=16)
+server = ServerThread(create_app(inbox, PartyContext.of(job, "leader")), "127.0.0.1", 0,
+                      server_ssl_context(job, "leader"), read_timeout_s=30, max_unauthenticated=16)
 inbox.expect(hello(job, "leader"))
 inbox.put_hello("bob", hello(job, "follower"))
 server.start()

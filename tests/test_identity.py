@@ -19,6 +19,7 @@ from tests.test_transport import LEADER_ENV, LEADER_PASSWORD, build_job, certs, 
 from tests.test_two_party import VFL, environment, tls_job
 from vfl_cli.errors import TlsError
 from vfl_cli.job import JobSpec
+from vfl_cli.party import PartyContext
 from vfl_cli.protocol import BatchKey
 from vfl_cli.transport.https_peer import HttpsPeer
 from vfl_cli.transport.inbox import Inbox
@@ -43,7 +44,7 @@ class AccessLog:
 def start_impostor(job: JobSpec) -> tuple[ServerThread, Inbox, AccessLog]:
     """A real vfl server on the leader's port, holding the follower's certificate (same CA, SAN 127.0.0.1)."""
     inbox = Inbox()
-    access = AccessLog(create_app(inbox, job, "leader"))
+    access = AccessLog(create_app(inbox, PartyContext.of(job, "leader")))
     server = ServerThread(access, "127.0.0.1", job.leader.port, server_ssl_context(job, "follower"))  # type: ignore[arg-type]
     server.start()
     return server, inbox, access
@@ -62,7 +63,7 @@ def impostor(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Job
 
 def test_impostor_with_a_same_ca_certificate_receives_nothing(impostor: tuple[JobSpec, Inbox, AccessLog]) -> None:
     job, inbox, access = impostor
-    with HttpsPeer(job, "follower") as follower:
+    with HttpsPeer(PartyContext.of(job, "follower")) as follower:
         with pytest.raises(TlsError, match=r"is not the job's peer 'alice': it presented certificate CN 'bob'"):
             follower.handshake(hello(job, "follower"))
         with pytest.raises(TlsError, match="nothing was sent to it"):
@@ -99,7 +100,7 @@ def test_raw_impostor_reads_no_application_byte(certs: Path, monkeypatch: pytest
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        with HttpsPeer(job, "follower") as follower, pytest.raises(TlsError, match="CN 'bob'"):
+        with HttpsPeer(PartyContext.of(job, "follower")) as follower, pytest.raises(TlsError, match="CN 'bob'"):
             follower.send("embeddings", BatchKey("train", 0, 0), {"wide": torch.full((4, 1), 7.0),
                                                                    "deep": torch.full((4, 1), 7.0)})
     finally:

@@ -21,6 +21,7 @@ from tests.conftest import write_job
 from tests.test_two_party import VFL, environment, finish, start, tls_job
 from vfl_cli.errors import DataError, ProtocolError
 from vfl_cli.job import JobSpec, load_job
+from vfl_cli.party import PartyContext
 from vfl_cli.peer import LocalPeer, run_both
 from vfl_cli.protocol import BatchKey, Kind
 from vfl_cli.psi.session import psi_locally, psi_session
@@ -202,6 +203,6 @@ def test_a_peer_that_sends_fewer_points_than_it_announced_is_refused(
     follower_peer = ShortChangingPeer(honest._inbox, honest._outbox, job.transport.timeout_s)
     with pytest.raises(ProtocolError, match=r"the peer's blinded batch 0: .* expected uint8 \[256, 32\] as the peer "
                                             r"announced"):
-        run_both({"leader": (partial(psi_session, job, "leader", leader_peer), leader_peer),
-                  "follower": (partial(psi_session, job, "follower", follower_peer), follower_peer)})
+        run_both({"leader": (partial(psi_session, PartyContext.of(job, "leader"), leader_peer), leader_peer),
+                  "follower": (partial(psi_session, PartyContext.of(job, "follower"), follower_peer), follower_peer)})
     assert not (Path(spec["data"]["dir"]) / "leader" / "meta.json").exists()

@@ -14,6 +14,7 @@ from tests.conftest import job_dict, write_planted_data
 from vfl_cli.checkpoint import CheckpointStore
 from vfl_cli.errors import JobError, ProtocolError
 from vfl_cli.job import JobSpec, parse_job
+from vfl_cli.party import PartyContext
 from vfl_cli.protocol import check_selection
 from vfl_cli.train.batches import carve_valid
 from vfl_cli.train.session import eval_session, run_local, train_session
@@ -47,7 +48,7 @@ def test_a_tail_split_validates_on_the_last_stored_rows_at_both_parties(tmp_path
     job = parse_job(spec)
     leader_end, follower_end = LocalPeer.pair()
     for role, end in (("leader", leader_end), ("follower", follower_end)):
-        run = open_run(job, role, end)
+        run = open_run(PartyContext.of(job, role), end)
         stored = np.asarray(run.data.split("train").sample_ids)
         valid = run.view("valid").sample_ids
         assert len(valid) == round(0.25 * len(stored)) and np.array_equal(valid, stored[-len(valid):])

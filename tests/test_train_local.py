@@ -16,6 +16,7 @@ from vfl_cli.errors import CheckpointError, DataError, PeerAborted, ProtocolErro
 from vfl_cli.job import JobSpec, parse_job
 from vfl_cli.model.build import SplitModel
 from vfl_cli.model.ftrl import Ftrl
+from vfl_cli.party import PartyContext
 from vfl_cli.peer import LocalPeer
 from vfl_cli.protocol import BatchKey, Hello
 from vfl_cli.reporter import SilentReporter
@@ -138,7 +139,7 @@ def test_data_prepared_for_other_fields_is_refused(tmp_path: Path) -> None:
     expected = (r"prepared for 20 columns, the job gives the leader 19 "
                 r"\(column 20: prepared C13 \(categorical\), the job none\)")
     with pytest.raises(DataError, match=expected + "; run `vfl prep` again"):
-        open_run(parse_job(spec), "leader", LocalPeer.pair()[0])
+        open_run(PartyContext.of(parse_job(spec), "leader"), LocalPeer.pair()[0])
 
 
 def test_local_peer_abort_wakes_the_receiver() -> None:

@@ -28,6 +28,7 @@ from vfl_cli.errors import (
     TlsError,
 )
 from vfl_cli.job import JobSpec, Role, TlsSpec, parse_job
+from vfl_cli.party import PartyContext
 from vfl_cli.protocol import BatchKey, Hello, session_id
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import AbortMessage, HelloMessage, TensorMessage, encode
@@ -113,7 +114,7 @@ def cut(batch: int = 8, fill: float | None = None) -> dict[str, torch.Tensor]:
 
 
 def connect(job: JobSpec) -> tuple[HttpsPeer, HttpsPeer]:
-    leader, follower = HttpsPeer(job, "leader"), HttpsPeer(job, "follower")
+    leader, follower = HttpsPeer(PartyContext.of(job, "leader")), HttpsPeer(PartyContext.of(job, "follower"))
     with ThreadPoolExecutor(1) as pool:
         theirs = pool.submit(follower.handshake, hello(job, "follower"))
         assert leader.handshake(hello(job, "leader")) == hello(job, "follower")
@@ -140,7 +141,8 @@ def party_server(job: JobSpec, role: Role, telemetry: Telemetry | None = None) -
     peer_role = job.peer_role(role)
     inbox = Inbox(job.transport.max_pending)
     server = ServerThread(
-        create_app(inbox, job, role, telemetry), "127.0.0.1", job.party(role).port, server_ssl_context(job, role),
+        create_app(inbox, PartyContext.of(job, role), telemetry), "127.0.0.1", job.party(role).port,
+        server_ssl_context(job, role),
         read_timeout_s=job.transport.read_timeout_s, max_unauthenticated=job.transport.max_unauthenticated,
         on_refusal=telemetry.refused if telemetry is not None else None,
     )
@@ -287,7 +289,7 @@ def test_abort_wakes_a_waiting_receive(pair: tuple[JobSpec, HttpsPeer, HttpsPeer
 def test_receive_times_out(certs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(LEADER_ENV, LEADER_PASSWORD)
     job = build_job(certs, timeout_s=1)
-    with HttpsPeer(job, "leader") as leader:
+    with HttpsPeer(PartyContext.of(job, "leader")) as leader:
         started = time.monotonic()
         with pytest.raises(
             PeerTimeout,
@@ -300,7 +302,7 @@ def test_receive_times_out(certs: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_unreachable_peer(certs: Path) -> None:
     job = build_job(certs, timeout_s=1.5, connect_timeout_s=1)
-    with HttpsPeer(job, "follower") as follower:  # no leader is listening
+    with HttpsPeer(PartyContext.of(job, "follower")) as follower:  # no leader is listening
         started = time.monotonic()
         with pytest.raises(PeerUnreachable, match=rf"to alice at https://{job.leader.listen} .*ConnectError"):
             follower.send("embeddings", KEY, cut())
@@ -324,7 +326,7 @@ def test_plain_http_when_tls_is_disabled(certs: Path, caplog: pytest.LogCaptureF
 def test_server_from_another_ca_is_a_tls_error(leader_server: tuple[JobSpec, Inbox], certs: Path) -> None:
     job, inbox = leader_server
     distrustful = job.model_copy(update={"tls": TlsSpec(enabled=True, ca=certs.parent / "other" / "ca.pem")})
-    with HttpsPeer(distrustful, "follower") as follower:
+    with HttpsPeer(PartyContext.of(distrustful, "follower")) as follower:
         with pytest.raises(TlsError, match=rf"server at https://{job.leader.listen} failed certificate"):
             follower.handshake(hello(job, "follower"))
     assert inbox.bytes_received == 0
@@ -335,7 +337,8 @@ def test_taken_port_is_a_clear_error(certs: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        server = ServerThread(create_app(Inbox(), build_job(certs, tls=False), "leader"), "127.0.0.1", port)
+        plain = PartyContext.of(build_job(certs, tls=False), "leader")
+        server = ServerThread(create_app(Inbox(), plain), "127.0.0.1", port)
         with pytest.raises(PeerError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
             server.start()
 

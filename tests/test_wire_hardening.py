@@ -29,6 +29,7 @@ from tests.test_transport import (  # noqa: F401 - certs is a fixture
 )
 from tests.test_wire_quantized import SESSION, quantised, raw_body, with_quantize
 from vfl_cli.errors import PeerRefused, ProtocolError
+from vfl_cli.party import PartyContext
 from vfl_cli.privacy.quantize import FLOAT32_MAX, QuantizedTensor, dequantize, pack_bits
 from vfl_cli.protocol import BatchKey, Hello
 from vfl_cli.transport.codec import (
@@ -255,7 +256,7 @@ def test_an_https_peer_refused_with_403_says_its_certificate_is_not_the_peers(ce
     # The leader's copy of the job names another follower: what bob's user sees when the two jobs disagree.
     carol = job.follower.model_copy(update={"name": "carol"})
     theirs = job.model_copy(update={"parties": {**job.parties, "follower": carol}})
-    with party_server(theirs, "leader"), HttpsPeer(job, "follower") as follower:
+    with party_server(theirs, "leader"), HttpsPeer(PartyContext.of(job, "follower")) as follower:
         with pytest.raises(PeerRefused) as info:
             follower.handshake(hello(job, "follower"))
     assert str(info.value) == "alice refused our hello: the client certificate is not the job's peer's (HTTP 403)"

@@ -39,6 +39,7 @@ import torch
 
 from vfl_cli.errors import JobError
 from vfl_cli.job import JobSpec, PrivacySpec
+from vfl_cli.party import PartyContext
 from vfl_cli.peer import LocalPeer, Peer, run_both
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.privacy.leakage import EpochLeak, Received, epoch_leaks
@@ -175,8 +176,8 @@ def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None, setting
     job = audited(job, out / "run")
     leader_peer, follower_peer = LocalPeer.pair(job.transport.timeout_s)
     recorder = GradientRecorder(follower_peer)
-    leader = open_run(job, "leader", leader_peer, reporter)
-    follower = open_run(job, "follower", recorder)
+    leader = open_run(PartyContext.of(job, "leader"), leader_peer, reporter)
+    follower = open_run(PartyContext.of(job, "follower"), recorder)
     if leader.task.kind == "multiclass":
         try:
             check_classes(leader.task.width)  # before training, not after

@@ -42,6 +42,7 @@ from vfl_cli.job import JobSpec, Role
 from vfl_cli.privacy.quantize import QuantizedTensor
 
 if TYPE_CHECKING:
+    from vfl_cli.party import PartyContext
     from vfl_cli.peer import Peer
 
 PROTOCOL_VERSION = 2
@@ -113,17 +114,16 @@ def session_id(leader: Hello, follower: Hello) -> str:
     return hashlib.sha256(f"{leader.nonce}:{follower.nonce}".encode()).hexdigest()[:16]
 
 
-def meet(job: JobSpec, role: str, peer: Peer, mine: Hello) -> Hello:
+def meet(ctx: PartyContext, peer: Peer, mine: Hello) -> Hello:
     """Send our Hello, take the peer's; a peer that is not the job's other party, or differs in anything both
     must share, stops the run here (train, eval, infer and psi alike)."""
     theirs = peer.handshake(mine)
-    peer_role = job.peer_role(role)
-    if theirs.role != peer_role or theirs.name != job.party(peer_role).name:
-        raise ProtocolError(f"handshake: expected the {peer_role} {job.party(peer_role).name!r}, "
+    if theirs.role != ctx.peer_role or theirs.name != ctx.peer_name:
+        raise ProtocolError(f"handshake: expected the {ctx.peer_role} {ctx.peer_name!r}, "
                             f"met {theirs.role} {theirs.name!r}")
     problem = mine.mismatch(theirs)
     if problem:
-        raise ProtocolError(f"handshake with the {peer_role}: {problem}")
+        raise ProtocolError(f"handshake with the {ctx.peer_role}: {problem}")
     return theirs
 
 

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vfl_cli.commands.run import JobOption, PartyRole, connected
-from vfl_cli.console import RichReporter, console
+from vfl_cli.commands.run import JobOption, PartyRole, connected, waiting_for_peer
+from vfl_cli.console import RichReporter
 from vfl_cli.job import Role, load_job
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ def psi(
     mutually authenticated HTTPS as training), then each party writes its rows of the intersection, in one
     order both agree on, as its training data (<data.dir>/<role>). Both parties learn which of their own
     customers the other also has, and the other's number of customers; nothing else."""
+    from vfl_cli.party import PartyContext
     from vfl_cli.psi.session import psi_locally, psi_session
 
     spec = load_job(job)
@@ -41,12 +42,10 @@ def psi(
         tables: dict[Role, Path] | None = {r: table / r for r in ("leader", "follower")} if table else None
         outcomes = psi_locally(spec, tables, out)
     else:
-        me = cast(Role, role.value)
-        peer_role = spec.peer_role(me)
-        waiting = console.status(f"waiting for the {peer_role} at {spec.party(peer_role).connect_to} "
-                                 f"(up to {spec.transport.connect_timeout_s:g} s)")
-        with connected(spec, me) as peer, waiting:
-            outcomes = {me: psi_session(spec, me, peer, RichReporter(waiting=waiting, unit="ids"), table, out)}
+        ctx = PartyContext.of(spec, role.value)
+        waiting = waiting_for_peer(ctx)
+        with connected(ctx) as peer, waiting:
+            outcomes = {ctx.role: psi_session(ctx, peer, RichReporter(waiting=waiting, unit="ids"), table, out)}
     for name, outcome in outcomes.items():
         typer.echo(_summary(name, spec.peer_role(name), outcome))
 

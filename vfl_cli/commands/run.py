@@ -7,15 +7,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from vfl_cli.console import RichReporter, console, epoch_table
 from vfl_cli.errors import JobError
-from vfl_cli.job import JobSpec, Role, load_job
+from vfl_cli.job import load_job
 
 if TYPE_CHECKING:
+    from rich.status import Status
+
+    from vfl_cli.party import PartyContext
     from vfl_cli.peer import Peer
     from vfl_cli.telemetry import Telemetry
     from vfl_cli.train.loop import EvalResult, PartyRun
@@ -54,17 +57,18 @@ SplitOption = Annotated[str, typer.Option("--split", help="Prepared split to rea
 
 
 @contextmanager
-def connected(job: JobSpec, role: Role) -> Iterator[HttpsPeer]:
+def connected(ctx: PartyContext) -> Iterator[HttpsPeer]:
     """The HTTPS peer for a two-process run, and the metrics listener when the job names one; on any failure
     here, tell the peer before leaving."""
     from vfl_cli.telemetry import Telemetry, start_metrics_server
     from vfl_cli.train.session import set_threads
     from vfl_cli.transport.https_peer import HttpsPeer
 
-    set_threads(job.party(role).threads)
+    job, role = ctx.job, ctx.role
+    set_threads(ctx.spec.threads)
     telemetry = Telemetry(role)
-    peer = HttpsPeer(job, role, telemetry)
-    console.print(f"{role} listening on {job.party(role).listen}")
+    peer = HttpsPeer(ctx, telemetry)
+    console.print(f"{role} listening on {ctx.spec.listen}")
     try:
         metrics = start_metrics_server(job, role, telemetry, lambda: _health(telemetry))
     except BaseException:
@@ -87,15 +91,19 @@ def _health(telemetry: Telemetry) -> dict[str, str]:
     return {"status": "ok", "role": telemetry.role, "steps": f"{telemetry.value('vfl_steps_total'):.0f}"}
 
 
-def _two_party(job: JobSpec, role: str, session: Callable[[PartyRun], T]) -> tuple[T, Peer]:
+def waiting_for_peer(ctx: PartyContext) -> Status:
+    """The console spinner shown until the peer answers the handshake."""
+    return console.status(f"waiting for the {ctx.peer_role} at {ctx.peer.connect_to} "
+                          f"(up to {ctx.job.transport.connect_timeout_s:g} s)")
+
+
+def _two_party(ctx: PartyContext, session: Callable[[PartyRun], T]) -> tuple[T, Peer]:
     from vfl_cli.train.session import open_run
 
-    peer_role = job.peer_role(role)
-    waiting = console.status(f"waiting for the {peer_role} at {job.party(peer_role).connect_to} "
-                             f"(up to {job.transport.connect_timeout_s:g} s)")
-    with connected(job, cast(Role, role)) as peer, waiting:
+    waiting = waiting_for_peer(ctx)
+    with connected(ctx) as peer, waiting:
         # The spinner runs through the handshake; the reporter stops it when the first batch starts.
-        return session(open_run(job, role, peer, RichReporter(waiting=waiting), peer.telemetry)), peer
+        return session(open_run(ctx, peer, RichReporter(waiting=waiting), peer.telemetry)), peer
 
 
 def _print_result(label: str, result: EvalResult) -> None:
@@ -120,6 +128,7 @@ def train(
 ) -> None:
     """Train the job's model. Both parties checkpoint every train.checkpoint_every steps and at each epoch end;
     a rerun resumes at the newest step both hold, with the same batches an uninterrupted run would see."""
+    from vfl_cli.party import PartyContext
     from vfl_cli.train.baseline import train_baseline
     from vfl_cli.train.session import local_threads, run_local, set_threads, train_session
 
@@ -133,7 +142,7 @@ def train(
         outcome = run_local(spec, lambda run: train_session(run, restart), {"leader": RichReporter()})["leader"]
         peer = None
     else:
-        outcome, peer = _two_party(spec, role.value, lambda run: train_session(run, restart))
+        outcome, peer = _two_party(PartyContext.of(spec, role.value), lambda run: train_session(run, restart))
     results = outcome.epochs  # (a resumed session said so on the console when it began)
     rows = [(e, speed, r.scores if r else None) for e, speed, r in results]
     validating = spec.data.valid_fraction > 0
@@ -160,6 +169,7 @@ def evaluate(
     """Evaluate the newest checkpoint: the task's metrics at the leader (AUC, log loss, KS; accuracy, macro-F1,
     log loss; RMSE, MAE, R²); the follower only contributes.
     Both sides' newest checkpoints must be of the same run and step; otherwise both stop and say which is newer."""
+    from vfl_cli.party import PartyContext
     from vfl_cli.train.baseline import evaluate_baseline_checkpoint
     from vfl_cli.train.session import eval_session, local_threads, run_local, set_threads
 
@@ -171,7 +181,7 @@ def evaluate(
         set_threads(local_threads(spec))
         result = run_local(spec, lambda run: eval_session(run, run_dir, split))["leader"]
     else:
-        result, _ = _two_party(spec, role.value, lambda run: eval_session(run, run_dir, split))
+        result, _ = _two_party(PartyContext.of(spec, role.value), lambda run: eval_session(run, run_dir, split))
     if result is not None:
         _print_result(f"{role.value} {split}", result)
     else:
@@ -197,6 +207,7 @@ def infer(
 ) -> None:
     """Predict a prepared split with the newest checkpoint (the same run and step on both sides). The leader
     writes the predictions to --out; the follower only computes and sends its part."""
+    from vfl_cli.party import PartyContext
     from vfl_cli.reporter import SilentReporter
     from vfl_cli.train.session import infer_session, local_threads, run_local, set_threads
 
@@ -213,7 +224,7 @@ def infer(
         result = run_local(spec, lambda run: infer_session(run, run_dir, split, out),
                            {"leader": SilentReporter()})["leader"]
     else:
-        result, _ = _two_party(spec, role.value, lambda run: infer_session(run, run_dir, split, out))
+        result, _ = _two_party(PartyContext.of(spec, role.value), lambda run: infer_session(run, run_dir, split, out))
     if result is not None:
         typer.echo(f"wrote {result.rows:,} predictions to {out}")
     else:

@@ -25,6 +25,7 @@ from data_prep.align import write_aligned
 from data_prep.store import TableData, open_table, table_dir
 from vfl_cli.errors import DataError, ProtocolError
 from vfl_cli.job import JobSpec, Role
+from vfl_cli.party import PartyContext
 from vfl_cli.peer import LocalPeer, Peer, run_both
 from vfl_cli.protocol import PSI_POINTS, BatchKey, Hello, WireTensors, meet
 from vfl_cli.psi.group import psi_tag
@@ -65,8 +66,7 @@ def open_own_table(job: JobSpec, role: Role, table: Path | None = None) -> Table
 
 
 def psi_session(
-    job: JobSpec,
-    role: Role,
+    ctx: PartyContext,
     peer: Peer,
     reporter: Reporter | None = None,
     table: Path | None = None,
@@ -74,13 +74,13 @@ def psi_session(
 ) -> PsiOutcome:
     """Run the PSI with the peer and write this party's aligned data: train and test splits to
     `<data.dir>/<role>`, or, with `out`, one split `all` to `<out>/<role>` (new customers to score)."""
+    job, role, peer_role = ctx.job, ctx.role, ctx.peer_role
     reporter = reporter or SilentReporter()
     data = open_own_table(job, role, table)
-    party = PsiParty(role, data.customer_ids(), psi_tag(job.fingerprint()), threads=job.party(role).threads or 1)
-    peer_role = job.peer_role(role)
-    mine = Hello(role=role, name=job.party(role).name, job_fingerprint=job.fingerprint(),
+    party = PsiParty(role, data.customer_ids(), psi_tag(job.fingerprint()), threads=ctx.spec.threads or 1)
+    mine = Hello(role=role, name=ctx.name, job_fingerprint=job.fingerprint(),
                  data_fingerprint={_announced(role): {"rows": party.size}}, command="psi")
-    theirs = meet(job, role, peer, mine)
+    theirs = meet(ctx, peer, mine)
     peer_size = int(theirs.data_fingerprint.get(_announced(peer_role), {}).get("rows", 0))
     check_peer_size(peer_role, peer_size, job.psi.min_intersection)
 
@@ -135,6 +135,7 @@ def psi_locally(job: JobSpec, tables: dict[Role, Path] | None = None, out: Path 
     """Both parties in this process (two threads, an in-memory peer): `vfl psi --role local`."""
     peers: dict[Role, Peer] = dict(zip(("leader", "follower"), LocalPeer.pair(job.transport.timeout_s), strict=True))
     return run_both({
-        role: (partial(psi_session, job, role, peers[role], table=(tables or {}).get(role), out=out), peers[role])
+        role: (partial(psi_session, PartyContext.of(job, role), peers[role], table=(tables or {}).get(role), out=out),
+               peers[role])
         for role in peers
     })

@@ -31,6 +31,7 @@ from vfl_cli.checkpoint import CheckpointStore
 from vfl_cli.errors import CheckpointError, ProtocolError
 from vfl_cli.job import JobSpec
 from vfl_cli.model.build import cut_widths
+from vfl_cli.party import PartyContext
 from vfl_cli.peer import Peer
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.protocol import BatchKey, Phase, WireTensors, read_selection, selection_message
@@ -99,6 +100,11 @@ class PartyRun:
     @property
     def is_leader(self) -> bool:
         return self.role == "leader"
+
+    @cached_property
+    def context(self) -> PartyContext:
+        """This party's view of the job (its spec, the peer's role and name)."""
+        return PartyContext.of(self.job, self.role)
 
     @property
     def checkpoints(self) -> CheckpointStore:

@@ -28,6 +28,7 @@ from vfl_cli.checkpoint import (
 )
 from vfl_cli.errors import CheckpointError, DataError
 from vfl_cli.job import JobSpec
+from vfl_cli.party import PartyContext
 from vfl_cli.peer import LocalPeer, Peer, run_both
 from vfl_cli.protocol import Hello, meet
 from vfl_cli.reporter import Reporter, SilentReporter
@@ -49,9 +50,9 @@ T = TypeVar("T")
 
 
 def open_run(
-    job: JobSpec, role: str, peer: Peer, reporter: Reporter | None = None, telemetry: Telemetry | None = None
+    ctx: PartyContext, peer: Peer, reporter: Reporter | None = None, telemetry: Telemetry | None = None
 ) -> PartyRun:
-    spec = job.party(role)
+    job, role, spec = ctx.job, ctx.role, ctx.spec
     data = open_party(job.data.dir, role)
     prepared, expected = tuple(zip(data.meta.fields, data.meta.kinds, strict=True)), tuple(spec.columns.items())
     if prepared != expected:
@@ -61,8 +62,10 @@ def open_run(
         raise DataError(f"{data.dir}: prepared for a {data.meta.task} label, but the job's task is {spec.task}")
     task = leader_task(job, data) if role == "leader" else None
     party = build_party(job, role, data.meta, pick_device(spec.device), task)
-    return PartyRun(job, role, data, party, peer, reporter or SilentReporter(), job.train.run_dir / role,
-                    telemetry or Telemetry(role))
+    run = PartyRun(job, role, data, party, peer, reporter or SilentReporter(), job.train.run_dir / role,
+                   telemetry or Telemetry(role))
+    run.context = ctx  # the cached view: the same object the caller built, not a second one
+    return run
 
 
 def _first_difference(prepared: tuple[tuple[str, str], ...], expected: tuple[tuple[str, str], ...]) -> str:
@@ -95,7 +98,7 @@ def handshake(
     Returns (the leader's Hello, the follower's), the same pair on both sides."""
     mine = Hello(
         role=run.role,
-        name=run.job.party(run.role).name,
+        name=run.context.name,
         job_fingerprint=run.job.fingerprint(),
         data_fingerprint={split: run.data.fingerprint(split) for split in run.data.meta.splits},
         command=command,
@@ -103,7 +106,7 @@ def handshake(
         checkpoint_steps=checkpoint_steps,
         extra=extra or {},
     )
-    theirs = meet(run.job, run.role, run.peer, mine)
+    theirs = meet(run.context, run.peer, mine)
     return (mine, theirs) if run.is_leader else (theirs, mine)
 
 
@@ -223,8 +226,8 @@ def run_local(
     leader_peer, follower_peer = LocalPeer.pair(job.transport.timeout_s)
     reporters = reporters or {}
     runs = {  # opened before either side starts, so that a data problem is reported as it is
-        "leader": open_run(job, "leader", leader_peer, reporters.get("leader")),
-        "follower": open_run(job, "follower", follower_peer, reporters.get("follower")),
+        "leader": open_run(PartyContext.of(job, "leader"), leader_peer, reporters.get("leader")),
+        "follower": open_run(PartyContext.of(job, "follower"), follower_peer, reporters.get("follower")),
     }
     return run_both({role: (partial(session, run), run.peer) for role, run in runs.items()})
 

@@ -32,9 +32,9 @@ from vfl_cli.errors import (
     ProtocolError,
     TlsError,
 )
-from vfl_cli.job import JobSpec, Role
+from vfl_cli.party import PartyContext
 from vfl_cli.peer import Peer
-from vfl_cli.protocol import KINDS, RECEIVES, BatchKey, Hello, Kind, WireTensors, accepted_kinds
+from vfl_cli.protocol import KINDS, BatchKey, Hello, Kind, WireTensors, accepted_kinds
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import (
     MAX_REASON_CHARS,
@@ -65,17 +65,18 @@ X509_V_ERR_HOSTNAME_MISMATCH = 62  # OpenSSL's verify code: a valid certificate,
 class HttpsPeer(Peer):
     """The other party across the network. Starts this party's server at once; `close()` stops it."""
 
-    def __init__(self, job: JobSpec, role: Role, telemetry: Telemetry | None = None) -> None:
+    def __init__(self, ctx: PartyContext, telemetry: Telemetry | None = None) -> None:
+        job, role, me = ctx.job, ctx.role, ctx.spec
+        self._ctx = ctx
         self._job = job
         self._role = role
-        self._peer = job.party(job.peer_role(role))
+        self._peer = ctx.peer
         self._fingerprint = job.fingerprint()
         self._seq: dict[Kind, int] = dict.fromkeys(KINDS, 0)
         self._session = ""  # known once the handshake is done
         self._inbox = Inbox(job.transport.max_pending)
         self.telemetry = telemetry or Telemetry(role)
 
-        me = job.party(role)
         if job.tls.enabled:
             server_context: ssl.SSLContext | None = server_ssl_context(job, role)
             client_context: ssl.SSLContext | bool = client_ssl_context(job, role)
@@ -86,7 +87,7 @@ class HttpsPeer(Peer):
         self.url = f"{scheme}://{self._peer.connect_to}"
 
         self._server = ServerThread(
-            create_app(self._inbox, job, role, self.telemetry),
+            create_app(self._inbox, ctx, self.telemetry),
             me.host,
             me.port,
             server_context,
@@ -134,7 +135,7 @@ class HttpsPeer(Peer):
         return theirs
 
     def send(self, kind: Kind, key: BatchKey, tensors: WireTensors) -> None:
-        if kind == RECEIVES[self._role]:
+        if kind == self._ctx.receives:
             raise ValueError(f"the {self._role} receives {kind}, it does not send them")  # PSI kinds go both ways
         aborted = self._inbox.aborted(self._peer.name)
         if aborted is not None:  # the peer is gone: say why, rather than "unreachable" later

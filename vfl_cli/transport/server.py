@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from vfl_cli.errors import ProtocolError
-from vfl_cli.job import JobSpec, Role
+from vfl_cli.party import PartyContext
 from vfl_cli.protocol import check_message
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import AbortMessage, HelloMessage, Message, TensorMessage, decode
@@ -61,11 +61,10 @@ class Refusal(Exception):
 # -------------------------------------------------------------------------------------------------- the app
 
 
-def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | None = None) -> FastAPI:
-    """The FastAPI app of party `role`: every accepted message goes to `inbox`, nothing else changes state."""
+def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = None) -> FastAPI:
+    """The FastAPI app of party `ctx.role`: every accepted message goes to `inbox`, nothing else changes state."""
+    job, role, peer_role, peer_name = ctx.job, ctx.role, ctx.peer_role, ctx.peer_name
     telemetry = telemetry or Telemetry(role)
-    peer_role = job.peer_role(role)
-    peer_name = job.party(peer_role).name
     fingerprint = job.fingerprint()
     limit = job.transport.max_body_bytes
 
@@ -148,7 +147,7 @@ def create_app(inbox: Inbox, job: JobSpec, role: Role, telemetry: Telemetry | No
     @router.get("/health")
     async def health() -> dict[str, str]:
         """Liveness, and who answers."""
-        return {"status": "ok", "role": role, "name": job.party(role).name}
+        return {"status": "ok", "role": role, "name": ctx.name}
 
     app = FastAPI(title=f"vfl {role}", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(router)
