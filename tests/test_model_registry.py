@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vfl_cli.job import AdamSpec, FtrlSpec, ModelSpec
-from vfl_cli.model.build import CentralModel, SplitModel, build_bottom, build_top, cut_widths
+from vfl_cli.model.build import CentralModel, SplitModel, build_bottom, build_top
 from vfl_cli.model.mlp import MlpBottom
 from vfl_cli.model.optimizers import build_optimizers
 from vfl_cli.task import Task
@@ -59,7 +59,7 @@ def test_split_backward_through_the_cut_equals_the_joint_model(combine: str, lea
     leader = build_bottom(spec, 3, "leader", VOCAB, leader_kinds)
     follower = build_bottom(spec, 3, "follower", VOCAB, FOLLOWER_KINDS)
     assert follower is not None and (leader is None) == (not leader_kinds)
-    top = build_top(spec, 3, [cut_widths(spec, len(leader_kinds)), cut_widths(spec, 2)], task.width)
+    top = build_top(spec, 3, [spec.cut_widths(len(leader_kinds)), spec.cut_widths(2)], task.width)
     (lids, lvals), (fids, fvals) = _batch(leader_kinds, 4), _batch(FOLLOWER_KINDS, 5)
     labels = torch.randint(0, 3, (B,), generator=torch.Generator().manual_seed(6)).float()
     task.loss(joint(lids, lvals, fids, fvals), labels).backward()

@@ -53,11 +53,6 @@ class PartyContext:
         return RECEIVES[self.role]
 
     @property
-    def sends(self) -> Kind:
-        """The cut-layer kind I send: the one the peer receives."""
-        return RECEIVES[self.peer_role]
-
-    @property
     def cut_widths(self) -> dict[str, int]:
         """The follower's cut tensors, name -> width: what crosses the wire both ways (embeddings, gradients)."""
         return self.job.cut_widths("follower")

@@ -26,10 +26,6 @@ from vfl_cli.model.wide_deep import Part, WideDeepBottom, part_generator
 Bottom = WideDeepBottom | MlpBottom
 
 
-def cut_widths(model: ModelSpec, columns: int) -> dict[str, int]:
-    return model.cut_widths(columns)
-
-
 def build_bottom(model: ModelSpec, seed: int, part: Part, vocab_size: int, kinds: Sequence[str]) -> Bottom | None:
     """A party's bottom over its columns (`kinds`, one per column, in the prepared arrays' order); None without."""
     if not kinds:
@@ -65,7 +61,7 @@ class SplitModel(nn.Module):
         leader_bottom = build_bottom(model, seed, "leader", *leader)
         follower_bottom = build_bottom(model, seed, "follower", *follower)
         assert follower_bottom is not None, "the follower holds at least one column"
-        cuts = [cut_widths(model, len(leader[1])), cut_widths(model, len(follower[1]))]
+        cuts = [model.cut_widths(len(leader[1])), model.cut_widths(len(follower[1]))]
         return cls(leader_bottom, follower_bottom, build_top(model, seed, cuts, width))
 
     def forward(self, leader_ids: Tensor, leader_vals: Tensor, follower_ids: Tensor, follower_vals: Tensor) -> Tensor:
@@ -95,8 +91,7 @@ class CentralModel(nn.Module):
         super().__init__()
         self.bottom = build_bottom(model, seed, "central", vocab_size, kinds)
         self.sum_of_cut = model.bottom == "wide_deep" and width == 1 and not model.top_layers and bool(kinds)
-        self.width = width
-        self.top = None if self.sum_of_cut else build_top(model, seed, [cut_widths(model, len(kinds))], width)
+        self.top = None if self.sum_of_cut else build_top(model, seed, [model.cut_widths(len(kinds))], width)
 
     def forward(self, ids: Tensor, vals: Tensor) -> Tensor:
         if self.bottom is None:  # no columns at all: the head's bias alone (the label's prior)

@@ -4,7 +4,7 @@
     leader:   own = bottom(x_b); theirs = receive(embeddings); loss = task.loss(top([own, theirs]), y_b)
               backward through the top; send(gradients, d loss / d theirs); backward own bottom; step
 
-The cut tensors are named by the model (`vfl_cli.model.build.cut_widths`: (wide, deep) for Wide&Deep, one
+The cut tensors are named by the model (`ModelSpec.cut_widths`: (wide, deep) for Wide&Deep, one
 `cut` for an mlp bottom); a leader without feature columns has no bottom and no `own`. The task
 (`vfl_cli.task`) owns the loss, the predictions and the metrics; the primary metric selects the best epoch.
 
@@ -30,7 +30,6 @@ from data_prep.store import PartyData, SplitArrays
 from vfl_cli.checkpoint import CheckpointStore
 from vfl_cli.errors import CheckpointError, ProtocolError
 from vfl_cli.job import JobSpec
-from vfl_cli.model.build import cut_widths
 from vfl_cli.party import PartyContext
 from vfl_cli.peer import Peer
 from vfl_cli.privacy.cut_layer import CutLayerDefences
@@ -115,11 +114,6 @@ class PartyRun:
         classes = self.party.task.width if self.party.task is not None and self.party.task.width > 1 else 2
         return CutLayerDefences(self.job.privacy, self.job.seed, classes)
 
-    @cached_property
-    def follower_cut(self) -> dict[str, int]:
-        """The cut tensors the follower sends (and the leader returns gradients for), name -> width."""
-        return cut_widths(self.job.model, len(self.job.follower.columns))
-
     @property
     def task(self) -> Task:
         assert self.party.task is not None, "only the leader has the task"
@@ -170,7 +164,7 @@ def follower_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> None:
     party = run.party
     cut = party.bottom_forward(batch.ids, batch.vals)  # name -> (B, width)
     run.peer.send("embeddings", key, run.defences.embeddings_out(cut, key))
-    grads = _received(run.peer.receive("gradients", key), key, len(batch), run.follower_cut, party.device)
+    grads = _received(run.peer.receive("gradients", key), key, len(batch), run.context.cut_widths, party.device)
     party.zero_grad()
     torch.autograd.backward(list(cut.values()), [grads[name] for name in cut])  # L2: Adam's weight decay
     party.step()
@@ -182,7 +176,7 @@ def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> float:
     assert party.top is not None and batch.labels is not None
     labels = run.defences.training_labels(batch.labels, batch.sample_ids)  # the true ones unless privacy.label_dp
     own = party.bottom_forward(batch.ids, batch.vals)  # name -> (B, width); {} without feature columns
-    theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.follower_cut, party.device)
+    theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.context.cut_widths, party.device)
     # Cut the graph at both parties' outputs: the top's backward yields the follower's gradients first.
     own_cut = {name: t.detach().requires_grad_() for name, t in own.items()}
     theirs = {name: t.requires_grad_() for name, t in theirs.items()}
@@ -255,7 +249,7 @@ def forward_split(run: PartyRun, split_name: str, phase: Phase, epoch: int) -> E
         cut = run.party.bottom_forward(batch.ids, batch.vals)
         if run.is_leader:
             assert run.party.top is not None
-            theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.follower_cut,
+            theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.context.cut_widths,
                                run.party.device)
             predictions.append(run.task.predict(run.party.top([cut, theirs])).cpu())
         else:

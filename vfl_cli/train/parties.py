@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -15,7 +15,7 @@ from torch import Tensor
 from data_prep.store import PartyMeta
 from vfl_cli.errors import CheckpointError
 from vfl_cli.job import JobSpec
-from vfl_cli.model.build import Bottom, bottom_parameters, build_bottom, build_top, cut_widths
+from vfl_cli.model.build import Bottom, bottom_parameters, build_bottom, build_top
 from vfl_cli.model.optimizers import build_optimizers
 from vfl_cli.model.top import Top
 from vfl_cli.task import Task
@@ -71,9 +71,7 @@ class PartyModel:
             "bottom": None if self.bottom is None else self.bottom.state_dict(),
             "top": None if self.top is None else self.top.state_dict(),
             "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
-            # the regression label's scale, fitted on the training rows: scoring data without them needs it
-            "task": None if self.task is None else {"label_mean": self.task.label_mean,
-                                                    "label_std": self.task.label_std},
+            "task": None if self.task is None else self.task.scale_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -84,9 +82,8 @@ class PartyModel:
                 self.top.load_state_dict(state["top"])
             for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
                 optimizer.load_state_dict(optimizer_state)
-            if self.task is not None and state.get("task"):
-                self.task = replace(self.task, label_mean=float(state["task"]["label_mean"]),
-                                    label_std=float(state["task"]["label_std"]))
+            if self.task is not None:
+                self.task = self.task.with_scale(state.get("task"))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint does not fit this {self.role}'s model: {exc}") from exc
 
@@ -98,9 +95,7 @@ def build_party(job: JobSpec, role: str, meta: PartyMeta, device: torch.device, 
     top = None
     if role == "leader":
         task = task or Task.of(job.leader.task, tuple(meta.classes))
-        follower_columns = len(job.follower.columns)
-        cuts = [cut_widths(job.model, len(meta.fields)), cut_widths(job.model, follower_columns)]
-        top = build_top(job.model, job.seed, cuts, task.width)
+        top = build_top(job.model, job.seed, [job.cut_widths("leader"), job.cut_widths("follower")], task.width)
     if bottom is not None:
         bottom = bottom.to(device)
     if top is not None:
