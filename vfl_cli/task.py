@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -88,6 +88,17 @@ class Task:
             std = float(values.std())
             return cls(kind, (), float(values.mean()), std if std > 0 else 1.0)
         return cls(kind, tuple(classes))
+
+    def scale_state(self) -> dict[str, float]:
+        """What a checkpoint keeps of the task: the label scale fitted on the training rows (data to score later
+        may have none to fit it on)."""
+        return {"label_mean": self.label_mean, "label_std": self.label_std}
+
+    def with_scale(self, state: dict[str, float] | None) -> Task:
+        """This task with a checkpoint's `scale_state` (unchanged for a checkpoint written without one)."""
+        if not state:
+            return self
+        return replace(self, label_mean=float(state["label_mean"]), label_std=float(state["label_std"]))
 
     @property
     def width(self) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -169,7 +169,7 @@ def train_baseline(job: JobSpec, kind: str, reporter: Reporter, restart: bool = 
     def save(step: int) -> None:
         at = Position.at(step, total)
         state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                 "task": {"label_mean": task.label_mean, "label_std": task.label_std}}  # regression's scale
+                 "task": task.scale_state()}
         store.save(run_id, step, at.epoch, at.epoch_step, state)
 
     results: list[tuple[int, float, EvalResult | None]] = []
@@ -226,7 +226,4 @@ def evaluate_baseline_checkpoint(job: JobSpec, kind: str, run_dir: Path, split: 
     store = CheckpointStore(run_dir / kind, job.fingerprint())
     payload = store.load_selected() or store.newest()
     _restore(model, None, payload, store.directory / file_name(payload["step"]))
-    scale = payload["state"].get("task")  # the training rows' label scale: data to score may have none
-    if scale:
-        task = replace(task, label_mean=float(scale["label_mean"]), label_std=float(scale["label_std"]))
-    return evaluate_baseline(model, data, job, task, split)
+    return evaluate_baseline(model, data, job, task.with_scale(payload["state"].get("task")), split)
