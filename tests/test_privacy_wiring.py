@@ -189,8 +189,8 @@ def test_audit_figures_equal_the_attacks_on_the_recorded_gradients(tmp_path: Pat
     assert recorded["gradients"].shape == (960, 2) and sorted(np.unique(recorded["labels"])) == [0.0, 1.0]
     assert sorted(recorded["rows"]) == list(range(960))  # every training row once per epoch
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())
-    assert report["epochs"][1]["scored_auc"] == result.epochs[1].scored_auc
-    assert report["test_auc"] == result.test_auc and report["strongest"]["leak_auc"] == result.strongest[1]
+    assert report["epochs"][1]["scored_auc"] == result.epochs[1].scored
+    assert report["test_auc"] == result.test_score and report["strongest"]["leak_auc"] == result.strongest[1]
     assert not (job.train.run_dir).exists()  # the job's own checkpoints are never touched
 
 
@@ -257,4 +257,4 @@ def test_audit_of_a_job_with_validation_runs_it_as_the_user_does_and_joins_the_r
     carved = len(np.load(tmp_path / "audit" / "epoch-0.npz")["labels"])
     assert carved == stored_train_rows - round(0.25 * stored_train_rows)  # the validation carve is kept
     final = json.loads((tmp_path / "audit" / "run" / "leader" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert final["event"] == "final_test" and final["auc"] == result.test_auc  # the selected epoch's test AUC
+    assert final["event"] == "final_test" and final["auc"] == result.test_score  # the selected epoch's test AUC

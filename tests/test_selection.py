@@ -143,7 +143,7 @@ def test_baselines_select_on_validation_too(tmp_path: Path) -> None:
 
 
 def test_a_baseline_writes_the_records_vfl_report_reads(tmp_path: Path) -> None:
-    from vfl_cli.report import baseline_auc
+    from vfl_cli.report import baseline_score
     from vfl_cli.reporter import SilentReporter
     from vfl_cli.train.baseline import train_baseline
 
@@ -153,7 +153,7 @@ def test_a_baseline_writes_the_records_vfl_report_reads(tmp_path: Path) -> None:
     assert [r["event"] for r in records if r["event"] in ("start", "epoch", "final_test")] == [
         "start", "epoch", "epoch", "final_test"]
     assert outcome.final_test is not None
-    assert baseline_auc(job.train.run_dir, "central") == f"{outcome.final_test.score:.6f}"
+    assert baseline_score(job.train.run_dir, "central", "auc") == f"{outcome.final_test.score:.6f}"
 
 
 def test_a_run_that_stopped_early_stays_stopped_when_run_again(tmp_path: Path) -> None:

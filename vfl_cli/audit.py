@@ -83,11 +83,6 @@ class AuditEpoch:
     floor: float = math.nan  # multiclass: the clustering's accuracy against the labels shuffled per batch
 
     @property
-    def scored_auc(self) -> float:
-        """`scored` under its binary name (audit.json's `scored_auc`)."""
-        return self.scored
-
-    @property
     def strongest(self) -> tuple[str, float]:
         return EpochLeak(self.epoch, self.leaks).strongest
 
@@ -99,11 +94,6 @@ class AuditResult:
     epochs: list[AuditEpoch]
     metric: str = "auc"  # the task's primary metric: auc (binary) or accuracy (multiclass)
     task: str = "binary"
-
-    @property
-    def test_auc(self) -> float:
-        """`test_score` under its binary name (audit.json's and sweep.csv's `test_auc`)."""
-        return self.test_score
 
     @property
     def measure(self) -> str:

@@ -23,9 +23,9 @@ from vfl_cli.errors import DataError
 from vfl_cli.job import JobSpec
 from vfl_cli.report.page import render_html
 from vfl_cli.report.plots import PLOTS, write_plots
-from vfl_cli.report.records import RunMetrics, baseline_auc, baseline_score, read_run
+from vfl_cli.report.records import RunMetrics, baseline_score, read_run
 
-__all__ = ["PLOTS", "RunMetrics", "baseline_auc", "baseline_score", "build_report", "read_run"]
+__all__ = ["PLOTS", "RunMetrics", "baseline_score", "build_report", "read_run"]
 
 
 def build_report(run_dir: Path, out: Path, job: JobSpec | None = None) -> Path:

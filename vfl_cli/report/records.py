@@ -231,7 +231,3 @@ def baseline_score(run_dir: Path, kind: str, metric: str = DEFAULT_METRIC) -> st
     values = [value for e in run.epochs if (value := e.test.get(metric)) is not None]
     return f"{values[-1]:.6f}" if values else "not run"
 
-
-def baseline_auc(run_dir: Path, kind: str) -> str:
-    """A binary baseline's test AUC (`baseline_score` of auc), kept for callers that name AUC."""
-    return baseline_score(run_dir, kind, "auc")
