@@ -156,8 +156,10 @@ def score(task: str, truth: dict[str, float], predictions: dict[str, list[float]
     if task == "multiclass":
         classes = tuple(sorted({str(int(v)) for v in labels}, key=float))  # as `vfl prep` orders numeric classes
         labels = np.array([classes.index(str(int(v))) for v in labels], dtype=np.float64)
-        return Task(task, classes).score(labels, found)[Task(task, classes).primary.name]
-    return Task(task).score(labels, found[:, 0])[Task(task).primary.name]  # type: ignore[arg-type]
+        scorer = Task(task, classes)
+    else:
+        scorer, found = Task(task), found[:, 0]  # type: ignore[arg-type]
+    return scorer.score(labels, found)[scorer.primary.name]
 
 
 def baseline_predictions(paths: Paths, name: str, kind: str, new: Path) -> dict[str, list[float]]:

@@ -125,7 +125,7 @@ class CutLayerDefences:
         """Float32 tensors, or quantised ones (stochastic rounding when given a generator), in the cut's order."""
         plain = {name: t.detach().cpu() for name, t in cut.items()}
         if bits is None:
-            return dict(plain)
+            return dict(plain)  # typed as WireTensors (dict is invariant in its values)
         return {name: quantize(t, bits, generator) for name, t in plain.items()}
 
     @staticmethod
