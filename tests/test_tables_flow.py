@@ -132,3 +132,37 @@ def test_a_regression_baseline_scores_new_customers_in_the_labels_units(tmp_path
                                  "train": job.train.model_copy(update={"run_dir": tmp_path / job.train.run_dir})})
     values = evaluate_baseline_checkpoint(job, "central", job.train.run_dir, "all").predictions
     assert len(values) == HELD_BACK and 5.0 < float(values.mean()) < 15.0  # grades 0..20, mean ~10
+
+
+def write_planted_tables(work: Path, rows: int = 3000) -> None:
+    """A bank (label, a text category, a number with gaps) and a shop (text categories and numbers, rows in
+    another order) whose label depends on columns of both: only a model using the shop's part fits it."""
+    import random
+
+    rng = random.Random(0)
+    bank, shop = [["cust", "default", "region", "income"]], [["cust", "plan", "spend", "device"]]
+    for i in range(rows):
+        region, plan = rng.choice(["north", "south", "east", "west"]), rng.choice(["basic", "plus", "pro"])
+        income = rng.gauss(50, 15)
+        logit = (1.2 if region in ("north", "east") else -0.8) + (1.5 if plan == "pro" else -0.5) + 0.02 * (income - 50)
+        label = int(rng.random() < 1 / (1 + 2.718281828 ** -logit))
+        bank.append([f"c{i:05d}", str(label), region, f"{income:.2f}" if rng.random() > 0.05 else ""])
+        shop.append([f"c{i:05d}", plan, f"{rng.gauss(100, 30):.1f}", rng.choice(["ios", "android", "web"])])
+    rng.shuffle(shop[1:])
+    for name, table in (("bank.csv", bank), ("shop.csv", shop)):
+        with (work / name).open("w", newline="") as handle:
+            csv.writer(handle).writerows(table)
+
+
+def test_categorical_columns_at_both_parties_learn_what_the_leader_alone_cannot(tmp_path: Path) -> None:
+    """The mlp bottom's embeddings of text categories, at both parties: split learning must beat the leader's
+    columns alone clearly (measured 0.82 against 0.72), so a broken follower path fails this test."""
+    write_planted_tables(tmp_path)
+    vfl(tmp_path, "init", "--leader", "bank.csv", "--follower", "shop.csv", "--id", "cust", "--label", "default",
+        "--out", "job.yaml")
+    for role, table in (("leader", "bank.csv"), ("follower", "shop.csv")):
+        vfl(tmp_path, "prep", "table", "--job", "job.yaml", "--role", role, "--input", table)
+    vfl(tmp_path, "psi", "--job", "job.yaml", "--role", "local")
+    split = metric(vfl(tmp_path, "train", "--job", "job.yaml", "--role", "local"), "AUC")
+    alone = metric(vfl(tmp_path, "train", "--job", "job.yaml", "--role", "leader-only"), "AUC")
+    assert split > alone + 0.05, (split, alone)
