@@ -2,7 +2,7 @@
 
     <data.dir>/<role>/{train,test}/   the store format (see store.py), plus customer_ids.npy per split
                                       (one split `all` instead, for new customers to score)
-    <data.dir>/<role>/meta.json       PartyMeta with `psi`: {"size", "digest", "my_size", "peer_size"}, and
+    <data.dir>/<role>/meta.json       PartyMeta with `psi`: {"size", "digest", "my_size", "peer_sizes", "pairwise"}, and
                                       the table's kinds, task and classes
     <data.dir>/<role>/vocab.json, dense_max.json   copied from the table (what encoded it)
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def write_aligned(
     data_dir: Path,
     seed: int,
     test_fraction: float | None,
-    psi: dict[str, int | str],
+    psi: dict[str, Any],
 ) -> PartyMeta:
     """Write `table`'s rows `rows` (int64 indices, in the agreed order) to `<data_dir>/<role>`: a train and a
     test split, or with `test_fraction` None one split `all` (new customers to score)."""

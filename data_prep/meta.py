@@ -60,7 +60,7 @@ class PartyMeta:
     source: str  # the raw input's file name
     splits: dict[str, SplitMeta]
     format: int = FORMAT_VERSION
-    psi: dict[str, Any] | None = None  # after `vfl psi`: {"size", "digest", "my_size", "peer_size"}
+    psi: dict[str, Any] | None = None  # after `vfl psi`: {"size", "digest", "my_size", "peer_sizes", "pairwise"}
     kinds: tuple[str, ...] = ()  # per field: "numeric" or "categorical"; () = from the Criteo names
     task: str | None = None  # with labels: "binary", "multiclass" or "regression" (None = binary); else None
     classes: tuple[str, ...] = ()  # multiclass: class names in index order (labels.npy holds the index)

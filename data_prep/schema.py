@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Role = Literal["leader", "follower"]
-ROLES: tuple[Role, ...] = ("leader", "follower")
+Role = str  # a party's key in the job: "leader", "follower", "follower2", ... (its directory under data.dir)
 Kind = Literal["numeric", "categorical"]  # categorical: strings or integer codes, one embedding per value
 KINDS: tuple[Kind, ...] = get_args(Kind)
 Task = Literal["binary", "multiclass", "regression"]

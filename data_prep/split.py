@@ -1,16 +1,17 @@
-"""Simulate two organisations from one Kaggle-format Criteo file (`vfl prep split`).
+"""Simulate organisations from one Kaggle-format Criteo file (`vfl prep split`): the leader and one or more
+followers.
 
-Writes the leader's table (id column, label column, the leader's columns) and the follower's (id column, the
+Writes the leader's table (id column, label column, the leader's columns) and each follower's (id column, the
 follower's columns) as TSV with a header row, the inputs `vfl prep table` reads. Column names come from each
 party's schema: its id column, the leader's label column, the columns by name (Criteo's I1..I13, C1..C26).
 
 Who is in which table: source row r (0-based line) draws u = u(seed', r), the splitmix64 uniform of
-`data_prep.splits.split_uniform` under a seed derived from `seed`, and is
-    in both tables            if u < overlap
-    in the leader's only      if overlap <= u < overlap + (1 - overlap) / 2
-    in the follower's only    otherwise.
-So `overlap` is the expected share of source rows both parties hold; each table holds (1 + overlap) / 2 of
-the source rows, and the shared ones are 2 overlap / (1 + overlap) of each table. Each table comes in its own
+`data_prep.splits.split_uniform` under a seed derived from `seed`, and with n parties (w = (1 - overlap) / n) is
+    in every table            if u < overlap
+    in party i's only         if overlap + i w <= u < overlap + (i + 1) w   (the last party: u >= overlap + (n-1) w)
+So `overlap` is the expected share of source rows every party holds; with two parties each table holds
+(1 + overlap) / 2 of the source rows, and the shared ones are 2 overlap / (1 + overlap) of each table.
+Each table comes in its own
 order, a seeded random permutation (different per party).
 
 Customer id of row r: "c" + 12 hex digits of a 4-round Feistel permutation of the 48-bit row number keyed by
@@ -36,7 +37,7 @@ import pyarrow.csv as pa_csv
 
 from data_prep.errors import DataError
 from data_prep.reader import BLOCK_SIZE, LABEL, BatchReader, ProgressFn
-from data_prep.schema import ROLES, PartySchema
+from data_prep.schema import PartySchema
 from data_prep.splits import split_uniform
 
 WRITE_CHUNK = 100_000  # rows per output chunk
@@ -63,12 +64,14 @@ def customer_ids(seed: int, rows: np.ndarray) -> np.ndarray:
     return np.array([f"c{v:012x}" for v in value.tolist()])
 
 
-def membership(seed: int, rows: int, overlap: float) -> tuple[np.ndarray, np.ndarray]:
-    """(in the leader's table, in the follower's table) per source row, as the module docstring defines."""
+def membership(seed: int, rows: int, overlap: float, parties: int = 2) -> list[np.ndarray]:
+    """Per party (in order), whether each source row is in its table, as the module docstring defines."""
     u = split_uniform(seed ^ _MEMBERSHIP_SALT, np.arange(rows, dtype=np.int64))
-    leader_only = (u >= overlap) & (u < overlap + (1 - overlap) / 2)
-    both = u < overlap
-    return both | leader_only, both | ~(both | leader_only)
+    every = u < overlap
+    width = (1 - overlap) / parties
+    only = [(u >= overlap + i * width) & (u < overlap + (i + 1) * width) for i in range(parties - 1)]
+    only.append(~(every | np.logical_or.reduce(only)) if only else ~every)
+    return [every | mine for mine in only]
 
 
 @dataclass(frozen=True)
@@ -87,14 +90,14 @@ def split_parties(
     on_progress: ProgressFn | None = None,
     block_size: int = BLOCK_SIZE,
 ) -> SplitResult:
-    """Write `<out>/leader.tsv` and `<out>/follower.tsv` from the Kaggle-format file at `path`, the columns of
-    the leader's and the follower's schema (one of each in `schemas`)."""
+    """Write `<out>/<role>.tsv` per party from the Kaggle-format file at `path`, the columns of each party's
+    schema (the leader's first in `schemas`, one with the label)."""
     if not 0.0 <= overlap <= 1.0:
         raise DataError(f"--overlap must be between 0 and 1, got {overlap}")
     by_role = {schema.role: schema for schema in schemas}
-    if sorted(by_role) != sorted(ROLES) or len(schemas) != len(ROLES):
-        raise ValueError("split_parties needs the leader's schema and the follower's")
-    columns = {name: kind for role in ROLES for name, kind in by_role[role].columns}  # each raw column read once
+    if len(by_role) != len(schemas) or len(schemas) < 2 or sum(s.label is not None for s in schemas) != 1:
+        raise ValueError("split_parties needs the leader's schema and at least one follower's")
+    columns = {name: kind for schema in schemas for name, kind in schema.columns}  # each raw column read once
     reader = BatchReader(path, list(columns.items()), True, on_progress, block_size)
     pieces = []
     for _, batch in reader.batches("read"):
@@ -104,12 +107,12 @@ def split_parties(
         raise DataError(f"{path}: empty input, no rows")
     source = pa.Table.from_batches(pieces).combine_chunks()
     rows = source.num_rows
-    in_leader, in_follower = membership(seed, rows, overlap)
+    members = membership(seed, rows, overlap, len(schemas))
     rng = np.random.default_rng([seed % 2**32, 8])
     try:
         out.mkdir(parents=True, exist_ok=True)
         written: dict[str, tuple[Path, int]] = {}
-        for role, member in zip(ROLES, (in_leader, in_follower), strict=True):
+        for role, member in zip(by_role, members, strict=True):
             order = rng.permutation(np.flatnonzero(member))
             target = out / f"{role}.tsv"
             _write_table(source, by_role[role], order, seed, target)
@@ -118,7 +121,7 @@ def split_parties(
                 on_progress(f"write {role}", len(order), len(order))
     except OSError as exc:
         raise DataError(f"{out}: cannot write the tables: {exc.strerror or exc}") from exc
-    return SplitResult(source_rows=rows, shared=int((in_leader & in_follower).sum()), tables=written)
+    return SplitResult(source_rows=rows, shared=int(np.logical_and.reduce(members).sum()), tables=written)
 
 
 def _write_table(source: pa.Table, party: PartySchema, order: np.ndarray, seed: int, target: Path) -> None:

@@ -17,7 +17,7 @@ from vfl_cli.job import JobSpec, parse_job
 from vfl_cli.model.build import SplitModel
 from vfl_cli.model.ftrl import Ftrl
 from vfl_cli.party import PartyContext
-from vfl_cli.peer import LocalPeer
+from vfl_cli.grid import LocalGrid
 from vfl_cli.protocol import BatchKey, Hello
 from vfl_cli.reporter import SilentReporter
 from vfl_cli.train.baseline import train_baseline
@@ -139,14 +139,14 @@ def test_data_prepared_for_other_fields_is_refused(tmp_path: Path) -> None:
     expected = (r"prepared for 20 columns, the job gives the leader 19 "
                 r"\(column 20: prepared C13 \(categorical\), the job none\)")
     with pytest.raises(DataError, match=expected + "; run `vfl prep` again"):
-        open_run(PartyContext.of(parse_job(spec), "leader"), LocalPeer.pair()[0])
+        open_run(PartyContext.of(parse_job(spec), "leader"), LocalGrid.star("leader", ("follower",))["leader"])
 
 
 def test_local_peer_abort_wakes_the_receiver() -> None:
-    leader, follower = LocalPeer.pair(timeout_s=5)
-    follower.abort("disk full")
+    grids = LocalGrid.star("leader", ("follower",), timeout_s=5)
+    grids["follower"].abort("disk full")
     with pytest.raises(PeerAborted, match="disk full"):
-        leader.receive("embeddings", BatchKey("train", 0, 0))
+        grids["leader"].receive("follower", "embeddings", BatchKey("train", 0, 0))
 
 
 def test_hello_mismatch_names_what_differs() -> None:

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 
 from vfl_cli.errors import JobError
+from vfl_cli.grid import Grid, LocalGrid, run_all
 from vfl_cli.job import JobSpec, PrivacySpec
 from vfl_cli.party import PartyContext
-from vfl_cli.peer import LocalPeer, Peer, run_both
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.privacy.leakage import EpochLeak, Received, epoch_leaks
 from vfl_cli.privacy.multiclass_leak import check_classes, inference_accuracy
-from vfl_cli.protocol import BatchKey, Hello, Kind, WireTensors
+from vfl_cli.protocol import BatchKey, Hello, Kind, Reply, WireTensors
 from vfl_cli.reporter import Reporter, SilentReporter
 from vfl_cli.train.batches import batch_rows
 from vfl_cli.train.loop import TrainOutcome
@@ -111,21 +111,22 @@ class AuditResult:
         return best
 
 
-class GradientRecorder(Peer):
-    """The follower's end of the pipe, keeping what a curious follower keeps: every training gradient."""
+class GradientRecorder(Grid):
+    """A follower's end of the grid, keeping what a curious follower keeps: every training gradient."""
 
-    def __init__(self, inner: Peer) -> None:
+    def __init__(self, inner: Grid) -> None:
         self.inner = inner
+        self.peers, self.is_leader = inner.peers, inner.is_leader
         self.received: dict[tuple[int, int], np.ndarray] = {}  # (epoch, step) -> [B, k] as the follower reads it
 
-    def handshake(self, mine: Hello) -> Hello:
-        return self.inner.handshake(mine)
+    def handshake(self, mine: Hello, reply: Reply) -> dict[str, Hello]:
+        return self.inner.handshake(mine, reply)
 
-    def send(self, kind: Kind, key: BatchKey, tensors: WireTensors) -> None:
-        self.inner.send(kind, key, tensors)
+    def send(self, dst: str, kind: Kind, key: BatchKey, tensors: WireTensors) -> None:
+        self.inner.send(dst, kind, key, tensors)
 
-    def receive(self, kind: Kind, key: BatchKey) -> WireTensors:
-        tensors = self.inner.receive(kind, key)
+    def receive(self, src: str, kind: Kind, key: BatchKey) -> WireTensors:
+        tensors = self.inner.receive(src, kind, key)
         if kind == "gradients" and key.phase == "train":
             floats = CutLayerDefences.received(tensors)
             rows = torch.cat(list(floats.values()), dim=1)  # the cut tensors in the sender's order (wide, deep)
@@ -164,19 +165,20 @@ def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None, setting
     audit (files under `out`, see the module docstring) and return it."""
     check_auditable(job)
     job = audited(job, out / "run")
-    leader_peer, follower_peer = LocalPeer.pair(job.transport.timeout_s)
-    recorder = GradientRecorder(follower_peer)
-    leader = open_run(PartyContext.of(job, "leader"), leader_peer, reporter)
-    follower = open_run(PartyContext.of(job, "follower"), recorder)
+    grids = LocalGrid.star(job.label_party, job.followers, job.transport.timeout_s)
+    recorders = {key: GradientRecorder(grids[key]) for key in job.followers}
+    leader = open_run(PartyContext.of(job, job.label_party), grids[job.label_party], reporter)
+    followers = {key: open_run(PartyContext.of(job, key), recorder) for key, recorder in recorders.items()}
     if leader.task.kind == "multiclass":
         try:
             check_classes(leader.task.width)  # before training, not after
         except ValueError as exc:
             raise JobError(f"vfl audit: {exc}") from exc
-    outcome: TrainOutcome = run_both({
-        "leader": (partial(train_session, leader, True), leader_peer),
-        "follower": (partial(train_session, follower, True), recorder),
-    })["leader"]
+    outcome: TrainOutcome = run_all({
+        job.label_party: (partial(train_session, leader, True), leader.grid),
+        **{key: (partial(train_session, run, True), run.grid) for key, run in followers.items()},
+    }, job.label_party)[job.label_party]
+    recorder = recorders[job.followers[0]]
     labels = np.asarray(leader.view("train").labels, dtype=np.float64)  # the rows the run trains on, carve applied
     received = [received_in_epoch(recorder.received, labels, job, epoch, out / f"epoch-{epoch}.npz")
                 for epoch, _, _ in outcome.epochs]

@@ -18,9 +18,11 @@ naming it; the parties agree on an older step, as for a truncated file) and is r
 baselines (CheckpointError). Files written before the digest (format 2) have none: they load with a warning,
 so a run trained then still resumes and evaluates; a format-3 file without its trailer is refused.
 
-At the handshake, `agree(leader, follower)` picks the newest step both hold (step 0, the seeded initial
-weights, is held by every party on the run); both roll back to it. Two different histories are refused.
-`vfl eval`/`vfl infer` use each side's newest checkpoint and `same_checkpoint` refuses a pair that differs.
+At the handshake, `agree(leader, *followers)` picks the newest step every party holds (step 0, the seeded
+initial weights, is held by every party on the run); all roll back to it. Two different histories are
+refused. The leader decides over every follower's Hello and answers each with the outcome (`agreed_hello`),
+so a follower, which sees the leader's Hello alone, computes the same agreement. `vfl eval`/`vfl infer` use
+each party's newest checkpoint and `same_checkpoint` refuses parties whose checkpoints differ.
 
 Errors: two sides whose runs or checkpoints differ -> ProtocolError (exit 5, a handshake mismatch; each
 file alone is fine); a checkpoint that is missing, unreadable, corrupt or from another job -> CheckpointError
@@ -29,6 +31,7 @@ file alone is fine); a checkpoint that is missing, unreadable, corrupt or from a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,6 +40,7 @@ import pickle
 import re
 import secrets
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -58,7 +62,7 @@ SELECTED_FILE = "selected.pt"  # a hard link to the best-validation epoch's chec
 SELECTED_RECORD = "selected.json"  # {run_id, step, epoch, valid_score} of that checkpoint: the record is what counts
 FILE_PATTERN = re.compile(r"checkpoint-(\d{9})\.pt")
 TEMP_PREFIX = ".tmp-"  # a leftover from a crash mid-write; never matches FILE_PATTERN
-RESTART_HINT = "rerun `vfl train` on both sides with --restart to start over"
+RESTART_HINT = "rerun `vfl train` on every party with --restart to start over"
 
 log = logging.getLogger(__name__)
 
@@ -317,31 +321,40 @@ class Agreement:
     resumed: bool  # True: both were on this run already; False: it starts here
 
 
-def _holdings(role: str, hello: Hello) -> str:
+def _holdings(hello: Hello) -> str:
     if not hello.checkpoint_steps:
-        return f"the {role} holds no checkpoint (run {short(hello.run_id)})"
-    return f"the {role} holds run {short(hello.run_id)} at steps {', '.join(map(str, hello.checkpoint_steps))}"
+        return f"the {hello.role} holds no checkpoint (run {short(hello.run_id)})"
+    return f"the {hello.role} holds run {short(hello.run_id)} at steps {', '.join(map(str, hello.checkpoint_steps))}"
 
 
-def agree(leader: Hello, follower: Hello) -> Agreement:
-    """The newest step both parties hold: a pure function of the two Hellos, so both sides compute it alike.
+def agree(leader: Hello, *followers: Hello) -> Agreement:
+    """The newest step every party holds: a pure function of the Hellos, so every party computes it alike.
 
-    - same run: the newest step in both lists, else 0 (every party on the run holds the initial weights);
-    - different runs, and neither holds a checkpoint: a fresh run, under the leader's run id;
-    - different runs otherwise: refused, since one side would have to throw away or invent a history.
+    - one run: the newest step in every list, else 0 (every party on the run holds the initial weights);
+    - different runs, and no party holds a checkpoint: a fresh run, under the leader's run id;
+    - different runs otherwise: refused, since a party would have to throw away or invent a history.
 
-    Both sides checkpoint at the same steps and each step needs the other's tensors, so one side is at most
-    one checkpoint ahead; keeping two files per side therefore always leaves a step in common.
+    All parties checkpoint at the same steps and each step needs every follower's tensors, so a party is at
+    most one checkpoint ahead of another; keeping two files per party therefore always leaves a step in common.
     """
-    if leader.run_id and leader.run_id == follower.run_id:
-        common = set(leader.checkpoint_steps) & set(follower.checkpoint_steps)
+    hellos = (leader, *followers)
+    if leader.run_id and all(h.run_id == leader.run_id for h in followers):
+        common = set.intersection(*(set(h.checkpoint_steps) for h in hellos))
         return Agreement(leader.run_id, max(common | {0}), resumed=True)
-    if not leader.checkpoint_steps and not follower.checkpoint_steps:
+    if not any(h.checkpoint_steps for h in hellos):
         return Agreement(leader.run_id, 0, resumed=False)
     raise ProtocolError(
-        f"the parties hold different training runs: {_holdings('leader', leader)}; "
-        f"{_holdings('follower', follower)}: {RESTART_HINT} (--restart on one side alone is refused like this)"
+        f"the parties hold different training runs: {'; '.join(_holdings(h) for h in hellos)}: {RESTART_HINT} "
+        "(--restart on one side alone is refused like this)"
     )
+
+
+def agreed_hello(leader: Hello, followers: Sequence[Hello]) -> Hello:
+    """The Hello the leader answers every follower with in `vfl train`: the agreement over all the Hellos as its
+    run and steps, so that `agree(answer, follower)` at each follower is the leader's `agree(leader, *followers)`
+    (ProtocolError, before anything is answered, where the runs differ)."""
+    agreed = agree(leader, *followers)
+    return dataclasses.replace(leader, run_id=agreed.run_id, checkpoint_steps=(agreed.step,) if agreed.step else ())
 
 
 def _where(step: int, steps_per_epoch: int | None) -> str:
@@ -350,27 +363,29 @@ def _where(step: int, steps_per_epoch: int | None) -> str:
     return str(Position.at(step, steps_per_epoch))  # e.g. "step 40 (epoch 2 step 10)"
 
 
-def same_checkpoint(leader: Hello, follower: Hello, steps_per_epoch: int | None) -> None:
-    """`vfl eval`/`vfl infer` read one model: both sides' newest checkpoints must be the same run and step.
-    Each Hello carries its checkpoint as (run_id, (step,)); run_id "" means the side has none."""
-    for role, hello in (("leader", leader), ("follower", follower)):
+def same_checkpoint(leader: Hello, *followers: Hello, steps_per_epoch: int | None) -> None:
+    """`vfl eval`/`vfl infer` read one model: every party's newest checkpoint must be the same run and step.
+    Each Hello carries its checkpoint as (run_id, (step,)); run_id "" means the party has none."""
+    for hello in (leader, *followers):
         if not hello.run_id or not hello.checkpoint_steps:
-            raise CheckpointError(f"the {role} has no usable checkpoint (missing, or refused there: its own error "
-                                  "names the file): run `vfl train` on both sides first")
-    leader_step, follower_step = leader.checkpoint_steps[-1], follower.checkpoint_steps[-1]
-    if leader.run_id != follower.run_id:
-        leader_at, follower_at = _where(leader_step, steps_per_epoch), _where(follower_step, steps_per_epoch)
-        raise ProtocolError(
-            f"checkpoints differ: the leader's is of run {short(leader.run_id)} {leader_at}, "
-            f"the follower's of another run, {short(follower.run_id)} {follower_at}; "
-            "rerun `vfl train` on both sides with --restart"
-        )
-    if leader_step != follower_step:
-        (newer, newer_step), (older, older_step) = sorted(
-            (("leader", leader_step), ("follower", follower_step)), key=lambda side: -side[1]
-        )
-        raise ProtocolError(
-            f"checkpoints differ: the {newer}'s is newer than the {older}'s: run {short(leader.run_id)} "
-            f"{_where(newer_step, steps_per_epoch)} against {_where(older_step, steps_per_epoch)}; "
-            "rerun `vfl train` on both sides so they finish the same step"
-        )
+            raise CheckpointError(f"the {hello.role} has no usable checkpoint (missing, or refused there: its own "
+                                  "error names the file): run `vfl train` on every party first")
+    leader_step = leader.checkpoint_steps[-1]
+    for other in followers:
+        step = other.checkpoint_steps[-1]
+        if leader.run_id != other.run_id:
+            leader_at, other_at = _where(leader_step, steps_per_epoch), _where(step, steps_per_epoch)
+            raise ProtocolError(
+                f"checkpoints differ: the {leader.role}'s is of run {short(leader.run_id)} {leader_at}, "
+                f"the {other.role}'s of another run, {short(other.run_id)} {other_at}; "
+                "rerun `vfl train` on every party with --restart"
+            )
+        if leader_step != step:
+            (newer, newer_step), (older, older_step) = sorted(
+                ((leader.role, leader_step), (other.role, step)), key=lambda side: -side[1]
+            )
+            raise ProtocolError(
+                f"checkpoints differ: the {newer}'s is newer than the {older}'s: run {short(leader.run_id)} "
+                f"{_where(newer_step, steps_per_epoch)} against {_where(older_step, steps_per_epoch)}; "
+                "rerun `vfl train` on every party so they finish the same step"
+            )

@@ -15,12 +15,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data_prep.schema import CRITEO_SCALING, ROLES, Kind, Label, PartySchema, Role, Scaling, Task, criteo_columns
+from data_prep.schema import CRITEO_SCALING, Kind, Label, PartySchema, Role, Scaling, Task, criteo_columns
 from vfl_cli.errors import JobError
 from vfl_cli.privacy_spec import PrivacySpec, QuantizeSpec
 
-__all__ = ["ROLES", "Role", "JobSpec", "PartySpec", "PrivacySpec", "QuantizeSpec", "load_job", "parse_job"]
+__all__ = ["Role", "JobSpec", "PartySpec", "PrivacySpec", "QuantizeSpec", "load_job", "parse_job"]
 
+PARTY_KEY = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # a party's key in `parties:` (its directory, `--party`) and its name
 CUT_TENSOR = "cut"  # the name of an mlp bottom's one cut tensor
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -39,14 +40,14 @@ class PartySpec(_Spec):
     may hold no feature columns (`columns: {}`).
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # certificate common name, e.g. "leader"
+    name: str = Field(pattern=PARTY_KEY)  # certificate common name, e.g. "leader"
     columns: dict[str, Kind]  # name -> kind, in the order of the prepared arrays
     preset: Literal["criteo"] | None = None  # set by `fields:`; the Criteo preset's defaults apply
     id_column: str = "id"  # `vfl prep table`: the column with the customer id that PSI matches on
-    label_column: str = "label"  # `vfl prep table`: the leader's label column (the follower has none)
-    task: Task = "binary"  # the leader's: binary (0/1), multiclass (classes read from the training rows), regression
+    label_column: str = "label"  # `vfl prep table`: the label party's label column (the followers have none)
+    task: Task = "binary"  # the label party's: binary (0/1), multiclass (classes from the training rows), regression
     listen: str = "127.0.0.1:8701"  # host:port its HTTPS server binds
-    address: str | None = None  # host:port the peer connects to; default `listen` (differs behind NAT or a proxy)
+    address: str | None = None  # host:port its peers connect to; default `listen` (differs behind NAT or a proxy)
     threads: PositiveInt | None = None  # torch intra-op threads; None = all cores (set it when parties share a machine)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when this party has one, else cpu
     cert: Path | None = None  # PEM certificate signed by tls.ca, with CN = name
@@ -94,7 +95,7 @@ class PartySpec(_Spec):
 
     @property
     def connect_to(self) -> str:
-        """host:port where the peer reaches this party."""
+        """host:port where its peers reach this party."""
         return self.address or self.listen
 
     @property
@@ -105,10 +106,10 @@ class PartySpec(_Spec):
     def port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
 
-    def table_schema(self, role: Role, data: DataSpec) -> PartySchema:
-        """This party's table as data preparation sees it."""
+    def table_schema(self, role: Role, data: DataSpec, holds_label: bool) -> PartySchema:
+        """This party's table as data preparation sees it (`role`: its key in the job)."""
         scaling = data.dense or (CRITEO_SCALING if self.preset == "criteo" else "standard")
-        label = Label(self.label_column, self.task) if role == "leader" else None
+        label = Label(self.label_column, self.task) if holds_label else None
         return PartySchema(role, tuple(self.columns.items()), self.id_column, label, scaling, data.threshold)
 
 
@@ -218,12 +219,12 @@ class TlsSpec(_Spec):
 class MetricsSpec(_Spec):
     """A plain-HTTP listener for monitoring (GET /metrics in Prometheus text format, GET /healthz)."""
 
-    # host:port per party, e.g. {leader: 127.0.0.1:9101, follower: 127.0.0.1:9102}; a party not named has none
-    listen: dict[Role, str] = Field(default_factory=dict)
+    # host:port per party key, e.g. {leader: 127.0.0.1:9101, follower: 127.0.0.1:9102}; a party not named has none
+    listen: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("listen")
     @classmethod
-    def _host_ports(cls, listen: dict[Role, str]) -> dict[Role, str]:
+    def _host_ports(cls, listen: dict[str, str]) -> dict[str, str]:
         return {role: host_port(value) for role, value in listen.items()}
 
 
@@ -238,57 +239,101 @@ class JobSpec(_Spec):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # job name, part of the fingerprint
     seed: int = 0  # shared seed: batch order, test split, initial weights
     data: DataSpec = DataSpec()
-    parties: dict[Role, PartySpec]  # exactly one leader and one follower
+    # the parties by key (`--party KEY`, <data.dir>/<key>/): the label party (`label_party`) and one or more
+    # followers, each with its own columns; followers talk to the label party only (a star)
+    parties: dict[Annotated[str, Field(pattern=PARTY_KEY)], PartySpec]
+    label_party: str = "leader"  # the key of the party that holds the label (the leader)
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     transport: TransportSpec = TransportSpec()
     tls: TlsSpec = TlsSpec()
     metrics: MetricsSpec = MetricsSpec()  # monitoring listeners (local settings, not in the fingerprint)
-    psi: PsiSpec = PsiSpec()  # aligning two organisations' tables by customer id
+    psi: PsiSpec = PsiSpec()  # aligning the organisations' tables by customer id
     privacy: PrivacySpec = PrivacySpec()
 
     @model_validator(mode="after")
-    def _two_parties(self) -> JobSpec:
-        if set(self.parties) != set(ROLES):
-            raise ValueError("parties: needs exactly one `leader` and one `follower`")
-        if not self.follower.columns:
-            raise ValueError("parties.follower: needs at least one column")
-        shared = set(self.leader.fields) & set(self.follower.fields)
-        if shared and self.leader.preset == self.follower.preset == "criteo":  # one Criteo file holds both
-            raise ValueError(f"parties: field(s) {', '.join(sorted(shared))} held by both parties")
+    def _parties(self) -> JobSpec:
+        if self.label_party not in self.parties:
+            raise ValueError(f"parties: needs the label party {self.label_party!r} (label_party), "
+                             "and at least one follower")
+        if len(self.parties) < 2:
+            raise ValueError("parties: needs at least one follower beside the label party")
+        reserved = sorted(set(self.parties) & {"top", "central", "local", "tables", "leader-only"})
+        if reserved:  # names of model parts, --role choices and data.dir's table folder
+            raise ValueError(f"parties: {', '.join(reserved)} is reserved; give the party another key")
+        for key in self.followers:
+            if not self.parties[key].columns:
+                raise ValueError(f"parties.{key}: needs at least one column")
+        names = [p.name for p in self.parties.values()]
+        if len(set(names)) != len(names):
+            raise ValueError("parties: every party needs a name of its own")
+        criteo = [(key, p) for key, p in self.parties.items() if p.preset == "criteo"]
+        seen: dict[str, str] = {}
+        for key, party in criteo:  # one Criteo file holds them all
+            shared = sorted(f for f in party.fields if f in seen)
+            if shared:
+                raise ValueError(f"parties: field(s) {', '.join(shared)} held by both {seen[shared[0]]} and {key}")
+            seen |= dict.fromkeys(party.fields, key)
+        listeners = [p.listen for p in self.parties.values()]
+        if len(set(listeners)) != len(listeners):
+            raise ValueError("parties: two parties listen on the same host:port")
         task = self.leader.task
         if task != "binary" and self.privacy.marvell is not None:
             raise ValueError(f"privacy.marvell: binary labels only; this job's task is {task}")
         if task == "regression" and self.privacy.label_dp is not None:
             raise ValueError("privacy.label_dp: randomised response needs class labels; this job's task is regression")
-        if self.leader.name == self.follower.name:
-            raise ValueError("parties: leader and follower need different names")
         if self.train.early_stopping is not None and self.data.valid_fraction == 0:
             raise ValueError("train.early_stopping needs a validation split: set data.valid_fraction > 0")
+        unknown = sorted(set(self.metrics.listen) - set(self.parties))
+        if unknown:
+            raise ValueError(f"metrics.listen: {', '.join(unknown)} is not a party of this job")
         return self
 
     @property
     def leader(self) -> PartySpec:
-        return self.parties["leader"]
+        """The label party."""
+        return self.parties[self.label_party]
+
+    @property
+    def followers(self) -> tuple[str, ...]:
+        """The followers' keys, in the job's order (the order of their cuts in the top)."""
+        return tuple(key for key in self.parties if key != self.label_party)
 
     @property
     def follower(self) -> PartySpec:
-        return self.parties["follower"]
+        """The first follower (the only one of a two-party job)."""
+        return self.parties[self.followers[0]]
 
-    def table_schema(self, role: Role) -> PartySchema:
-        return self.party(role).table_schema(role, self.data)
+    def is_leader(self, role: str) -> bool:
+        return role == self.label_party
+
+    def table_schema(self, role: str) -> PartySchema:
+        return self.party(role).table_schema(role, self.data, self.is_leader(role))
 
     def cut_widths(self, role: str) -> dict[str, int]:
         """The cut tensors `role` sends (the leader's go to its own top), name -> width."""
         return self.model.cut_widths(len(self.party(role).columns))
 
     def party(self, role: str) -> PartySpec:
-        if role not in ROLES:
-            raise JobError(f"unknown party role {role!r}; a job has a leader and a follower")
+        """The party keyed `role`; JobError naming the job's parties for any other."""
+        if role not in self.parties:
+            raise JobError(f"unknown party {role!r}; this job's parties are {', '.join(self.parties)}")
         return self.parties[role]
 
-    def peer_role(self, role: str) -> Role:
-        return "follower" if role == "leader" else "leader"
+    def peers_of(self, role: str) -> tuple[str, ...]:
+        """Who `role` talks to: the leader every follower, a follower the leader alone."""
+        return self.followers if self.is_leader(role) else (self.label_party,)
+
+    def key_of(self, name: str) -> str | None:
+        """The key of the party named `name` (its certificate's CN), or None."""
+        return next((key for key, party in self.parties.items() if party.name == name), None)
+
+    def party_key(self, party: str) -> str:
+        """`--party`'s value, a key in `parties:` or a party's name, as the party's key; JobError otherwise."""
+        key = party if party in self.parties else self.key_of(party)
+        if key is None:
+            raise JobError(f"--party {party}: this job's parties are {', '.join(self.parties)}")
+        return key
 
     def fingerprint(self) -> str:
         """Hash of what both parties must agree on; local settings (paths, threads, device, keys) are left out."""
@@ -302,6 +347,7 @@ class JobSpec(_Spec):
                                   "task": p.task} for role, p in sorted(self.parties.items())}}
                if any(p.preset != "criteo" or p.task != "binary" for p in self.parties.values()) else {}),
             "names": {role: p.name for role, p in sorted(self.parties.items())},
+            **({"label_party": self.label_party} if self.label_party != "leader" else {}),
             "data": {"threshold": self.data.threshold, "test_fraction": self.data.test_fraction,
                      "valid_fraction": self.data.valid_fraction,
                      # named only when not the default, so jobs from before the setting keep their fingerprint

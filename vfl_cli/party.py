@@ -1,37 +1,35 @@
-"""`PartyContext`: one party's view of the job (who I am, who the peer is, what crosses the wire), built once.
+"""`PartyContext`: one party's view of the job (who I am, who my peers are, what crosses the wire), built once.
 
-Every part of a party's run needs the same few facts: my role and my `PartySpec`, the peer's role and
-`PartySpec` (its name is what its certificate and its Hello must say), the cut-layer kind each side receives
-and the widths of the cut tensors. `PartyContext.of(job, role)` works them out once, at the edge (the command,
-or `run_local`), and the transport, the handshake, the sessions and PSI take it instead of a role string from
-which each would rebuild its own view of the job.
+Every part of a party's run needs the same few facts: my key in the job and my `PartySpec`, my peers (the
+leader talks to every follower, a follower to the leader alone: a star) with the names their certificates
+and Hellos must carry, the cut-layer kind I receive and the widths of the cut tensors.
+`PartyContext.of(job, role)` works them out once, at the edge (the command, or `run_local`), and the
+transport, the handshake, the sessions and PSI take it instead of a role string from which each would
+rebuild its own view of the job.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
-from vfl_cli.job import JobSpec, PartySpec, Role
-from vfl_cli.protocol import RECEIVES, Kind
+from vfl_cli.job import JobSpec, PartySpec
+from vfl_cli.protocol import RECEIVES, Kind, Side
 
 
 @dataclass(frozen=True)
 class PartyContext:
-    """Party `role` of `job`, and its peer."""
+    """Party `role` of `job`, and its peers."""
 
     job: JobSpec
-    role: Role  # me: "leader" or "follower"
+    role: str  # me: my key in the job's `parties`, e.g. "leader", "follower", "follower2"
     spec: PartySpec  # my party in the job
-    peer_role: Role  # the other party
-    peer: PartySpec  # the other party in the job
+    peers: dict[str, PartySpec]  # key -> party, in the job's order: every follower (leader), the leader (follower)
 
     @classmethod
     def of(cls, job: JobSpec, role: str) -> PartyContext:
-        """The context of party `role`; JobError for a role the job does not have."""
+        """The context of party `role`; JobError for a party the job does not have."""
         spec = job.party(role)
-        peer_role = job.peer_role(role)
-        return cls(job, cast(Role, role), spec, peer_role, job.party(peer_role))  # party() checked the role
+        return cls(job, role, spec, {key: job.parties[key] for key in job.peers_of(role)})
 
     @property
     def name(self) -> str:
@@ -39,21 +37,36 @@ class PartyContext:
         return self.spec.name
 
     @property
-    def peer_name(self) -> str:
-        """The peer's party name: what its certificate and its Hello must say."""
-        return self.peer.name
+    def is_leader(self) -> bool:
+        """Whether I hold the label (and the top)."""
+        return self.job.is_leader(self.role)
 
     @property
-    def is_leader(self) -> bool:
-        return self.role == "leader"
+    def leader(self) -> str:
+        """The label party's key."""
+        return self.job.label_party
+
+    @property
+    def followers(self) -> tuple[str, ...]:
+        """Every follower's key, in the job's order."""
+        return self.job.followers
+
+    @property
+    def side(self) -> Side:
+        """"leader" or "follower": which half of the protocol I run."""
+        return "leader" if self.is_leader else "follower"
 
     @property
     def receives(self) -> Kind:
-        """The cut-layer kind I receive (the leader embeddings, the follower gradients)."""
-        return RECEIVES[self.role]
+        """The cut-layer kind I receive (the leader embeddings, a follower gradients)."""
+        return RECEIVES[self.side]
 
     @property
     def cut_widths(self) -> dict[str, int]:
-        """The follower's cut tensors, name -> width: what crosses the wire both ways (embeddings, gradients)."""
-        return self.job.cut_widths("follower")
+        """A follower's cut tensors, name -> width (the same for every follower): what crosses the wire both ways
+        (embeddings, gradients)."""
+        return self.job.cut_widths(self.followers[0])
 
+    def peer_key(self, name: str) -> str | None:
+        """The key of my peer named `name` (its certificate's CN), or None when no peer of mine has that name."""
+        return next((key for key, peer in self.peers.items() if peer.name == name), None)

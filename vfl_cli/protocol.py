@@ -1,27 +1,33 @@
-"""The message protocol between the two parties: every message kind, what it carries, and its checks.
+"""The message protocol between the parties: every message kind, what it carries, and its checks.
 
-Before any batch both sides exchange a `Hello` (`meet` checks it); after a failure a side sends an abort with
-a reason. Each Hello carries a fresh random nonce; the two nonces make the session id (`session_id`) that
-every later message carries, so a message from an earlier session (a stale resend from a previous process)
-is never applied. Every other message is one `Kind`, keyed by `BatchKey(phase, epoch, step)`:
+The parties form a star: the leader (the label party) and each follower; followers never talk to each other.
+Before any batch every follower sends the leader its `Hello`; once the leader has them all it answers each
+with its own, whose `group` lists every follower's nonce in the job's order (`meet` checks them all). Each
+Hello carries a fresh random nonce; all the nonces make the session id (`session_id`) that every later
+message carries, so a message from an earlier session (a stale resend from a previous process) is never
+applied. After a failure a party sends an abort with a reason. Every other message is one `Kind`, keyed by
+`BatchKey(phase, epoch, step)`, between the leader and one follower:
 
     kind            sender -> receiver    phase(s)             tensors                          check
     embeddings      follower -> leader    train, eval, infer   the follower's cut, e.g.          check_cut_tensors
                                                                {"wide": float32 [B, 1], "deep": float32 [B, 1]}
                                                                (Wide&Deep) or {"cut": float32 [B, cut_dim]} (mlp):
-                                                               `JobSpec.cut_widths("follower")`, 1 <= B <= batch
+                                                               `PartyContext.cut_widths`, 1 <= B <= batch
     gradients       leader -> follower    train                the same names and shapes         check_cut_tensors
     selection       leader -> follower    eval (step 0, after  {"best_step": int64 [1] (>= 1),   check_selection
                                           each epoch's          "stop": int64 [1] (0 or 1)}
                                           validation)
     psi_blinded     both ways             psi                  {"points": uint8 [n, 32]},        check_points
     psi_reblinded   both ways             psi                  1 <= n <= psi.batch_size
+    psi_common      leader -> follower    psi (after the       {"mask": uint8 [n]}: bits over    check_mask
+                                          pairwise rounds)     the pair's intersection, in its
+                                                               agreed order: 1 = in every party's
 
 With the job's `privacy.quantize.embeddings` (or `.gradients`) set, that kind's tensors travel as
 `QuantizedTensor`s of the same shapes and exactly those bits instead: the loop quantises before `send` and
 dequantises after `receive`, peers and transport only carry them (`WireTensor`).
 
-`selection` tells the follower which step is the best so far and whether to stop early, so that both keep the
+`selection` tells each follower which step is the best so far and whether to stop early, so that all keep the
 same checkpoint for eval and infer (`selection_message` builds it, `read_selection` reads it back).
 
 A party receives its cut-layer kind (`RECEIVES`), its control kinds (`CONTROL`) and both PSI kinds
@@ -32,23 +38,24 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from vfl_cli.errors import ProtocolError
-from vfl_cli.job import JobSpec, Role
 from vfl_cli.privacy.quantize import QuantizedTensor
 
 if TYPE_CHECKING:
     from vfl_cli.party import PartyContext
-    from vfl_cli.peer import Peer
+    from vfl_cli.peer import Grid
 
-PROTOCOL_VERSION = 2
-Kind = Literal["embeddings", "gradients", "selection", "psi_blinded", "psi_reblinded"]
+PROTOCOL_VERSION = 3
+Kind = Literal["embeddings", "gradients", "selection", "psi_blinded", "psi_reblinded", "psi_common"]
 Phase = Literal["train", "eval", "infer", "psi"]
-KINDS: tuple[Kind, ...] = ("embeddings", "gradients", "selection", "psi_blinded", "psi_reblinded")
+Side = Literal["leader", "follower"]  # which half of the protocol a party runs
+KINDS: tuple[Kind, ...] = ("embeddings", "gradients", "selection", "psi_blinded", "psi_reblinded", "psi_common")
 # "selection": after each epoch's validation, the leader tells the follower which step is the best so far and
 # whether to stop early (int64 [1] each), so that both keep the same checkpoint for eval and infer
 SELECTION_TENSORS = ("best_step", "stop")
@@ -56,8 +63,9 @@ PSI_KINDS: tuple[Kind, ...] = ("psi_blinded", "psi_reblinded")  # both parties s
 PHASES: tuple[Phase, ...] = ("train", "eval", "infer", "psi")
 PSI_POINTS = "points"  # the one tensor of a PSI message: uint8 [n, 32], n ristretto255 points
 POINT_BYTES = 32  # a ristretto255 point
-RECEIVES: dict[Role, Kind] = {"leader": "embeddings", "follower": "gradients"}  # the cut-layer kind each takes
-CONTROL: dict[Role, tuple[Kind, ...]] = {"leader": (), "follower": ("selection",)}  # and the control kinds
+PSI_MASK = "mask"  # the one tensor of a psi_common message: uint8 [n], bits packed big-endian (np.packbits)
+RECEIVES: dict[Side, Kind] = {"leader": "embeddings", "follower": "gradients"}  # the cut-layer kind each takes
+CONTROL: dict[Side, tuple[Kind, ...]] = {"leader": (), "follower": ("selection", "psi_common")}  # and control kinds
 WireTensor = torch.Tensor | QuantizedTensor  # what one named tensor of a message may be
 WireTensors = dict[str, WireTensor]  # the tensors of one message, by name
 
@@ -79,7 +87,7 @@ class BatchKey:
 class Hello:
     """What each side announces before any work; any difference in the shared parts stops both sides."""
 
-    role: str  # "leader" or "follower"
+    role: str  # the party's key in the job, e.g. "leader", "follower2"
     name: str  # the party's name in the job (its certificate's CN)
     job_fingerprint: str  # JobSpec.fingerprint()
     data_fingerprint: dict[str, dict[str, int | str]]  # split -> {"rows": N, "sample_ids_digest": hex}
@@ -89,6 +97,7 @@ class Hello:
     nonce: str = field(default_factory=lambda: secrets.token_hex(8))  # fresh per handshake: see session_id
     protocol: int = PROTOCOL_VERSION
     extra: dict[str, str] = field(default_factory=dict)  # e.g. the split that eval/infer reads
+    group: tuple[str, ...] = ()  # the leader's: every follower's nonce, in the job's order (see session_id)
 
     def mismatch(self, other: Hello) -> str | None:
         """Describe the first shared setting on which the two sides differ, or None when they agree."""
@@ -109,48 +118,69 @@ class Hello:
         return None
 
 
-def session_id(leader: Hello, follower: Hello) -> str:
-    """The id of the session two Hellos open: both sides derive it, neither can pick it alone."""
-    return hashlib.sha256(f"{leader.nonce}:{follower.nonce}".encode()).hexdigest()[:16]
+def session_id(leader: Hello) -> str:
+    """The id of the session that the leader's Hello opens: from every party's nonce (the leader's and, in its
+    `group`, each follower's), so that no party can pick it alone."""
+    return hashlib.sha256(":".join((leader.nonce, *leader.group)).encode()).hexdigest()[:16]
 
 
-def meet(ctx: PartyContext, peer: Peer, mine: Hello) -> Hello:
-    """Send our Hello, take the peer's; a peer that is not the job's other party, or differs in anything both
-    must share, stops the run here (train, eval, infer and psi alike)."""
-    theirs = peer.handshake(mine)
-    if theirs.role != ctx.peer_role or theirs.name != ctx.peer_name:
-        raise ProtocolError(f"handshake: expected the {ctx.peer_role} {ctx.peer_name!r}, "
-                            f"met {theirs.role} {theirs.name!r}")
+Reply = Callable[[dict[str, Hello]], Hello]  # the leader's: every follower's Hello -> the Hello it answers with
+Answer = Callable[[Hello, dict[str, Hello]], Hello]  # the same, given the leader's own Hello too
+
+
+def meet(ctx: PartyContext, grid: Grid, mine: Hello, answer: Answer | None = None) -> dict[str, Hello]:
+    """Exchange Hellos with every peer (a follower: the leader; the leader: every follower) and return theirs by
+    party key. A peer that is not the job's party, or differs in anything all must share, stops the run here
+    (train, eval, infer and psi alike); the leader checks every follower's before it answers any, and answers
+    with `answer(mine, theirs)` (default `mine`)."""
+
+    def checked(theirs: dict[str, Hello]) -> Hello:
+        for key, hello in theirs.items():
+            _check_peer(ctx, key, mine, hello)
+        return mine if answer is None else answer(mine, theirs)
+
+    theirs = grid.handshake(mine, checked)
+    if not ctx.is_leader:
+        for key, hello in theirs.items():
+            _check_peer(ctx, key, mine, hello)
+    return theirs
+
+
+def _check_peer(ctx: PartyContext, key: str, mine: Hello, theirs: Hello) -> None:
+    expected = ctx.peers[key].name
+    if theirs.role != key or theirs.name != expected:
+        raise ProtocolError(f"handshake: expected the {key} {expected!r}, met {theirs.role} {theirs.name!r}")
     problem = mine.mismatch(theirs)
     if problem:
-        raise ProtocolError(f"handshake with the {ctx.peer_role}: {problem}")
-    return theirs
+        raise ProtocolError(f"handshake with the {key}: {problem}")
 
 
 # -------------------------------------------------------------------------------------------------- the checks
 
 
-def accepted_kinds(role: Role) -> tuple[Kind, ...]:
-    """The kinds party `role` receives: its cut-layer kind, its control kinds and both PSI kinds."""
-    return (RECEIVES[role], *CONTROL[role], *PSI_KINDS)
+def accepted_kinds(side: Side) -> tuple[Kind, ...]:
+    """The kinds a party on `side` receives: its cut-layer kind, its control kinds and both PSI kinds."""
+    return (RECEIVES[side], *CONTROL[side], *PSI_KINDS)
 
 
-def check_message(job: JobSpec, role: Role, kind: str, tensors: WireTensors) -> None:
-    """Refuse (ProtocolError) a message of `kind` that party `role` does not receive, or whose tensors are not
-    what that kind carries in this job. Both sides run the same job (its fingerprint is checked on every
+def check_message(ctx: PartyContext, kind: str, tensors: WireTensors) -> None:
+    """Refuse (ProtocolError) a message of `kind` that party `ctx` does not receive, or whose tensors are not
+    what that kind carries in this job. All parties run the same job (its fingerprint is checked on every
     message), so the cut widths and the quantisation bits are known here."""
-    accepts = accepted_kinds(role)
+    job, accepts = ctx.job, accepted_kinds(ctx.side)
     if kind not in accepts:
-        raise ProtocolError(f"this {role} receives {', '.join(accepts)}, not {kind}")
+        raise ProtocolError(f"this {ctx.side} receives {', '.join(accepts)}, not {kind}")
     if kind in PSI_KINDS:
         check_points(tensors, job.psi.batch_size)
+    elif kind == "psi_common":
+        check_mask(tensors, job.psi.batch_size)
     elif kind == "selection":
         check_selection(tensors)
     else:
         quantize = job.privacy.quantize
         bits = quantize.embeddings if kind == "embeddings" else quantize.gradients
-        # both ways: the follower's cut outputs, then the gradients for them
-        check_cut_tensors(tensors, job.cut_widths("follower"), job.train.batch_size, bits)
+        # both ways: a follower's cut outputs, then the gradients for them
+        check_cut_tensors(tensors, ctx.cut_widths, job.train.batch_size, bits)
 
 
 def check_cut_tensors(tensors: WireTensors, widths: dict[str, int], max_batch: int, bits: int | None = None) -> None:
@@ -196,6 +226,16 @@ def check_points(tensors: WireTensors, max_batch: int) -> None:
         raise ProtocolError(f"tensors.{PSI_POINTS}: {got} {list(points.shape)}, expected uint8 [n, {POINT_BYTES}]")
     if not 1 <= points.shape[0] <= max_batch:
         raise ProtocolError(f"tensors.{PSI_POINTS}: {points.shape[0]} points, expected 1..{max_batch}")
+
+
+def check_mask(tensors: WireTensors, max_bytes: int) -> None:
+    """Exactly one tensor of 1 <= n <= psi.batch_size bytes, uint8 [n] (its length against the pair's
+    intersection is checked by the PSI step that reads it)."""
+    _exactly(tensors, (PSI_MASK,))
+    mask = tensors[PSI_MASK]
+    got = _describe(mask).removeprefix("dtype ")
+    if got != "uint8" or len(mask.shape) != 1 or not 1 <= mask.shape[0] <= max_bytes:
+        raise ProtocolError(f"tensors.{PSI_MASK}: {got} {list(mask.shape)}, expected uint8 [1..{max_bytes}]")
 
 
 def _exactly(tensors: WireTensors, names: tuple[str, ...]) -> None:

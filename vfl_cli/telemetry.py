@@ -1,9 +1,9 @@
 """What a party counts about itself, and the plain-HTTP listener that shows it to Prometheus.
 
 `Telemetry` owns one party's counters, gauges and histogram in its own `CollectorRegistry` (never the global
-default registry: tests run both parties in one process, and each must count only for itself). Every sample
-carries the label `role="leader"` or `role="follower"`, so one Prometheus can scrape both parties and keep them
-apart. The metrics:
+default registry: tests run every party in one process, and each must count only for itself). Every sample
+carries the label `role` = the party's key in the job ("leader", "follower", "follower2", ...), so one
+Prometheus can scrape every party and keep them apart. The metrics:
 
     vfl_steps_total                   training steps done
     vfl_samples_total                 training samples seen
@@ -13,13 +13,14 @@ apart. The metrics:
                                       "rmse" (regression); the leader's only (the follower has no labels)
     vfl_resumes_total                 runs resumed from a checkpoint
     vfl_resume_step                   the step the last resume started from
-    vfl_bytes_sent_total{kind}        request bodies sent to the peer, by message kind
-    vfl_bytes_received_total{kind}    request bodies accepted from the peer, by message kind
+    vfl_bytes_sent_total{peer,kind}   request bodies sent, by peer (its key in the job) and message kind
+    vfl_bytes_received_total{peer,kind}  request bodies accepted, by peer and message kind
     vfl_retries_total{reason}         resends, e.g. reason="connect", "timeout", "http_503", "http_5xx"
     vfl_refusals_total{reason}        requests this party refused, e.g. reason="bad_body", "too_large", "busy"
 
-Label values are short names chosen by our own code, never strings the peer sent: a peer that could pick label
-values could grow the registry without bound. As a second guard, a value that is not `[a-z0-9_]{1,32}`, or
+Label values are short names chosen by our own code or the job's party keys, never strings a peer sent: a peer
+that could pick label values could grow the registry without bound. As a second guard, a value that is not
+`[a-z0-9_]{1,32}`, or
 that would be a metric's 33rd distinct value, is counted as "other".
 
 `create_metrics_app` serves GET /metrics (Prometheus text format) and GET /healthz (a small JSON dict from the
@@ -48,7 +49,7 @@ from vfl_cli.errors import JobError, PeerError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from vfl_cli.job import JobSpec, Role
+    from vfl_cli.job import JobSpec
     from vfl_cli.transport.listener import ServerThread
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 MAX_LABEL_VALUES = 32  # distinct values per labelled metric; more are folded into OTHER
 OTHER = "other"
 _LABEL_VALUE = re.compile(r"[a-z0-9_]{1,32}")
+_PARTY_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # the job's party keys (`vfl_cli.job.PARTY_KEY`)
 
 Health = Callable[[], dict[str, str]]
 
@@ -66,15 +68,15 @@ class Telemetry:
     """One party's counters. Cheap to create; every method is thread-safe (prometheus_client metrics are)."""
 
     def __init__(self, role: str) -> None:
-        if not _LABEL_VALUE.fullmatch(role):
-            raise ValueError(f"role {role!r} is not a short lowercase name")
+        if not _PARTY_KEY.fullmatch(role):
+            raise ValueError(f"role {role!r} is not a party key")
         self.role = role
         self.registry = CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()  # guards _seen; the metrics have their own locks
         self._seen: dict[str, set[str]] = {}
 
-        def counter(name: str, doc: str, label: str | None = None) -> Counter:
-            return Counter(name, doc, ["role"] + ([label] if label else []), registry=self.registry)
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, ["role", *labels], registry=self.registry)
 
         # Unlabelled-but-for-role children are bound once, so they are exported as 0 before the first event.
         self._steps = counter("vfl_steps", "Training steps done.").labels(role=role)
@@ -89,8 +91,8 @@ class Telemetry:
         self._resume_step = Gauge(
             "vfl_resume_step", "Step the last resume started from.", ["role"], registry=self.registry
         ).labels(role=role)
-        self._bytes_sent = counter("vfl_bytes_sent", "Request body bytes sent to the peer.", "kind")
-        self._bytes_received = counter("vfl_bytes_received", "Request body bytes accepted from the peer.", "kind")
+        self._bytes_sent = counter("vfl_bytes_sent", "Request body bytes sent to a peer.", "peer", "kind")
+        self._bytes_received = counter("vfl_bytes_received", "Request body bytes accepted from a peer.", "peer", "kind")
         self._retries = counter("vfl_retries", "Requests resent to the peer.", "reason")
         self._refusals = counter("vfl_refusals", "Requests from the peer this party refused.", "reason")
 
@@ -115,13 +117,24 @@ class Telemetry:
 
     # ----------------------------------------------------------------------------------------- transport
 
-    def sent(self, kind: str, nbytes: int) -> None:
-        """A message of `kind` ("hello", "embeddings", "gradients", "abort") with a body of `nbytes` went out."""
-        self._bytes_sent.labels(role=self.role, kind=self._label("kind", kind)).inc(nbytes)
+    def sent(self, peer: str, kind: str, nbytes: int) -> None:
+        """A message of `kind` ("hello", "embeddings", "gradients", "abort") with a body of `nbytes` went out to
+        `peer` (its key in the job: our code's choice, a bounded set)."""
+        self._bytes_sent.labels(role=self.role, peer=self._label("peer", peer, _PARTY_KEY),
+                                kind=self._label("kind", kind)).inc(nbytes)
 
-    def received(self, kind: str, nbytes: int) -> None:
-        """A message of `kind` with a body of `nbytes` was accepted."""
-        self._bytes_received.labels(role=self.role, kind=self._label("kind", kind)).inc(nbytes)
+    def received(self, peer: str, kind: str, nbytes: int) -> None:
+        """A message of `kind` with a body of `nbytes` was accepted from `peer` (its key in the job)."""
+        self._bytes_received.labels(role=self.role, peer=self._label("peer", peer, _PARTY_KEY),
+                                    kind=self._label("kind", kind)).inc(nbytes)
+
+    def bytes_total(self, direction: str) -> int:
+        """Every body byte "sent" or "received", over all peers and kinds."""
+        total = 0.0
+        for metric in self.registry.collect():
+            if metric.name == f"vfl_bytes_{direction}":
+                total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+        return int(total)
 
     def retried(self, reason: str) -> None:
         """A request is sent again: "connect", "timeout", "http_503", "http_5xx", ..."""
@@ -143,9 +156,9 @@ class Telemetry:
         sample = self.registry.get_sample_value(name, {"role": self.role, **labels})
         return 0.0 if sample is None else sample
 
-    def _label(self, metric: str, value: str) -> str:
+    def _label(self, metric: str, value: str, pattern: re.Pattern[str] = _LABEL_VALUE) -> str:
         """`value` if it is a short name and the metric has room for it, else OTHER: label sets stay bounded."""
-        if not _LABEL_VALUE.fullmatch(value):
+        if not pattern.fullmatch(value):
             return OTHER
         with self._lock:
             seen = self._seen.setdefault(metric, set())
@@ -199,7 +212,7 @@ def serve_metrics(telemetry: Telemetry, health: Health, host: str, port: int) ->
     return server
 
 
-def start_metrics_server(job: JobSpec, role: Role, telemetry: Telemetry, health: Health) -> ServerThread | None:
+def start_metrics_server(job: JobSpec, role: str, telemetry: Telemetry, health: Health) -> ServerThread | None:
     """The metrics listener of `role` at `job.metrics.listen[role]`, started; None when the job names none."""
     listen = job.metrics.listen.get(role)
     if listen is None:

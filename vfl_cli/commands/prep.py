@@ -7,7 +7,6 @@ prints a short summary. Errors travel as `VflError` to `vfl_cli.app.main`, which
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from data_prep.synth import write_synth
 from data_prep.table import TableResult, prepare_table
 from vfl_cli.console import console, make_progress
 from vfl_cli.errors import DataError
-from vfl_cli.job import ROLES, Role, load_job
+from vfl_cli.job import load_job
 
 app = typer.Typer(
     help="Prepare data: encode raw Criteo text or one party's own table into arrays, split a Criteo file into two "
@@ -31,10 +30,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-
-class RoleChoice(str, enum.Enum):
-    leader = "leader"
-    follower = "follower"
 
 
 class _Bars:
@@ -105,8 +100,9 @@ def criteo(
         ),
     ] = None,
     role: Annotated[
-        RoleChoice | None,
-        typer.Option("--role", help="Prepare only this party's view, reading only its columns. Default: both parties."),
+        str | None,
+        typer.Option("--party", "--role", help="Prepare only this party's view (its key in `parties:`), reading only "
+                     "its columns. Default: every party."),
     ] = None,
     bench: BenchOption = False,
     test: Annotated[
@@ -117,7 +113,7 @@ def criteo(
 ) -> None:
     """Encode raw Criteo text into each party's ids/vals arrays, in two streaming passes."""
     spec = load_job(job)
-    roles: tuple[Role, ...] = (role.value,) if role is not None else ROLES
+    roles = (spec.party_key(role),) if role is not None else tuple(spec.parties)
     schemas = [spec.table_schema(r) for r in roles]
     if threshold is not None:
         schemas = [replace(schema, threshold=threshold) for schema in schemas]
@@ -152,7 +148,8 @@ _DELIMITERS = {",": ",", "comma": ",", "\t": "\t", "\\t": "\t", "tab": "\t"}
 
 @app.command()
 def table(
-    role: Annotated[RoleChoice, typer.Option("--role", help="Whose table this is.")],
+    role: Annotated[str, typer.Option("--party", "--role", help="Whose table this is: the party's key in "
+                                      "`parties:` (leader, follower, follower2, ...).", show_default=False)],
     input: Annotated[
         Path,
         typer.Option(
@@ -185,20 +182,21 @@ def table(
     spec = load_job(job)
     if delimiter is not None and delimiter not in _DELIMITERS:
         raise DataError(f"--delimiter must be ',' or tab ('\\t' or 'tab'), got {delimiter!r}")
-    target = out if out is not None else table_dir(spec.data.dir, role.value)
+    key = spec.party_key(role)
+    target = out if out is not None else table_dir(spec.data.dir, key)
     with make_progress("rows") as progress:
         result = prepare_table(
             input,
-            spec.table_schema(role.value),
+            spec.table_schema(key),
             target,
             delimiter=_DELIMITERS[delimiter] if delimiter is not None else None,
             vocab_from=vocab_from,
             on_progress=_Bars(progress),
         )
-    _table_summary(role.value, result, vocab_from, bench)
+    _table_summary(key, spec.is_leader(key), result, vocab_from, bench)
 
 
-def _table_summary(role: str, result: TableResult, vocab_from: Path | None, bench: bool) -> None:
+def _table_summary(role: str, leader: bool, result: TableResult, vocab_from: Path | None, bench: bool) -> None:
     fitted = f"vocabulary of {vocab_from}" if vocab_from is not None else "vocabulary fitted on these rows"
     _say(f"prepared the {role}'s table, {result.rows:,} rows, into {result.out}")
     _say(f"  {fitted}: {result.vocab_size:,} ids; customer ids up to {result.id_width} bytes")
@@ -209,7 +207,7 @@ def _table_summary(role: str, result: TableResult, vocab_from: Path | None, benc
         _say(f"  {len(result.classes)} classes: {shown}")
     elif result.task == "regression":
         _say("  regression labels")
-    elif role == "leader":
+    elif leader:
         _say("  no label column: unlabelled rows (scoring)")
     _speed(result.rows_per_s, result.passes, bench)
 
@@ -226,7 +224,7 @@ def split(
             "--overlap",
             min=0.0,
             max=1.0,
-            help="Share of source rows both tables hold; the rest go to one table only, half each.",
+            help="Share of source rows every table holds; the rest go to one table only, an equal share each.",
         ),
     ],
     seed: Annotated[
@@ -234,17 +232,17 @@ def split(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Directory for leader.tsv and follower.tsv. Default: <data.dir>/../organisations."),
+        typer.Option("--out", help="Directory for <party>.tsv per party (leader.tsv, follower.tsv, ...). Default: "
+                     "<data.dir>/../organisations."),
     ] = None,
 ) -> None:
-    """Simulate two organisations: cut one Criteo file into the leader's and the follower's own tables (TSV)."""
+    """Simulate the organisations: cut one Criteo file into each party's own table (TSV)."""
     spec = load_job(job)
     target = out if out is not None else spec.data.dir.parent / "organisations"
     with make_progress("rows") as progress:
-        result = split_parties(
-            input, [spec.table_schema(r) for r in ROLES], overlap, spec.seed if seed is None else seed, target,
-            on_progress=_Bars(progress),
-        )
+        schemas = [spec.table_schema(r) for r in (spec.label_party, *spec.followers)]
+        result = split_parties(input, schemas, overlap, spec.seed if seed is None else seed, target,
+                               on_progress=_Bars(progress))
     for role, (path, rows) in result.tables.items():
         _say(f"{role}: {rows:,} rows -> {path}")
     _say(f"shared: {result.shared:,} customers of {result.source_rows:,} source rows (overlap {overlap:g})")

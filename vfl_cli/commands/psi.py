@@ -8,7 +8,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from vfl_cli.commands.run import JobOption, PartyRole, connected, waiting_for_peer
+from vfl_cli.commands.run import (
+    PARTY_ROLE_HELP,
+    JobOption,
+    PartyOption,
+    PartyRole,
+    connected,
+    pick_party,
+    waiting_for_peer,
+)
 from vfl_cli.console import RichReporter
 from vfl_cli.job import Role, load_job
 
@@ -17,12 +25,13 @@ if TYPE_CHECKING:
 
 
 def psi(
-    role: Annotated[PartyRole, typer.Option("--role", help="leader | follower | local.", show_default=False)],
     job: JobOption,
+    role: Annotated[PartyRole | None, typer.Option("--role", help=PARTY_ROLE_HELP, show_default=False)] = None,
+    party: PartyOption = None,
     table: Annotated[
         Path | None,
-        typer.Option("--table", help="The table `vfl prep table` wrote (default: <data.dir>/tables/<role>); "
-                     "with --role local, a directory holding leader/ and follower/ tables."),
+        typer.Option("--table", help="The table `vfl prep table` wrote (default: <data.dir>/tables/<party>); "
+                     "with --role local, a directory holding one table per party (leader/, follower/, ...)."),
     ] = None,
     out: Annotated[
         Path | None,
@@ -30,31 +39,34 @@ def psi(
                      "`all` (for `vfl infer --data <out> --split all`), not over the training data."),
     ] = None,
 ) -> None:
-    """Private set intersection of the two parties' customer ids (ECDH on ristretto255, over the same
-    mutually authenticated HTTPS as training), then each party writes its rows of the intersection, in one
-    order both agree on, as its training data (<data.dir>/<role>). Both parties learn which of their own
-    customers the other also has, and the other's number of customers; nothing else."""
+    """Private set intersection of the parties' customer ids (ECDH on ristretto255, over the same mutually
+    authenticated HTTPS as training), then each party writes its rows of the customers every party holds, in
+    one order all agree on, as its training data (<data.dir>/<party>). The leader runs one PSI with each
+    follower: it learns which of its customers each follower also has, and each follower's number of
+    customers; a follower learns which of its customers every party holds, and the leader's number; nothing
+    else."""
     from vfl_cli.party import PartyContext
     from vfl_cli.psi.session import psi_locally, psi_session
 
     spec = load_job(job)
-    if role == PartyRole.local:
-        tables: dict[Role, Path] | None = {r: table / r for r in ("leader", "follower")} if table else None
+    key = pick_party(spec, role.value if role else None, party)
+    if key is None:
+        tables: dict[Role, Path] | None = {r: table / r for r in spec.parties} if table else None
         outcomes = psi_locally(spec, tables, out)
     else:
-        ctx = PartyContext.of(spec, role.value)
+        ctx = PartyContext.of(spec, key)
         waiting = waiting_for_peer(ctx)
-        with connected(ctx) as peer, waiting:
-            outcomes = {ctx.role: psi_session(ctx, peer, RichReporter(waiting=waiting, unit="ids"), table, out)}
+        with connected(ctx) as grid, waiting:
+            outcomes = {ctx.role: psi_session(ctx, grid, RichReporter(waiting=waiting, unit="ids"), table, out)}
     for name, outcome in outcomes.items():
-        typer.echo(_summary(name, spec.peer_role(name), outcome))
+        typer.echo(_summary(name, outcome))
 
 
-def _summary(role: str, peer_role: str, outcome: PsiOutcome) -> str:
-    found = outcome.intersection
+def _summary(role: str, outcome: PsiOutcome) -> str:
     if list(outcome.rows) == ["all"]:
         written = f"{outcome.rows['all']:,} rows (one split, `all`, to score)"
     else:
         written = " and ".join(f"{rows:,} {name}" for name, rows in outcome.rows.items()) + " rows"
-    return (f"{role}: {found.size:,} customers in common, of {found.my_size:,} here and {found.peer_size:,} at the "
-            f"{peer_role}; wrote {written} to {outcome.data_dir} (intersection digest {found.digest()[:16]})")
+    peers = ", ".join(f"{size:,} at the {key}" for key, size in outcome.peer_sizes.items())
+    return (f"{role}: {outcome.size:,} customers in common, of {outcome.my_size:,} here and {peers}; "
+            f"wrote {written} to {outcome.data_dir} (common-set digest {outcome.digest[:16]})")

@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Part = Literal["leader", "follower", "top", "central"]
+Part = str  # a party's key in the job, or "top" / "central" (`vfl_cli.job` keeps those two off party keys)
 EMBEDDING_STD = 0.01  # MindSpore EmbeddingLookup's default normal init
 
 

@@ -12,14 +12,16 @@ Gradients are quantised with stochastic rounding (unbiased, so the follower's op
 gradient on average; nearest rounding makes 2-bit training diverge), embeddings with nearest rounding (so eval
 and infer stay deterministic).
 
-Randomness comes from a generator seeded by (job seed, purpose, phase, epoch, step), never from torch's global
-stream: a job with every defence off draws nothing and runs bitwise as without this module, and a run resumed
+Randomness comes from a generator seeded by (job seed, follower, purpose, phase, epoch, step), never from
+torch's global stream: each follower's cut gets its own noise (two followers never draw the same), a job
+with every defence off draws nothing and runs bitwise as without this module, and a run resumed
 at step s draws exactly what an uninterrupted one draws there. Label DP's draws are a hash of (job seed, customer
 id) instead: the same flip for a customer in every epoch, so the run releases each label once (eps-DP in all).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,9 +43,12 @@ _PURPOSES = {"labels": 1, "gradients": 2, "embeddings": 3}
 _PHASES = {"train": 1, "eval": 2, "infer": 3, "psi": 4}
 
 
-def batch_generator(seed: int, purpose: str, key: BatchKey, device: torch.device) -> torch.Generator:
-    """A generator for one (purpose, batch): independent of every other batch and of torch's global stream."""
+def batch_generator(seed: int, purpose: str, key: BatchKey, device: torch.device, party: str = "") -> torch.Generator:
+    """A generator for one (follower, purpose, batch): independent of every other follower, batch and of torch's
+    global stream."""
     words = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, _PURPOSES[purpose], _PHASES[key.phase], key.epoch, key.step]
+    if party:
+        words += list(hashlib.sha256(party.encode()).digest()[:8])
     state = np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator(device=device).manual_seed(int(state) & (1 << 63) - 1)
 
@@ -77,6 +82,7 @@ class CutLayerDefences:
     spec: PrivacySpec
     seed: int
     classes: int = 2  # the label's classes (randomised response is k-ary for multiclass)
+    party: str = ""  # the follower whose cut these defences guard (its key): part of every generator's seed
 
     def training_labels(self, labels: Tensor, sample_ids: Tensor) -> Tensor:
         """The labels the leader trains this batch on: its own, or randomised response on them, each customer's
@@ -92,7 +98,7 @@ class CutLayerDefences:
         noise, marvell, bits = self.spec.gradient_noise, self.spec.marvell, self.spec.quantize.gradients
         if noise is None and marvell is None and bits is None:
             return self._wire(grads, None)  # no defence: no generator, nothing drawn
-        generator = batch_generator(self.seed, "gradients", key, torch.device("cpu"))
+        generator = batch_generator(self.seed, "gradients", key, torch.device("cpu"), self.party)
         if noise is not None or marvell is not None:
             rows = _join(grads).cpu()
             if noise is not None:
@@ -111,7 +117,7 @@ class CutLayerDefences:
         dp, rr = self.spec.embedding_dp, self.spec.embedding_rr
         if dp is not None or rr is not None:
             rows = _join(cut).cpu()
-            generator = batch_generator(self.seed, "embeddings", key, rows.device)
+            generator = batch_generator(self.seed, "embeddings", key, rows.device, self.party)
             if dp is not None:
                 rows = embedding_dp(rows, dp.clip_norm, dp.sigma, generator)
             else:

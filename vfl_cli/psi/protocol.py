@@ -1,4 +1,5 @@
 """ECDH private set intersection of two parties' customer ids, one `PsiParty` per side, no transport here.
+(With more than two parties the leader runs one such PSI with each follower: `vfl_cli.psi.session`.)
 
     each party:  P_x = from_hash(SHA-512(tag || id_x)) for its ids; secret scalar k (fresh per PsiParty)
     leader -> follower: shuffled {k_l * P_x}    follower -> leader: shuffled {k_f * P_y}
@@ -32,14 +33,13 @@ import hashlib
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from vfl_cli.errors import DataError, ProtocolError
 from vfl_cli.psi import group
 
-Role = Literal["leader", "follower"]
+Role = str  # a party's key in the job; "leader" and "follower" in a two-party job
 _KEY = np.dtype(f"V{group.POINT_BYTES}")  # one 32-byte point as a single sortable, comparable numpy item
 _DIGEST_LABEL = b"vfl-psi-intersection-v1\0"
 
@@ -49,6 +49,7 @@ class Intersection:
     """One party's view of the intersection; `keys` and `digest()` are identical on both sides."""
 
     role: Role
+    peer: Role
     rows: np.ndarray  # int64 [size]: my row indices (into the ids I gave), in the agreed order
     keys: np.ndarray  # uint8 [size, 32]: the double-blinded values in that order (ascending bytes)
     my_size: int  # ids I put in
@@ -83,11 +84,12 @@ class PsiParty:
         *,
         threads: int = 1,
         shuffle_seed: int | None = None,
+        peer: Role | None = None,
     ) -> None:
-        if role not in ("leader", "follower"):
-            raise ValueError(f"unknown PSI role {role!r}")
+        if peer is None and role not in ("leader", "follower"):
+            raise ValueError(f"PSI role {role!r}: name the peer")
         self.role: Role = role
-        self.peer: Role = "follower" if role == "leader" else "leader"
+        self.peer: Role = peer or ("follower" if role == "leader" else "leader")
         self.ids = _as_ids(ids)  # S [n]
         self.tag = tag
         self.threads = max(1, threads)
@@ -158,7 +160,7 @@ class PsiParty:
         if len(matched) > 1 and (matched[1:] == matched[:-1]).any():
             raise ProtocolError(f"the {self.peer}'s double-blinded set holds one value twice")
         rows = by_key[matched].astype(np.int64)
-        return Intersection(self.role, rows, self._mine[rows], my_size=self.size, peer_size=seen)
+        return Intersection(self.role, self.peer, rows, self._mine[rows], my_size=self.size, peer_size=seen)
 
 
 def check_peer_size(peer: Role, peer_size: int, minimum: int) -> None:
@@ -173,9 +175,8 @@ def check_peer_size(peer: Role, peer_size: int, minimum: int) -> None:
 def check_min_intersection(result: Intersection, minimum: int) -> None:
     """Refuse an intersection smaller than `psi.min_intersection` (one line saying why)."""
     if result.size < minimum:
-        sizes = {result.role: result.my_size, "follower" if result.role == "leader" else "leader": result.peer_size}
         raise DataError(
-            f"only {result.size:,} common ids (leader {sizes['leader']:,}, follower {sizes['follower']:,}), "
+            f"only {result.size:,} common ids ({result.role} {result.my_size:,}, {result.peer} {result.peer_size:,}), "
             f"fewer than psi.min_intersection = {minimum:,}: a wrong file, or a peer probing for ids; refusing to align"
         )
 

@@ -1,17 +1,21 @@
-"""The split-learning loop of one party, written against `Peer` (in-memory or HTTPS, it cannot tell).
+"""The split-learning loop of one party, written against `Grid` (in-memory or HTTPS, it cannot tell).
 
-    follower: cut = bottom(x_b); send(embeddings, cut); g = receive(gradients); cut.backward(g); step
-    leader:   own = bottom(x_b); theirs = receive(embeddings); loss = task.loss(top([own, theirs]), y_b)
-              backward through the top; send(gradients, d loss / d theirs); backward own bottom; step
+    follower f: cut = bottom(x_b); send(leader, embeddings, cut); g = receive(leader, gradients)
+                cut.backward(g); step
+    leader:     own = bottom(x_b); theirs_f = receive(f, embeddings) for every follower f
+                loss = task.loss(top([own, theirs_1, ..., theirs_n]), y_b); backward through the top
+                send(f, gradients, d loss / d theirs_f) to every follower at once; backward own bottom; step
 
 The cut tensors are named by the model (`ModelSpec.cut_widths`: (wide, deep) for Wide&Deep, one
 `cut` for an mlp bottom); a leader without feature columns has no bottom and no `own`. The task
 (`vfl_cli.task`) owns the loss, the predictions and the metrics; the primary metric selects the best epoch.
 
-The leader sends the follower's gradients before it backpropagates through its own bottom, so the two
-bottoms' backward passes run at the same time on the two sides.
+Every follower computes its cut at the same time in its own process, and the leader waits for them in turn: the
+wait is the slowest follower's, not their sum. The leader sends the followers' gradients before it
+backpropagates through its own bottom, so the bottoms' backward passes run at the same time on every party.
+Each follower's defences draw from their own stream (`CutLayerDefences.party`).
 
-Both parties checkpoint at the same global steps (every `train.checkpoint_every` steps, and at each epoch
+All parties checkpoint at the same global steps (every `train.checkpoint_every` steps, and at each epoch
 end after its test evaluation), so a resumed run finds a step both hold; see `vfl_cli.checkpoint`.
 """
 
@@ -29,9 +33,9 @@ import torch
 from data_prep.store import PartyData, SplitArrays
 from vfl_cli.checkpoint import CheckpointStore
 from vfl_cli.errors import CheckpointError, ProtocolError
+from vfl_cli.grid import Grid
 from vfl_cli.job import JobSpec
 from vfl_cli.party import PartyContext
-from vfl_cli.peer import Peer
 from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.protocol import BatchKey, Phase, WireTensors, read_selection, selection_message
 from vfl_cli.reporter import Reporter
@@ -85,24 +89,24 @@ class TrainOutcome:
 
 @dataclass
 class PartyRun:
-    """Everything one party needs to run: spec, data, model, the other party, and where to write."""
+    """Everything one party needs to run: spec, data, model, its peers, and where to write."""
 
     job: JobSpec
-    role: str  # "leader" or "follower"
+    role: str  # my key in the job: "leader", "follower", "follower2", ...
     data: PartyData
     party: PartyModel
-    peer: Peer
+    grid: Grid
     reporter: Reporter
     run_dir: Path  # <train.run_dir>/<role>
     telemetry: Telemetry  # counters for /metrics (steps, samples, step latency, test AUC, resumes)
 
     @property
     def is_leader(self) -> bool:
-        return self.role == "leader"
+        return self.job.is_leader(self.role)
 
     @cached_property
     def context(self) -> PartyContext:
-        """This party's view of the job (its spec, the peer's role and name)."""
+        """This party's view of the job (its spec, its peers' keys and names)."""
         return PartyContext.of(self.job, self.role)
 
     @property
@@ -110,9 +114,16 @@ class PartyRun:
         return CheckpointStore(self.run_dir, self.job.fingerprint())
 
     @cached_property
-    def defences(self) -> CutLayerDefences:
+    def defences(self) -> dict[str, CutLayerDefences]:
+        """The defences of each follower's cut, by its key: the leader's for every follower, a follower's own."""
         classes = self.party.task.width if self.party.task is not None and self.party.task.width > 1 else 2
-        return CutLayerDefences(self.job.privacy, self.job.seed, classes)
+        followers = self.context.followers if self.is_leader else (self.role,)
+        return {f: CutLayerDefences(self.job.privacy, self.job.seed, classes, f) for f in followers}
+
+    @property
+    def own_defences(self) -> CutLayerDefences:
+        """Defences that do not depend on a follower: the leader's label DP, a follower's own embeddings."""
+        return next(iter(self.defences.values()))
 
     @property
     def task(self) -> Task:
@@ -161,31 +172,42 @@ def _received(tensors: WireTensors, key: BatchKey, rows: int, widths: dict[str, 
 
 
 def follower_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> None:
-    party = run.party
+    party, leader = run.party, run.context.leader
     cut = party.bottom_forward(batch.ids, batch.vals)  # name -> (B, width)
-    run.peer.send("embeddings", key, run.defences.embeddings_out(cut, key))
-    grads = _received(run.peer.receive("gradients", key), key, len(batch), run.context.cut_widths, party.device)
+    run.grid.send(leader, "embeddings", key, run.own_defences.embeddings_out(cut, key))
+    grads = _received(run.grid.receive(leader, "gradients", key), key, len(batch), run.context.cut_widths,
+                      party.device)
     party.zero_grad()
     torch.autograd.backward(list(cut.values()), [grads[name] for name in cut])  # L2: Adam's weight decay
     party.step()
+
+
+def gather_cuts(run: PartyRun, key: BatchKey, rows: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Every follower's cut of this batch at the leader, by key in the job's order. Each follower sent its own
+    as soon as it had computed it, so the waits overlap: the whole gather takes as long as the slowest."""
+    return {f: _received(run.grid.receive(f, "embeddings", key), key, rows, run.context.cut_widths, run.party.device)
+            for f in run.context.followers}
 
 
 def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> float:
     """One step at the leader; returns the batch's loss."""
     party = run.party
     assert party.top is not None and batch.labels is not None
-    labels = run.defences.training_labels(batch.labels, batch.sample_ids)  # the true ones unless privacy.label_dp
+    labels = run.own_defences.training_labels(batch.labels, batch.sample_ids)  # the true ones unless label_dp
     own = party.bottom_forward(batch.ids, batch.vals)  # name -> (B, width); {} without feature columns
-    theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.context.cut_widths, party.device)
-    # Cut the graph at both parties' outputs: the top's backward yields the follower's gradients first.
+    theirs = gather_cuts(run, key, len(batch))
+    # Cut the graph at every party's outputs: the top's backward yields the followers' gradients first.
     own_cut = {name: t.detach().requires_grad_() for name, t in own.items()}
-    theirs = {name: t.requires_grad_() for name, t in theirs.items()}
+    for cut in theirs.values():
+        for t in cut.values():
+            t.requires_grad_()
     party.zero_grad()
-    loss = run.task.loss(party.top([own_cut, theirs]), labels)
+    loss = run.task.loss(party.top([own_cut, *theirs.values()]), labels)
     loss.backward()
-    grads = {name: t.grad for name, t in theirs.items()}
-    assert all(g is not None for g in grads.values())
-    run.peer.send("gradients", key, run.defences.gradients_out(grads, labels, key))  # type: ignore[arg-type]
+    grads = {f: {name: t.grad for name, t in cut.items()} for f, cut in theirs.items()}
+    assert all(g is not None for cut in grads.values() for g in cut.values())
+    run.grid.send_each("gradients", key, {f: run.defences[f].gradients_out(g, labels, key)  # type: ignore[arg-type]
+                                          for f, g in grads.items()})
     if own:
         torch.autograd.backward(list(own.values()), [own_cut[name].grad for name in own])  # L2: Adam's decay
     party.step()
@@ -236,8 +258,8 @@ def train_epoch(run: PartyRun, run_id: str, epoch: int, start: int = 0) -> float
 
 @torch.no_grad()
 def forward_split(run: PartyRun, split_name: str, phase: Phase, epoch: int) -> EvalResult | None:
-    """Predict a whole split together: the follower sends its cut, the leader predicts.
-    Returns the leader's result (the task's metrics where it has labels); None at the follower."""
+    """Predict a whole split together: every follower sends its cut, the leader predicts.
+    Returns the leader's result (the task's metrics where it has labels); None at a follower."""
     split = run.view(split_name)
     batch_size = run.job.train.batch_size
     run.party.train(False)
@@ -249,11 +271,10 @@ def forward_split(run: PartyRun, split_name: str, phase: Phase, epoch: int) -> E
         cut = run.party.bottom_forward(batch.ids, batch.vals)
         if run.is_leader:
             assert run.party.top is not None
-            theirs = _received(run.peer.receive("embeddings", key), key, len(batch), run.context.cut_widths,
-                               run.party.device)
-            predictions.append(run.task.predict(run.party.top([cut, theirs])).cpu())
+            theirs = gather_cuts(run, key, len(batch))
+            predictions.append(run.task.predict(run.party.top([cut, *theirs.values()])).cpu())
         else:
-            run.peer.send("embeddings", key, run.defences.embeddings_out(cut, key))
+            run.grid.send(run.context.leader, "embeddings", key, run.own_defences.embeddings_out(cut, key))
         run.reporter.advance(len(batch))
     run.reporter.end()
     if not run.is_leader:
@@ -325,25 +346,26 @@ def choose(store: CheckpointStore, run_id: str, job: JobSpec, task: Task, epoch:
 
 def select(run: PartyRun, run_id: str, epoch: int, step: int, result: EvalResult | None) -> bool:
     """After epoch `epoch` (checkpointed at `step`): the leader, which alone sees the validation score, picks the
-    best epoch so far and whether to stop, and tells the follower (one `selection` message: two integers);
-    both keep the best epoch's checkpoint as the selected one. Returns whether to stop.
+    best epoch so far and whether to stop, and tells every follower (one `selection` message each: two
+    integers); all keep the best epoch's checkpoint as the selected one. Returns whether to stop.
 
-    What the follower learns from it: which epoch scored best on validation, one number per epoch."""
+    What a follower learns from it: which epoch scored best on validation, one number per epoch."""
     store, key = run.checkpoints, BatchKey("eval", epoch, 0)
     if run.is_leader:
         assert result is not None
         chosen = choose(store, run_id, run.job, run.task, epoch, step, result.scores)
-        run.peer.send("selection", key, selection_message(chosen.step, chosen.stop))
+        message = selection_message(chosen.step, chosen.stop)
+        run.grid.send_each("selection", key, dict.fromkeys(run.context.followers, message))
         run.write_metrics({"event": "selected", "epoch": chosen.epoch, "step": chosen.step,
                            "metric": result.primary, f"valid_{result.primary}": chosen.valid_score})
         return chosen.stop
-    best_step, stop = read_selection(run.peer.receive("selection", key))
+    best_step, stop = read_selection(run.grid.receive(run.context.leader, "selection", key))
     held = store.selected(run_id)
     if best_step == step:
         store.select(run_id, step, epoch, None)
     elif held is None or held["step"] != best_step:
         raise ProtocolError(f"the leader selected step {best_step}, which this side never selected "
-                            f"(it holds {held['step'] if held else 'none'}); rerun both sides with --restart")
+                            f"(it holds {held['step'] if held else 'none'}); rerun every party with --restart")
     return stop
 
 

@@ -31,7 +31,7 @@ def pick_device(setting: str) -> torch.device:
 
 @dataclass
 class PartyModel:
-    role: str
+    role: str  # the party's key in the job
     bottom: Bottom | None  # None: a leader without feature columns
     top: Top | None  # the leader's top; None for the follower
     task: Task | None  # the leader's; None for the follower
@@ -89,13 +89,15 @@ class PartyModel:
 
 
 def build_party(job: JobSpec, role: str, meta: PartyMeta, device: torch.device, task: Task | None = None) -> PartyModel:
-    """The follower gets its bottom; the leader its bottom (if it has columns), the top and the task (`task`, or
-    the prepared data's)."""
-    bottom = build_bottom(job.model, job.seed, role, meta.vocab_size, meta.kinds)  # type: ignore[arg-type]
+    """A follower gets its bottom; the leader its bottom (if it has columns), the top over every party's cut (its
+    own first, then the followers' in the job's order) and the task (`task`, or the prepared data's)."""
+    bottom = build_bottom(job.model, job.seed, role, meta.vocab_size, meta.kinds)
     top = None
-    if role == "leader":
+    leader = job.is_leader(role)
+    if leader:
         task = task or Task.of(job.leader.task, tuple(meta.classes))
-        top = build_top(job.model, job.seed, [job.cut_widths("leader"), job.cut_widths("follower")], task.width)
+        cuts = [job.cut_widths(key) for key in (job.label_party, *job.followers)]
+        top = build_top(job.model, job.seed, cuts, task.width)
     if bottom is not None:
         bottom = bottom.to(device)
     if top is not None:
@@ -103,7 +105,7 @@ def build_party(job: JobSpec, role: str, meta: PartyMeta, device: torch.device, 
     wide, deep, tables = bottom_parameters(bottom)
     optimizers = build_optimizers(wide, deep + ([] if top is None else list(top.parameters())),
                                   job.train.wide_optimizer, job.train.deep_optimizer, job.train.l2_coef, tables)
-    return PartyModel(role, bottom, top, task if role == "leader" else None, optimizers, device,
+    return PartyModel(role, bottom, top, task if leader else None, optimizers, device,
                       use_bf16(job.train.precision, device))
 
 

@@ -1,8 +1,8 @@
-"""A party's session: open its data, build its model, shake hands with the peer, then train, evaluate or
-infer. `run_local` runs both parties in one process (two threads joined by a `LocalPeer`).
+"""A party's session: open its data, build its model, shake hands with its peers, then train, evaluate or
+infer. `run_local` runs every party in one process (a thread each, joined by a `LocalGrid`).
 
-Training first agrees with the peer on one history (`vfl_cli.checkpoint.agree`) and rolls back to it;
-evaluation and inference first check that both sides hold the same checkpoint."""
+Training first agrees with every party on one history (`vfl_cli.checkpoint.agree`) and rolls back to it;
+evaluation and inference first check that every party holds the same checkpoint."""
 
 from __future__ import annotations
 
@@ -22,15 +22,16 @@ from vfl_cli.checkpoint import (
     Agreement,
     CheckpointStore,
     agree,
+    agreed_hello,
     file_name,
     new_run_id,
     same_checkpoint,
 )
 from vfl_cli.errors import CheckpointError, DataError
+from vfl_cli.grid import Grid, LocalGrid, run_all
 from vfl_cli.job import JobSpec
 from vfl_cli.party import PartyContext
-from vfl_cli.peer import LocalPeer, Peer, run_both
-from vfl_cli.protocol import Hello, meet
+from vfl_cli.protocol import Answer, Hello, meet
 from vfl_cli.reporter import Reporter, SilentReporter
 from vfl_cli.task import Task
 from vfl_cli.telemetry import Telemetry
@@ -50,7 +51,7 @@ T = TypeVar("T")
 
 
 def open_run(
-    ctx: PartyContext, peer: Peer, reporter: Reporter | None = None, telemetry: Telemetry | None = None
+    ctx: PartyContext, grid: Grid, reporter: Reporter | None = None, telemetry: Telemetry | None = None
 ) -> PartyRun:
     job, role, spec = ctx.job, ctx.role, ctx.spec
     data = open_party(job.data.dir, role)
@@ -58,11 +59,11 @@ def open_run(
     if prepared != expected:
         raise DataError(f"{data.dir}: prepared for {len(prepared)} columns, the job gives the {role} {len(expected)} "
                         f"({_first_difference(prepared, expected)}); run `vfl prep` again")
-    if role == "leader" and data.meta.has_labels and (data.meta.task or "binary") != spec.task:
+    if ctx.is_leader and data.meta.has_labels and (data.meta.task or "binary") != spec.task:
         raise DataError(f"{data.dir}: prepared for a {data.meta.task} label, but the job's task is {spec.task}")
-    task = leader_task(job, data) if role == "leader" else None
+    task = leader_task(job, data) if ctx.is_leader else None
     party = build_party(job, role, data.meta, pick_device(spec.device), task)
-    run = PartyRun(job, role, data, party, peer, reporter or SilentReporter(), job.train.run_dir / role,
+    run = PartyRun(job, role, data, party, grid, reporter or SilentReporter(), job.train.run_dir / role,
                    telemetry or Telemetry(role))
     run.context = ctx  # the cached view: the same object the caller built, not a second one
     return run
@@ -92,10 +93,12 @@ def leader_task(job: JobSpec, data: PartyData) -> Task:
 
 def handshake(
     run: PartyRun, command: str, run_id: str = "", checkpoint_steps: tuple[int, ...] = (),
-    extra: dict[str, str] | None = None,
-) -> tuple[Hello, Hello]:
-    """Exchange Hellos; any difference in what both sides must share stops the run here.
-    Returns (the leader's Hello, the follower's), the same pair on both sides."""
+    extra: dict[str, str] | None = None, answer: Answer | None = None,
+) -> tuple[Hello, list[Hello]]:
+    """Exchange Hellos; any difference in what all parties must share stops the run here. The leader checks
+    every follower's and answers with `answer(its own, theirs)` (default its own). Returns (the leader's Hello, the
+    followers' that this party saw): at the leader its own and every follower's, at a follower the leader's
+    answer and its own."""
     mine = Hello(
         role=run.role,
         name=run.context.name,
@@ -106,8 +109,10 @@ def handshake(
         checkpoint_steps=checkpoint_steps,
         extra=extra or {},
     )
-    theirs = meet(run.context, run.peer, mine)
-    return (mine, theirs) if run.is_leader else (theirs, mine)
+    theirs = meet(run.context, run.grid, mine, answer)
+    if run.is_leader:
+        return mine, [theirs[key] for key in run.context.followers]
+    return theirs[run.context.leader], [mine]
 
 
 def restore(run: PartyRun, payload: dict[str, Any], path: Path) -> None:
@@ -134,15 +139,17 @@ def require_labels(run: PartyRun) -> None:
 
 
 def train_session(run: PartyRun, restart: bool = False) -> TrainOutcome:
-    """Agree with the peer on where training stands, roll back to it, and train the remaining steps.
-    Our Hello offers the run in run.json and the checkpoints held for it; --restart offers a new run."""
+    """Agree with every party on where training stands, roll back to it, and train the remaining steps.
+    Our Hello offers the run in run.json and the checkpoints held for it; --restart offers a new run. The
+    leader answers with the agreement over every follower's Hello (`agreed_hello`)."""
     require_labels(run)
     run.metrics_log  # noqa: B018 - opened first: a missing optional package stops before the peer is contacted
     store = run.checkpoints
     recorded = None if restart else store.run_id()
     held = store.steps(recorded) if recorded else ()
-    leader, follower = handshake(run, "train", recorded or new_run_id(), held)
-    agreed = agree(leader, follower)
+    leader, followers = handshake(run, "train", recorded or new_run_id(), held,
+                                  answer=lambda mine, theirs: agreed_hello(mine, list(theirs.values())))
+    agreed = agree(leader, *followers)
     start = roll_back(run, agreed, held)
     if agreed.resumed:
         run.reporter.log(f"resumed run {agreed.run_id} at {start}")
@@ -157,8 +164,9 @@ def train_session(run: PartyRun, restart: bool = False) -> TrainOutcome:
 
 
 def load_agreed_model(run: PartyRun, run_dir: Path, command: str, extra: dict[str, str]) -> None:
-    """Load this party's newest checkpoint, once the handshake shows the peer's is the same run and step.
-    A side without one still shakes hands (run id ""), so that both sides stop with the reason."""
+    """Load this party's newest checkpoint, once the handshake shows every other party's is the same run and
+    step (the leader checks them all before it answers). A party without one still shakes hands (run id ""),
+    so that every party stops with the reason."""
     store = CheckpointStore(run_dir / run.role, run.job.fingerprint())
     payload: dict[str, Any] | None = None
     problem: CheckpointError | None = None
@@ -168,10 +176,17 @@ def load_agreed_model(run: PartyRun, run_dir: Path, command: str, extra: dict[st
     except CheckpointError as exc:
         problem = exc
     run_id, steps = (payload["run_id"], (payload["step"],)) if payload else ("", ())
-    leader, follower = handshake(run, command, run_id, steps, extra)
+    steps_per_epoch = run.steps_per_epoch if "train" in run.data.meta.splits else None
+
+    def checked(mine: Hello, theirs: dict[str, Hello]) -> Hello:
+        if problem is None:
+            same_checkpoint(mine, *theirs.values(), steps_per_epoch=steps_per_epoch)
+        return mine
+
+    leader, followers = handshake(run, command, run_id, steps, extra, checked)
     if problem is not None:
         raise problem
-    same_checkpoint(leader, follower, run.steps_per_epoch if "train" in run.data.meta.splits else None)
+    same_checkpoint(leader, *followers, steps_per_epoch=steps_per_epoch)
     assert payload is not None
     restore(run, payload, store.directory / file_name(payload["step"]))
 
@@ -222,18 +237,18 @@ def run_local(
     session: Callable[[PartyRun], T],
     reporters: dict[str, Reporter] | None = None,
 ) -> dict[str, T]:
-    """Run `session` for both parties in this process, joined in memory (`vfl_cli.peer.run_both`)."""
-    leader_peer, follower_peer = LocalPeer.pair(job.transport.timeout_s)
+    """Run `session` for every party in this process, joined in memory (`vfl_cli.grid.run_all`); results by party
+    key (the leader's under `job.label_party`)."""
+    grids = LocalGrid.star(job.label_party, job.followers, job.transport.timeout_s)
     reporters = reporters or {}
-    runs = {  # opened before either side starts, so that a data problem is reported as it is
-        "leader": open_run(PartyContext.of(job, "leader"), leader_peer, reporters.get("leader")),
-        "follower": open_run(PartyContext.of(job, "follower"), follower_peer, reporters.get("follower")),
+    runs = {  # opened before any party starts, so that a data problem is reported as it is
+        key: open_run(PartyContext.of(job, key), grid, reporters.get(key)) for key, grid in grids.items()
     }
-    return run_both({role: (partial(session, run), run.peer) for role, run in runs.items()})
+    return run_all({key: (partial(session, run), run.grid) for key, run in runs.items()}, job.label_party)
 
 
 def local_threads(job: JobSpec) -> int | None:
-    """Torch's threads for `--role local`, where both parties share one process and torch's thread count is the
+    """Torch's threads for `--role local`, where every party shares one process and torch's thread count is the
     process's: the parties' own setting, so that each party computes what its own process computes (another
     count changes the summation order inside matmuls, and after thousands of steps the result: 0.057 apart in
     predictions on default_credit with 2 threads against 1); the larger where the two settings differ."""

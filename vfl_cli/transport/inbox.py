@@ -1,10 +1,12 @@
 """The inbox between a party's HTTPS server (event-loop thread) and its training loop (main thread).
 
-Everything is kept per sending party (its name: the CN of its certificate), so that a second follower can
-join later without a redesign. For each sender the inbox owns:
+Everything is kept per sending party (its name: the CN of its certificate): the leader's inbox holds one
+sender per follower, a follower's the leader alone. For each sender the inbox owns:
 
-- the session: our Hello (`expect`) and the sender's latest Hello make the session id (`session_id`) that
-  every tensor and abort message must carry; a message of another session is refused, never applied.
+- the session: the leader's Hello names every party's nonce, and makes the session id (`session_id`) that
+  every tensor and abort message must carry; at the leader that Hello is its own (`expect`, once it has
+  every follower's), at a follower the leader's, if it names this follower's nonce (ours, `expect`). A
+  message of another session is refused, never applied.
   A new Hello from a sender starts a new session: its sequence numbers start again at 1.
 - the Hellos seen: a session is never re-opened. The same Hello again while it is the current one (the
   sender's retry after a lost answer) is acknowledged and changes nothing; a Hello with a nonce this inbox
@@ -82,11 +84,12 @@ class Inbox:
                 sender.session = self._session_with(sender.hello)
 
     def _session_with(self, theirs: Hello | None) -> str | None:
-        if self._mine is None or theirs is None:
+        mine = self._mine
+        if mine is None or theirs is None:
             return None
-        if self._mine.role == "leader":
-            return session_id(self._mine, theirs)
-        return session_id(theirs, self._mine)
+        if mine.group:  # ours is the leader's answer: the session is open with each follower it names
+            return session_id(mine) if theirs.nonce in mine.group else None
+        return session_id(theirs) if mine.nonce in theirs.group else None
 
     def session(self, name: str) -> str | None:
         with self._cond:

@@ -5,14 +5,18 @@ Routes (all under /v1, all answered with JSON; refusals are `{"error": reason}` 
     POST /v1/hello     the peer's Hello: opens a new session (the current Hello again is acknowledged; one
                        of an earlier session is refused with 409: a session is never re-opened)
     POST /v1/tensors   one message of the current session, of a kind this party receives, checked by
-                       `vfl_cli.protocol.check_message` (the leader takes "embeddings", the follower
-                       "gradients" and "selection", both the PSI kinds); 503 + Retry-After while the inbox is full
+                       `vfl_cli.protocol.check_message` (the leader takes "embeddings", a follower
+                       "gradients", "selection" and "psi_common", both the PSI kinds); 503 + Retry-After while
+                       the inbox is full
     POST /v1/abort     the peer stopped, with a reason
     GET  /v1/health    liveness
 
 Who may call: with TLS on, the listener requires a client certificate from the job's CA during the TLS
-handshake, and every request must come from a certificate whose CN is the peer party's name (else 403,
-with a reason that names no party: any holder of a certificate from the CA could read it).
+handshake, and every request must come from a certificate whose CN is one of this party's peers' names (the
+leader's peers are the followers, a follower's the leader alone; else 403, with a reason that names no
+party: any holder of a certificate from the CA could read it). That CN is the sender: its messages go to
+its own place in the inbox and can never be taken as another peer's. Without TLS (debugging only) the
+`x-vfl-party` header names the sender.
 The listener puts that certificate into the request scope as the ASGI TLS extension
 (`scope["extensions"]["tls"]["client_cert_chain"]`).
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import MutableMapping
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
 from cryptography import x509
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # what a 503 asks the sender to wait at most; it backs off from much shorter pauses
 FORBIDDEN = "the client certificate is not the job's peer's"  # the whole 403 answer: it names nobody
+SENDER_HEADER = "x-vfl-party"  # the sender's name, read only without TLS (with TLS its certificate says it)
 
 Scope = MutableMapping[str, Any]
 
@@ -63,19 +68,23 @@ class Refusal(Exception):
 
 def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = None) -> FastAPI:
     """The FastAPI app of party `ctx.role`: every accepted message goes to `inbox`, nothing else changes state."""
-    job, role, peer_role, peer_name = ctx.job, ctx.role, ctx.peer_role, ctx.peer_name
+    job, role = ctx.job, ctx.role
     telemetry = telemetry or Telemetry(role)
     fingerprint = job.fingerprint()
     limit = job.transport.max_body_bytes
+    only_peer = next(iter(ctx.peers.values())).name if len(ctx.peers) == 1 else None
 
-    async def authenticate(request: Request) -> None:
-        if not job.tls.enabled:
-            return
-        name = client_common_name(request.scope)
-        if name != peer_name:
+    async def sender(request: Request) -> str:
+        """The name of the peer that sent this request (Refusal 403 for anyone else)."""
+        if job.tls.enabled:
+            name = client_common_name(request.scope)
+        else:  # nobody can tell who sends: the header says, or the only peer
+            name = request.headers.get(SENDER_HEADER) or only_peer
+        if name is None or ctx.peer_key(name) is None:
             # Any holder of a certificate from the job's CA gets this far: the answer names no party, our log does.
-            seen = "no client certificate" if name is None else f"certificate CN {name!r}"
-            raise Refusal(403, FORBIDDEN, "forbidden", f"{seen}, expected {peer_name!r}")
+            seen = "no client certificate" if name is None else f"certificate CN {name[:64]!r}"
+            raise Refusal(403, FORBIDDEN, "forbidden", f"{seen}, expected one of {', '.join(ctx.peers)}")
+        return name
 
     async def read_message(request: Request) -> tuple[str, Message, int]:
         body = await read_body(request, limit)
@@ -85,29 +94,28 @@ def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = No
             raise Refusal(400, str(exc)) from exc
         return job_of_message, message, len(body)
 
-    # The sender is the peer party: with TLS its certificate said so (authenticate), without TLS nobody can
-    # tell, and the job names it. Inbox state is kept under its name.
-    sender = peer_name
-
-    router = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+    router = APIRouter(prefix="/v1")
+    Sender = Annotated[str, Depends(sender)]
 
     @router.post("/hello")
-    async def hello(request: Request) -> dict[str, str]:
-        """The peer announces itself; the job fingerprint is compared by the handshake, not here."""
+    async def hello(request: Request, name: Sender) -> dict[str, str]:
+        """A peer announces itself; the job fingerprint is compared by the handshake, not here."""
         _, message, size = await read_message(request)
         if not isinstance(message, HelloMessage):
             raise Refusal(400, f"expected a hello message, got {type(message).__name__}")
-        if message.hello.role != peer_role:
-            raise Refusal(400, f"hello from a {message.hello.role!r}: this {role} expects a {peer_role}")
+        key = ctx.peer_key(name)
+        if message.hello.role != key or message.hello.name != name:
+            raise Refusal(400, f"hello from {message.hello.role[:40]!r} {message.hello.name[:40]!r}: this {role} "
+                          f"expects the {key} {name!r} on this certificate")
         try:
-            inbox.put_hello(sender, message.hello, size)
+            inbox.put_hello(name, message.hello, size)
         except ReplayedHello as exc:
             raise Refusal(409, str(exc), "replayed_hello") from exc
-        telemetry.received("hello", size)
+        telemetry.received(str(key), "hello", size)
         return {"status": "ok"}
 
     @router.post("/tensors")
-    async def tensors(request: Request) -> dict[str, str]:
+    async def tensors(request: Request, name: Sender) -> dict[str, str]:
         """One batch of cut-layer tensors, applied exactly once per kind and seq."""
         job_of_message, message, size = await read_message(request)
         if not isinstance(message, TensorMessage):
@@ -116,8 +124,8 @@ def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = No
             raise Refusal(409, f"job fingerprint {job_of_message[:40]} differs from this side's {fingerprint}",
                           "wrong_job")
         try:
-            check_message(job, role, message.kind, message.tensors)  # the kind's checks: `vfl_cli.protocol`
-            status = inbox.offer(sender, message, size)
+            check_message(ctx, message.kind, message.tensors)  # the kind's checks: `vfl_cli.protocol`
+            status = inbox.offer(name, message, size)
         except ProtocolError as exc:
             raise Refusal(400, str(exc)) from exc
         except WrongSession as exc:
@@ -126,11 +134,11 @@ def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = No
             raise Refusal(409, str(exc), "sequence") from exc
         except InboxFull as exc:
             raise Refusal(503, str(exc), "busy") from exc
-        telemetry.received(message.kind, size)
+        telemetry.received(str(ctx.peer_key(name)), message.kind, size)
         return {"status": status}
 
     @router.post("/abort")
-    async def abort(request: Request) -> dict[str, str]:
+    async def abort(request: Request, name: Sender) -> dict[str, str]:
         """The peer stopped; any waiting receive wakes up with its reason."""
         # The session is checked, the job fingerprint is not: a peer whose job differs from ours (the
         # handshake found it) must still be able to say that it stopped.
@@ -138,14 +146,14 @@ def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = No
         if not isinstance(message, AbortMessage):
             raise Refusal(400, f"expected an abort message, got {type(message).__name__}")
         try:
-            inbox.put_abort(sender, message, size)
+            inbox.put_abort(name, message, size)
         except WrongSession as exc:
             raise Refusal(409, str(exc), "wrong_session") from exc
-        log.warning("%s aborted: %s", peer_name, message.reason)
+        log.warning("%s aborted: %s", name, message.reason)
         return {"status": "ok"}
 
     @router.get("/health")
-    async def health() -> dict[str, str]:
+    async def health(name: Sender) -> dict[str, str]:
         """Liveness, and who answers."""
         return {"status": "ok", "role": role, "name": ctx.name}
 

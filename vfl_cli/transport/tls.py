@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from vfl_cli.errors import TlsError
-from vfl_cli.job import ROLES, JobSpec, PartySpec, Role
+from vfl_cli.job import JobSpec, PartySpec, Role
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class CertPaths:
     keys: dict[Role, Path]
 
     def all(self) -> list[Path]:
-        return [self.ca_cert, self.ca_key, *(p for r in ROLES for p in (self.certs[r], self.keys[r]))]
+        return [self.ca_cert, self.ca_key, *(p for r in self.certs for p in (self.certs[r], self.keys[r]))]
 
 
 @dataclass(frozen=True)
@@ -70,18 +70,18 @@ def cert_paths(job: JobSpec, out_dir: Path | None = None) -> CertPaths:
         return CertPaths(
             out_dir / "ca.pem",
             out_dir / "ca.key",
-            {r: out_dir / f"{r}.pem" for r in ROLES},
-            {r: out_dir / f"{r}.key" for r in ROLES},
+            {r: out_dir / f"{r}.pem" for r in job.parties},
+            {r: out_dir / f"{r}.key" for r in job.parties},
         )
     if job.leader.cert is None:
-        raise TlsError("the job sets no parties.leader.cert: give an output directory (--out)")
+        raise TlsError(f"the job sets no parties.{job.label_party}.cert: give an output directory (--out)")
     base = job.leader.cert.parent
     ca_cert = job.tls.ca or base / "ca.pem"
     paths = CertPaths(
         ca_cert,
         ca_cert.with_suffix(".key") if ca_cert.suffix != ".key" else ca_cert.with_name(ca_cert.name + ".key"),
-        {r: job.party(r).cert or base / f"{r}.pem" for r in ROLES},
-        {r: job.party(r).key or base / f"{r}.key" for r in ROLES},
+        {r: p.cert or base / f"{r}.pem" for r, p in job.parties.items()},
+        {r: p.key or base / f"{r}.key" for r, p in job.parties.items()},
     )
     if len(set(paths.all())) != len(paths.all()):
         raise TlsError("the job's cert, key and tls.ca paths must all differ")
@@ -116,8 +116,7 @@ def make_dev_certs(job: JobSpec, out_dir: Path | None = None) -> DevCerts:
     _write_private(paths.ca_key, _key_pem(ca_key, None))
     unencrypted = {paths.ca_key: "the dev CA key is never encrypted"}
 
-    for role in ROLES:
-        party = job.party(role)
+    for role, party in job.parties.items():
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
@@ -238,7 +237,7 @@ def server_ssl_context(job: JobSpec, role: Role) -> ssl.SSLContext:
 
 def client_ssl_context(job: JobSpec, role: Role) -> ssl.SSLContext:
     """TLS 1.2+, this party's certificate offered, and the server checked against the job's CA and the name
-    the client connects with (the peer's party name, see `HttpsPeer`) during the handshake."""
+    the client connects with (the peer's party name, see `HttpsGrid`) during the handshake."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname is on for client contexts
     _configure(context, job, role)
     return context
