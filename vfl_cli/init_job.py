@@ -1,9 +1,11 @@
-"""`vfl init`'s decisions: two parties' files -> what their new job says (`Draft`).
+"""`vfl init`'s decisions: the leader's file and one or more followers' -> what their new job says (`Draft`).
 
 It owns reading a file's header and first rows (CSV or TSV, plain or gzip, the delimiter found from the header
 line as `vfl prep table` finds it; Parquet through pyarrow), inferring each column's kind and the task from them
 (with the comments that say why, where it was a guess), the size-dependent settings (`training_defaults`: the one
-place to tune them) and two free local ports. `vfl_cli.commands.init` writes the draft as the job's YAML text.
+place to tune them), each follower's key (`follower_keys`: `follower` alone, else follower1, follower2, ... or
+the NAME of `--follower NAME=FILE`) and a free local port per party. `vfl_cli.commands.init` writes the draft as
+the job's YAML text.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ FEW_CODES = 10  # an integer column with at most this many values gets the "inte
 MAX_CLASSES = 10  # an integer label with at most this many values is multiclass
 SMALL_TABLE = 100_000  # under this many rows every categorical value seen twice gets its own id
 NAME_NOISE = {"guest", "host", "hetero", "homo", "leader", "follower", "party", "train", "data"}  # dropped from names
-JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # as vfl_cli.job.JobSpec.name
+JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # as vfl_cli.job.JobSpec.name and a party's key
+LEADER = "leader"  # the label party's key and name in the job
+RESERVED_KEYS = ("top", "central", "local", "tables", "leader-only")  # as vfl_cli.job.JobSpec._parties refuses
 
 
 @dataclass(frozen=True)
@@ -253,6 +257,7 @@ class Column:
 
 @dataclass(frozen=True)
 class Party:
+    key: str  # its key in the job's `parties:`, also its name (the certificate's CN)
     sample: TableSample
     columns: tuple[Column, ...]
     notes: tuple[str, ...]  # comment lines above its columns
@@ -268,13 +273,27 @@ class Draft:
     task: Task
     task_note: str
     leader: Party
-    follower: Party
-    ports: tuple[int, int]
+    followers: tuple[Party, ...]  # one or more, in the order given
+    ports: tuple[int, ...]  # the leader's, then each follower's
+
+    @property
+    def follower(self) -> Party:
+        """The first follower (the only one of a two-party job)."""
+        return self.followers[0]
+
+    @property
+    def parties(self) -> tuple[Party, ...]:
+        return (self.leader, *self.followers)
+
+    @property
+    def two_party(self) -> bool:
+        """A leader and one follower keyed `follower`: the job `--role leader | follower` runs."""
+        return [p.key for p in self.followers] == ["follower"]
 
     @property
     def rows(self) -> int:
-        """The most common customers there can be: the smaller file's rows."""
-        return min(self.leader.sample.total_rows, self.follower.sample.total_rows)
+        """The most common customers there can be: the smallest file's rows."""
+        return min(party.sample.total_rows for party in self.parties)
 
 
 def _abbreviated(header: Sequence[str], most: int = 8) -> str:
@@ -288,7 +307,7 @@ def _require(sample: TableSample, column: str, what: str) -> None:
                         f"{_abbreviated(sample.header)}")
 
 
-def _party(sample: TableSample, skip: tuple[str, str], label_note: str = "") -> Party:
+def _party(key: str, sample: TableSample, skip: tuple[str, str], label_note: str = "") -> Party:
     notes = [note for note in (sample.partial(), label_note) if note]
     columns = []
     for position, name in enumerate(sample.header, start=1):
@@ -296,20 +315,64 @@ def _party(sample: TableSample, skip: tuple[str, str], label_note: str = "") -> 
             notes.append(f"column {position} has no name (a written index?): left out")
         elif name not in skip:
             columns.append(Column(name, *infer_kind(sample.values(name))))
-    return Party(sample, tuple(columns), tuple(notes))
+    return Party(key, sample, tuple(columns), tuple(notes))
 
 
-def plan_job(leader: Path, follower: Path, id_column: str, label_column: str, task: Task | None = None,
-             name: str | None = None) -> Draft:
-    """Read both files and decide everything the job says; one JobError or DataError at the first problem."""
+FollowerFile = Path | tuple[str, Path]  # an unnamed follower's file, or (NAME, FILE) from NAME=FILE
+
+
+def follower_arg(value: str) -> FollowerFile:
+    """A `--follower` value: NAME=FILE when it holds '=' and the part before the first '=' is a valid name
+    (letters, digits, '.', '_', '-', starting with a letter or digit), else a FILE (write ./a=b.csv for a file
+    named a=b.csv)."""
+    name, equals, path = value.partition("=")
+    if not (equals and JOB_NAME.fullmatch(name)):
+        return Path(value)
+    if not path:
+        raise JobError(f"--follower {value}: name the file after the '=', e.g. {name}=data/{name}.csv")
+    return name, Path(path)
+
+
+def follower_keys(followers: Sequence[FollowerFile]) -> list[tuple[str, Path]]:
+    """Each follower's key and file: a named one's NAME; one unnamed `follower`, several follower1, follower2, ...
+    JobError for no follower, a name used twice, `leader` or a reserved key."""
+    if not followers:
+        raise JobError("--follower: give at least one follower's file")
+    unnamed = sum(isinstance(f, Path) for f in followers)
+    numbers = iter(range(1, unnamed + 1))
+    keyed = [f if isinstance(f, tuple) else ("follower" if unnamed == 1 else f"follower{next(numbers)}", f)
+             for f in followers]
+    seen: set[str] = set()
+    for key, path in keyed:
+        if key == LEADER or key in RESERVED_KEYS:
+            raise JobError(f"--follower {key}={path}: {key!r} is reserved (leader, {', '.join(RESERVED_KEYS)}); "
+                           "name the follower otherwise")
+        if key in seen:
+            raise JobError(f"--follower: two followers are named {key!r} (unnamed ones are follower, or "
+                           "follower1, follower2, ... when there are several); give each a NAME= of its own")
+        seen.add(key)
+    return keyed
+
+
+def plan_job(leader: Path, followers: Path | Sequence[FollowerFile], id_column: str, label_column: str,
+             task: Task | None = None, name: str | None = None) -> Draft:
+    """Read every file and decide everything the job says; one JobError or DataError at the first problem.
+
+    `followers`: one file, or a list of them, each a Path (unnamed) or (NAME, Path), keyed as `follower_keys`
+    says."""
     if id_column == label_column:
         raise JobError(f"--id and --label both name {id_column!r}; the label must be a column of its own")
     if name is not None and not JOB_NAME.fullmatch(name):
         raise JobError(f"--name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
-    lead, follow = read_sample(leader), read_sample(follower)
+    keyed = follower_keys([followers] if isinstance(followers, Path) else followers)
+    lead = read_sample(leader)
     _require(lead, id_column, "id")
     _require(lead, label_column, "label")
-    _require(follow, id_column, "id")
+    samples = []
+    for key, path in keyed:
+        sample = read_sample(path)
+        _require(sample, id_column, "id")
+        samples.append((key, sample))
     labels = lead.values(label_column)
     if all(v == "" for v in labels):
         raise DataError(f"{leader}: the label column {label_column!r} is empty in the first {len(labels):,} rows")
@@ -318,12 +381,14 @@ def plan_job(leader: Path, follower: Path, id_column: str, label_column: str, ta
     else:
         check_task(task, labels, f"the label column {label_column!r} of {leader}")
         task_note = "given with --task"
-    clash = (f"the follower's file has a column named {label_column!r} like the leader's label: left out"
-             if label_column in follow.header else "")
-    party_f = _party(follow, (id_column, label_column), clash)
-    if not party_f.columns:
-        raise DataError(f"{follower}: no feature columns besides the id column; its header has "
-                        f"{_abbreviated(follow.header)}")
-    first, second = free_ports(2)
+    parties = []
+    for key, sample in samples:
+        clash = (f"the {key}'s file has a column named {label_column!r} like the leader's label: left out"
+                 if label_column in sample.header else "")
+        party = _party(key, sample, (id_column, label_column), clash)
+        if not party.columns:
+            raise DataError(f"{sample.path}: no feature columns besides the id column; its header has "
+                            f"{_abbreviated(sample.header)}")
+        parties.append(party)
     return Draft(name or job_name(leader), id_column, label_column, task, task_note,
-                 _party(lead, (id_column, label_column)), party_f, (first, second))
+                 _party(LEADER, lead, (id_column, label_column)), tuple(parties), tuple(free_ports(1 + len(parties))))

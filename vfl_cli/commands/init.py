@@ -1,4 +1,5 @@
-"""`vfl init`: two parties' files -> a commented job YAML that runs as it is, and the commands to run next.
+"""`vfl init`: the parties' files (a leader's, one or more followers') -> a commented job YAML that runs as it
+is, and the commands to run next.
 
 `vfl_cli.init_job` reads the files and decides what the job says (kinds, task, sizes, ports); this module owns
 the command's options, the job's text (written by hand, so that it keeps its comments, with every name quoted
@@ -11,6 +12,7 @@ from __future__ import annotations
 import datetime
 import re
 import shlex
+import textwrap
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -21,7 +23,7 @@ import yaml
 
 from vfl_cli.console import console
 from vfl_cli.errors import JobError
-from vfl_cli.init_job import Draft, Party, plan_job, training_defaults, vocab_threshold
+from vfl_cli.init_job import Draft, Party, follower_arg, plan_job, training_defaults, vocab_threshold
 from vfl_cli.job import parse_job
 
 
@@ -36,11 +38,14 @@ def init(
         "--leader", help="The leader's file (it holds the labels): CSV or TSV with a header row, plain or .gz "
         "(a tab in the header line means TSV), or .parquet; the id column, the label column and feature "
         "columns.", show_default=False)],
-    follower: Annotated[Path, typer.Option(
-        "--follower", help="The follower's file, in the same formats: the id column and its feature columns "
-        "(names are its own: both files may call theirs x0, x1, ...).", show_default=False)],
+    follower: Annotated[list[str], typer.Option(
+        "--follower", help="A follower's file, in the same formats: the id column and its feature columns "
+        "(names are its own: every file may call theirs x0, x1, ...). Repeat it for more followers. NAME=FILE "
+        "names one (its key in the job and its party name; NAME: letters, digits, '.', '_', '-'); unnamed ones "
+        "are follower when alone, else follower1, follower2, ... in the order given (write ./a=b.csv for a file "
+        "whose name holds '=').", metavar="[NAME=]FILE", show_default=False)],
     id_column: Annotated[str, typer.Option(
-        "--id", help="The customer id column, in both files: what vfl psi matches on.", show_default=False)],
+        "--id", help="The customer id column, in every file: what vfl psi matches on.", show_default=False)],
     label: Annotated[str, typer.Option(
         "--label", help="The label column, in the leader's file.", show_default=False)],
     out: Annotated[Path, typer.Option(
@@ -55,19 +60,22 @@ def init(
         show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
 ) -> None:
-    """Write a job for two parties' files: each column's kind (numeric or categorical) and the task inferred
-    from the first rows, sizes from the row count, two free local ports, every path under runs/<name>/.
+    """Write a job for the parties' files (a leader and one or more followers): each column's kind (numeric or
+    categorical) and the task inferred from the first rows, sizes from the row count, a free local port per
+    party, every path under runs/<name>/.
 
     Comments in the file mark the guesses worth a look. Prints the commands to run next.
     """
     check_out(out, force)  # before reading anything
-    draft = plan_job(leader, follower, id_column, label, task.value if task else None, name)
+    draft = plan_job(leader, [follower_arg(value) for value in follower], id_column, label,
+                     task.value if task else None, name)
     commands = next_commands(draft, out)
     write_job(draft, out, commands, force)
     say = console.print
-    say(f"wrote {out}: task {draft.task} ({draft.task_note}); feature columns: {len(draft.leader.columns)} "
-        f"leader, {len(draft.follower.columns)} follower", soft_wrap=True, markup=False)
-    say("next, from this directory (a terminal 1 line and the terminal 2 line after it run at once):", markup=False)
+    counts = ", ".join(f"{len(party.columns)} {party.key}" for party in draft.parties)
+    say(f"wrote {out}: task {draft.task} ({draft.task_note}); feature columns: {counts}", soft_wrap=True,
+        markup=False)
+    say(f"next, from this directory ({_at_once(draft)} run at once):", markup=False)
     for command in commands:
         say(f"  {command}", soft_wrap=True, markup=False)
 
@@ -81,17 +89,29 @@ def shown(path: Path) -> str:
         return shlex.quote(str(resolved))
 
 
+def _at_once(draft: Draft) -> str:
+    """Which of the next commands run together, as the printout and the job's header say it."""
+    if len(draft.parties) == 2:
+        return "a terminal 1 line and the terminal 2 line after it"
+    last = len(draft.parties)
+    return f"a terminal 1 line and the terminal 2 {'and' if last == 3 else 'to'} {last} lines after it"
+
+
 def next_commands(draft: Draft, job_path: Path) -> list[str]:
-    """The commands to run next, in order, runnable from the current directory (a '#' note after some)."""
+    """The commands to run next, in order, runnable from the current directory (a '#' note after some).
+
+    Each party's step runs in a terminal of its own, the leader's in terminal 1; a two-party job's commands name
+    the party with `--role leader | follower`, any other's with `--party KEY`."""
     job = f"--job {shown(job_path)}"
-    one, two = "  # terminal 1", "  # terminal 2, at the same time"
-    pairs = [(verb, "") for verb in ("psi", "train", "eval")] + [("infer", f" --out runs/{draft.name}/predictions.csv")]
+    who = {p.key: f"--role {p.key}" if draft.two_party else f"--party {p.key}" for p in draft.parties}
+    terminal = {p.key: "  # terminal 1" if n == 1 else f"  # terminal {n}, at the same time"
+                for n, p in enumerate(draft.parties, start=1)}
+    steps = [(verb, "") for verb in ("psi", "train", "eval")] + [("infer", f" --out runs/{draft.name}/predictions.csv")]
     return [
         f"vfl certs {job}  # a dev CA and a certificate per party",
-        f"vfl prep table {job} --role leader --input {shown(draft.leader.sample.path)}",
-        f"vfl prep table {job} --role follower --input {shown(draft.follower.sample.path)}",
-        *(line for verb, extra in pairs
-          for line in (f"vfl {verb} {job} --role leader{extra}{one}", f"vfl {verb} {job} --role follower{two}")),
+        *(f"vfl prep table {job} {who[p.key]} --input {shown(p.sample.path)}" for p in draft.parties),
+        *(f"vfl {verb} {job} {who[p.key]}{extra if p is draft.leader else ''}{terminal[p.key]}"
+          for verb, extra in steps for p in draft.parties),  # only the leader writes predictions
         f"vfl report {job}  # plots and report.html of the training run",
     ]
 
@@ -142,7 +162,8 @@ def _flow(mapping: dict[str, Any]) -> str:
     return "{" + ", ".join(f"{k}: {_float(v) if isinstance(v, float) else v}" for k, v in mapping.items()) + "}"
 
 
-def _party_lines(draft: Draft, role: str, party: Party, port: int) -> list[str]:
+def _party_lines(draft: Draft, party: Party, port: int) -> list[str]:
+    role = party.key  # its key, name and the name of its certificate's files
     lines = [f"  {role}:", f"    name: {role}", *(_comment(note, "    ") for note in party.notes)]
     if party.columns:
         lines.append("    columns:  # name: numeric | categorical, in the file's order")
@@ -150,7 +171,7 @@ def _party_lines(draft: Draft, role: str, party: Party, port: int) -> list[str]:
     else:
         lines.append("    columns: {}  # no feature columns besides the id and the label: a label-only leader")
     lines.append(f"    id_column: {yaml_str(draft.id_column)}")
-    if role == "leader":
+    if party is draft.leader:
         lines += [f"    label_column: {yaml_str(draft.label_column)}", f"    task: {draft.task}"
                   f"{_comment(draft.task_note)}"]
     elif "label" in {draft.id_column, *(c.name for c in party.columns)}:  # the default label_column would clash
@@ -159,14 +180,18 @@ def _party_lines(draft: Draft, role: str, party: Party, port: int) -> list[str]:
     certs = f"runs/{draft.name}/certs"
     listen = yaml_str(f"127.0.0.1:{port}")
     return lines + [f"    listen: {listen}  # host:port its HTTPS server binds (free when written)",
-                    "    threads: 1  # torch threads: the two parties share this machine",
+                    f"    threads: 1  # torch threads: the {_count(draft)} parties share this machine",
                     f"    cert: {certs}/{role}.pem  # made by vfl certs", f"    key: {certs}/{role}.key"]
+
+
+def _count(draft: Draft) -> str:
+    return "two" if len(draft.parties) == 2 else str(len(draft.parties))
 
 
 def render_job(draft: Draft, commands: Sequence[str]) -> str:
     """The job's YAML text with its comments; `commands` (the ones to run next) go into the header."""
-    lead, follow = draft.leader, draft.follower
-    settings = training_defaults(draft.rows, len(lead.columns) + len(follow.columns))
+    lead = draft.leader
+    settings = training_defaults(draft.rows, sum(len(party.columns) for party in draft.parties))
     model, train = settings["model"], settings["train"]
     threshold, why = vocab_threshold(draft.rows)
     runs = f"runs/{draft.name}"
@@ -175,29 +200,31 @@ def render_job(draft: Draft, commands: Sequence[str]) -> str:
         rows = f"{'' if party.sample.counted else 'about '}{party.sample.total_rows:,}"
         return f"{party.sample.path} ({rows} rows, {len(party.columns)} feature columns{extra})"
 
+    width = max(len(party.key) for party in draft.parties) + 2  # "follower: " for two parties
+    every, whose = ("both parties", "both parties'") if len(draft.parties) == 2 else ("every party", "every party's")
+    run = f"Then run, from the directory `vfl init` ran in ({_at_once(draft)} run at the same time):"
     lines = [
         f"# vfl job {draft.name}, generated by `vfl init` on {datetime.date.today().isoformat()} from",
-        f"#   leader:   {described(lead, f', label {draft.label_column}')}",
-        f"#   follower: {described(follow)}",
+        *(f"#   {(party.key + ':').ljust(width)}"
+          f"{described(party, f', label {draft.label_column}' if party is lead else '')}" for party in draft.parties),
         "# Check the columns' kinds and the task (the comments mark the guesses); vfl_cli/job.py documents every",
-        "# key. Then run, from the directory `vfl init` ran in (a terminal 1 line and the terminal 2 line after it",
-        "# run at the same time):",
+        *textwrap.wrap(f"key. {run}", 108, initial_indent="# ", subsequent_indent="# "),
         *(f"#   {_CONTROL.sub(' ', command)}" for command in commands),
         "",
         f"name: {yaml_str(draft.name)}",
-        "seed: 0  # shared by both parties: test split, batch order, initial weights",
+        f"seed: 0  # shared by {every}: test split, batch order, initial weights",
         "data:",
         f"  dir: {runs}/data  # vfl prep table writes <dir>/tables/<role>, vfl psi <dir>/<role>",
         f"  threshold: {threshold}{_comment(why)}",
         "  test_fraction: 0.2  # share of the common customers held out for the final test",
         "  valid_fraction: 0.1  # share of the training rows that picks the best epoch and stops early",
         "parties:",
-        *_party_lines(draft, "leader", lead, draft.ports[0]),
-        *_party_lines(draft, "follower", follow, draft.ports[1]),
+        *(line for party, port in zip(draft.parties, draft.ports, strict=True)
+          for line in _party_lines(draft, party, port)),
         f"model:  # sized for {draft.rows:,} rows by training_defaults in vfl_cli/init_job.py",
         f"  bottom: {model['bottom']}  # each party: an embedding per categorical column and its numeric columns "
         "-> MLP -> cut layer",
-        f"  top: {model['top']}  # the leader's head over both parties' cut-layer outputs, joined",
+        f"  top: {model['top']}  # the leader's head over {whose} cut-layer outputs, joined",
         f"  emb_dim: {model['emb_dim']}  # embedding width per categorical column",
         f"  deep_layers: {model['deep_layers']}  # each bottom's MLP widths",
         f"  cut_dim: {model['cut_dim']}  # values per row that cross the wire",
