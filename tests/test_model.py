@@ -21,7 +21,7 @@ CUT = {"wide": 1, "deep": 1}  # a Wide&Deep party's cut
 
 def _joint(leader_vocab: int, leader_f: int, follower_vocab: int, follower_f: int, seed: int) -> SplitModel:
     kinds = ("numeric",) * leader_f, ("numeric",) * follower_f  # Wide&Deep treats every field alike
-    return SplitModel.build(SMALL, seed, (leader_vocab, kinds[0]), (follower_vocab, kinds[1]))
+    return SplitModel.build(SMALL, seed, {"leader": (leader_vocab, kinds[0]), "follower": (follower_vocab, kinds[1])})
 
 
 def _top(seed: int) -> torch.nn.Module:
@@ -83,7 +83,7 @@ def test_parts_built_alone_equal_the_joint_model() -> None:
     joint = _joint(VOCAB, LEADER_F, VOCAB, FOLLOWER_F, 7)
     leader, follower = _bottom(LEADER_F, "leader", 7), _bottom(FOLLOWER_F, "follower", 7)
     top = _top(7)
-    for built, alone in ((joint.leader, leader), (joint.follower, follower), (joint.top, top)):
+    for built, alone in ((joint.leader, leader), (joint.followers[0], follower), (joint.top, top)):
         for (name, a), b in zip(built.state_dict().items(), alone.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
     assert not torch.equal(leader.deep_embedding.weight, _bottom(LEADER_F, "leader", 8).deep_embedding.weight)
@@ -108,7 +108,7 @@ def test_split_backward_through_the_cut_equals_joint_gradients() -> None:
     F.binary_cross_entropy_with_logits(top([leader(lids, lvals), received])[:, 0], labels).backward()
     torch.autograd.backward(list(follower_out.values()), [t.grad for t in received.values()])  # follower: apply
 
-    for split, ref in ((leader, joint.leader), (follower, joint.follower), (top, joint.top)):
+    for split, ref in ((leader, joint.leader), (follower, joint.followers[0]), (top, joint.top)):
         for (name, mine), theirs in zip(split.named_parameters(), ref.parameters(), strict=True):
             assert mine.grad is not None and theirs.grad is not None, name
             torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-8, msg=name)

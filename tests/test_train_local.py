@@ -32,13 +32,15 @@ def leader_losses(job: JobSpec) -> list[float]:
 
 
 def joint_losses(job: JobSpec, steps: int) -> list[float]:
-    """The same model as one module, trained on the same batches: the oracle split training must equal."""
+    """The same model as one module, trained on the same batches: the oracle split training must equal (any
+    number of followers)."""
     device = torch.device("cpu")
-    leader_data, follower_data = open_party(job.data.dir, "leader"), open_party(job.data.dir, "follower")
-    leader = build_party(job, "leader", leader_data.meta, device)
-    follower = build_party(job, "follower", follower_data.meta, device)
-    assert leader.top is not None and follower.bottom is not None
-    model = SplitModel(leader.bottom, follower.bottom, leader.top)
+    keys = (job.label_party, *job.followers)
+    data = {key: open_party(job.data.dir, key) for key in keys}
+    parts = {key: build_party(job, key, data[key].meta, device) for key in keys}
+    leader = parts[job.label_party]
+    assert leader.top is not None and all(parts[key].bottom is not None for key in job.followers)
+    model = SplitModel(leader.bottom, [parts[key].bottom for key in job.followers], leader.top)  # type: ignore[misc]
     # The plain form of the math: L2 in the loss, Adam's loop over tensors (not build_optimizers' fused Adam
     # with weight decay), so that split training is checked against the reference, not against itself.
     ftrl, adam = job.train.wide_optimizer, job.train.deep_optimizer
@@ -47,12 +49,12 @@ def joint_losses(job: JobSpec, steps: int) -> list[float]:
                   torch.optim.Adam(model.deep_parameters(), lr=adam.lr, eps=adam.eps, foreach=False)]
     losses: list[float] = []
     for epoch in range(job.train.epochs):
-        leader_batches = iterate(leader_data.split("train"), job.train.batch_size, job.seed, epoch, True)
-        follower_batches = iterate(follower_data.split("train"), job.train.batch_size, job.seed, epoch, True)
-        for lb, fb in zip(leader_batches, follower_batches, strict=True):
+        batches = [iterate(data[key].split("train"), job.train.batch_size, job.seed, epoch, True) for key in keys]
+        for group in zip(*batches, strict=True):
             for optimizer in optimizers:
                 optimizer.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(model(lb.ids, lb.vals, fb.ids, fb.vals)[:, 0], lb.labels)
+            inputs = [t for batch in group for t in (batch.ids, batch.vals)]
+            loss = F.binary_cross_entropy_with_logits(model(*inputs)[:, 0], group[0].labels)
             (loss + sum(b.l2_penalty(job.train.l2_coef) for b in model.bottoms())).backward()
             for optimizer in optimizers:
                 optimizer.step()

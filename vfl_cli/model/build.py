@@ -1,6 +1,6 @@
 """The model registry: which bottom and top a job's `model` names, the cut each party sends, and the whole
-model in one module for the references (`SplitModel`: what split training must equal; `CentralModel`: the
-pooled and leader-only baselines).
+model in one module for the references (`SplitModel`: what split training with any number of followers must
+equal; `CentralModel`: the pooled and leader-only baselines).
 
     bottom  wide_deep  -> {"wide": [B, 1], "deep": [B, 1]}  (`vfl_cli.model.wide_deep`, the Criteo preset)
             mlp        -> {"cut": [B, cut_dim]}             (`vfl_cli.model.mlp`)
@@ -48,28 +48,32 @@ def bottom_parameters(bottom: Bottom | None) -> tuple[list[Tensor], list[Tensor]
 
 
 class SplitModel(nn.Module):
-    """Both parties' bottoms and the top in one module: the reference split training must equal."""
+    """Every party's bottom and the top in one module: the reference split training must equal."""
 
-    def __init__(self, leader: Bottom | None, follower: Bottom, top: Top) -> None:
+    def __init__(self, leader: Bottom | None, followers: Sequence[Bottom], top: Top) -> None:
         super().__init__()
-        self.leader, self.follower, self.top = leader, follower, top
+        self.leader, self.followers, self.top = leader, nn.ModuleList(followers), top
 
     @classmethod
-    def build(cls, model: ModelSpec, seed: int, leader: tuple[int, Sequence[str]], follower: tuple[int, Sequence[str]],
+    def build(cls, model: ModelSpec, seed: int, parties: dict[str, tuple[int, Sequence[str]]],
               width: int = 1) -> SplitModel:
-        """From each party's (vocabulary size, column kinds), as the parties build their parts alone."""
-        leader_bottom = build_bottom(model, seed, "leader", *leader)
-        follower_bottom = build_bottom(model, seed, "follower", *follower)
-        assert follower_bottom is not None, "the follower holds at least one column"
-        cuts = [model.cut_widths(len(leader[1])), model.cut_widths(len(follower[1]))]
-        return cls(leader_bottom, follower_bottom, build_top(model, seed, cuts, width))
+        """From each party's (vocabulary size, column kinds) by key, the leader's first, as the parties build their
+        parts alone (each bottom from its own key's stream)."""
+        (leader_key, leader), *followers = parties.items()
+        bottoms = [build_bottom(model, seed, key, *inputs) for key, inputs in followers]
+        assert all(b is not None for b in bottoms), "every follower holds at least one column"
+        cuts = [model.cut_widths(len(kinds)) for _, kinds in parties.values()]
+        return cls(build_bottom(model, seed, leader_key, *leader), bottoms,  # type: ignore[arg-type]
+                   build_top(model, seed, cuts, width))
 
-    def forward(self, leader_ids: Tensor, leader_vals: Tensor, follower_ids: Tensor, follower_vals: Tensor) -> Tensor:
-        own = {} if self.leader is None else self.leader(leader_ids, leader_vals)
-        return self.top([own, self.follower(follower_ids, follower_vals)])  # (B, width)
+    def forward(self, *inputs: Tensor) -> Tensor:
+        """`inputs`: (ids, vals) of the leader, then of each follower in order, flattened."""
+        pairs = [inputs[i:i + 2] for i in range(0, len(inputs), 2)]
+        own = {} if self.leader is None else self.leader(*pairs[0])
+        return self.top([own, *(bottom(*pair) for bottom, pair in zip(self.followers, pairs[1:], strict=True))])
 
     def bottoms(self) -> list[Bottom]:
-        return [b for b in (self.leader, self.follower) if b is not None]
+        return [b for b in (self.leader, *self.followers) if b is not None]  # type: ignore[misc]
 
     def wide_parameters(self) -> list[Tensor]:
         return [p for b in self.bottoms() for p in b.wide_parameters()]

@@ -70,7 +70,7 @@ class BaselineData:
     def batches(
         self, split: str, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0
     ) -> Iterator[Batch]:
-        """As `batches.iterate`, both parties' columns side by side."""
+        """As `batches.iterate`, every party's columns side by side."""
         views = [view_of(p, split, self.carve) for p in self.parties]
         for positions in batch_rows(len(views[0]), batch_size, seed, epoch, shuffle)[start:]:
             parts = [take_batch(v.arrays, v.stored(positions)) for v in views]
@@ -83,14 +83,16 @@ class BaselineData:
 
 
 def open_baseline_data(job: JobSpec, kind: str) -> BaselineData:
-    leader = open_party(job.data.dir, "leader")
+    """The leader's prepared data, and for `central` every follower's beside it (the rows aligned)."""
+    leader = open_party(job.data.dir, job.label_party)
     parties = [leader]
     if kind == "central":
-        follower = open_party(job.data.dir, "follower")
-        for split in leader.meta.splits:
-            if leader.fingerprint(split) != follower.fingerprint(split):
-                raise DataError(f"{job.data.dir}: leader and follower {split} rows are not aligned")
-        parties.append(follower)
+        for key in job.followers:
+            follower = open_party(job.data.dir, key)
+            for split in leader.meta.splits:
+                if leader.fingerprint(split) != follower.fingerprint(split):
+                    raise DataError(f"{job.data.dir}: {job.label_party} and {key} {split} rows are not aligned")
+            parties.append(follower)
     offsets = [0]
     for party in parties[:-1]:
         offsets.append(offsets[-1] + party.meta.vocab_size)

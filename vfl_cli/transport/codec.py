@@ -5,7 +5,7 @@ A body is one msgpack map:
     {"v": 1, "job": <job fingerprint>, "type": "hello" | "tensors" | "abort", ...type-specific keys}
 
     hello    {"hello": {role, name, job_fingerprint, data_fingerprint, command, run_id, checkpoint_steps,
-                        nonce, protocol, extra}}
+                        nonce, protocol, extra, group}}   (group: the leader's, every follower's nonce)
     tensors  {"session": <session id>, "kind": "embeddings", "key": {"phase", "epoch", "step"}, "seq": 1,
               "tensors": {name: <tensor>}}
     abort    {"session": <session id>, "reason": "..."}
@@ -43,6 +43,7 @@ MAX_TENSORS = 16
 MAX_DIM = 1 << 31  # no cut-layer dimension comes near this; larger ones are hostile
 MAX_REASON_CHARS = 1000  # an abort reason is shown to a human: keep it to a line or so
 MAX_CHECKPOINTS = 16  # a Hello lists the few checkpoints a party keeps
+MAX_GROUP = 256  # the leader's Hello lists every follower's nonce
 
 # Wire dtype name -> (numpy little-endian dtype, torch dtype). Floats are checked for finiteness.
 DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
@@ -101,6 +102,7 @@ def encode(message: Message, job_fingerprint: str) -> bytes:
             "nonce": h.nonce,
             "protocol": h.protocol,
             "extra": h.extra,
+            "group": list(h.group),
         }
     elif isinstance(message, TensorMessage):
         body["type"] = "tensors"
@@ -188,7 +190,14 @@ def _decode_hello(raw: dict[str, Any]) -> Hello:
         nonce=_str(raw.get("nonce"), "hello.nonce"),
         protocol=_int(raw.get("protocol"), "hello.protocol"),
         extra=extra,
+        group=_group(raw.get("group", [])),
     )
+
+
+def _group(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_GROUP:
+        raise ProtocolError(f"hello.group: expected a list of at most {MAX_GROUP} nonces")
+    return tuple(_str(nonce, "hello.group")[:64] for nonce in value)
 
 
 def _steps(value: object) -> tuple[int, ...]:

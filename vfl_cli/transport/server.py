@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import MutableMapping
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Any
 
 from cryptography import x509
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -95,10 +95,12 @@ def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = No
         return job_of_message, message, len(body)
 
     router = APIRouter(prefix="/v1")
-    Sender = Annotated[str, Depends(sender)]
+    # As a default, not an Annotated alias: with postponed annotations FastAPI resolves names in the module's
+    # globals, where a local alias is not found.
+    from_peer = Depends(sender)
 
     @router.post("/hello")
-    async def hello(request: Request, name: Sender) -> dict[str, str]:
+    async def hello(request: Request, name: str = from_peer) -> dict[str, str]:
         """A peer announces itself; the job fingerprint is compared by the handshake, not here."""
         _, message, size = await read_message(request)
         if not isinstance(message, HelloMessage):
@@ -115,7 +117,7 @@ def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = No
         return {"status": "ok"}
 
     @router.post("/tensors")
-    async def tensors(request: Request, name: Sender) -> dict[str, str]:
+    async def tensors(request: Request, name: str = from_peer) -> dict[str, str]:
         """One batch of cut-layer tensors, applied exactly once per kind and seq."""
         job_of_message, message, size = await read_message(request)
         if not isinstance(message, TensorMessage):
@@ -138,7 +140,7 @@ def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = No
         return {"status": status}
 
     @router.post("/abort")
-    async def abort(request: Request, name: Sender) -> dict[str, str]:
+    async def abort(request: Request, name: str = from_peer) -> dict[str, str]:
         """The peer stopped; any waiting receive wakes up with its reason."""
         # The session is checked, the job fingerprint is not: a peer whose job differs from ours (the
         # handshake found it) must still be able to say that it stopped.
@@ -153,7 +155,7 @@ def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = No
         return {"status": "ok"}
 
     @router.get("/health")
-    async def health(name: Sender) -> dict[str, str]:
+    async def health(name: str = from_peer) -> dict[str, str]:
         """Liveness, and who answers."""
         return {"status": "ok", "role": role, "name": ctx.name}
 
