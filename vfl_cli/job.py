@@ -274,9 +274,6 @@ class JobSpec(_Spec):
             if shared:
                 raise ValueError(f"parties: field(s) {', '.join(shared)} held by both {seen[shared[0]]} and {key}")
             seen |= dict.fromkeys(party.fields, key)
-        listeners = [p.listen for p in self.parties.values()]
-        if len(set(listeners)) != len(listeners):
-            raise ValueError("parties: two parties listen on the same host:port")
         task = self.leader.task
         if task != "binary" and self.privacy.marvell is not None:
             raise ValueError(f"privacy.marvell: binary labels only; this job's task is {task}")
