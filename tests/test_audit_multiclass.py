@@ -1,6 +1,6 @@
 """`vfl audit` by task: a multiclass job's gradients give its classes away to the clustering attack, measured in the
-real loop (both parties in this process) and printed against the majority share; a regression job, and a sweep of a
-job that is not binary, are refused before any training."""
+real loop (every party in this process; each follower on its own gradients) and printed against the majority
+share; a regression job, and a sweep of a job that is not binary, are refused before any training."""
 
 from __future__ import annotations
 
@@ -13,36 +13,42 @@ import pytest
 
 from data_prep.store import PartyMeta, write_meta, write_split
 from tests.conftest import FOLLOWER_FIELDS, LEADER_FIELDS, VALUES_PER_FIELD, job_dict, run_vfl, write_job
+from tests.three_parties import FIELDS, SIGNAL, three_party_job
 from vfl_cli.audit import CLUSTERING, audit_run
 from vfl_cli.job import parse_job
 
 CLASSES = ("red", "green", "blue")
 
 
-def write_multiclass_data(data_dir: Path, rows: int = 1200, seed: int = 0) -> None:
-    """Prepared arrays for both parties whose class is planted in one leader field and one follower field (each
-    value of them favours one class), class 0 the largest."""
+TWO_PARTIES = {"leader": list(LEADER_FIELDS), "follower": list(FOLLOWER_FIELDS)}
+TWO_SIGNALS = {"leader": 8, "follower": 7}
+
+
+def write_multiclass_data(data_dir: Path, rows: int = 1200, seed: int = 0, parties: dict[str, list[str]] | None = None,
+                          signals: dict[str, int] | None = None) -> None:
+    """Prepared arrays for every party (default: the two-party job's) whose class is planted in one field of each
+    party (`signals`: party -> column; each value of it favours one class), class 0 the largest."""
+    parties, signals = parties or TWO_PARTIES, signals or TWO_SIGNALS
     rng = np.random.default_rng(seed)
-    local = {role: rng.integers(0, VALUES_PER_FIELD, size=(rows, len(fields)))
-             for role, fields in (("leader", LEADER_FIELDS), ("follower", FOLLOWER_FIELDS))}
-    favoured = np.eye(3)[local["leader"][:, 8] % 3] + np.eye(3)[local["follower"][:, 7] % 3]  # (N, 3)
+    local = {key: rng.integers(0, VALUES_PER_FIELD, size=(rows, len(fields))) for key, fields in parties.items()}
+    favoured = sum(np.eye(3)[local[key][:, column] % 3] for key, column in signals.items())  # (N, 3)
     logits = 2.0 * favoured + np.array([0.5, 0.0, 0.0])
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     labels = np.array([rng.choice(3, p=row) for row in p], dtype=np.float32)
     test = np.zeros(rows, dtype=bool)
     test[rng.choice(rows, size=rows // 5, replace=False)] = True
-    for role, fields in (("leader", LEADER_FIELDS), ("follower", FOLLOWER_FIELDS)):
-        ids = (local[role] + np.arange(len(fields)) * VALUES_PER_FIELD).astype(np.int32)
+    for key, fields in parties.items():
+        ids = (local[key] + np.arange(len(fields)) * VALUES_PER_FIELD).astype(np.int32)
         vals = np.ones_like(ids, dtype=np.float32)
-        leader = role == "leader"
-        splits = {name: write_split(data_dir / role / name, ids[mask], vals[mask], labels[mask] if leader else None,
+        leader = key == "leader"
+        splits = {name: write_split(data_dir / key / name, ids[mask], vals[mask], labels[mask] if leader else None,
                                     np.flatnonzero(mask).astype(np.int64))
                   for name, mask in (("train", ~test), ("test", test))}
-        meta = PartyMeta(role=role, fields=tuple(fields), has_labels=leader, vocab_size=len(fields) * VALUES_PER_FIELD,
+        meta = PartyMeta(role=key, fields=tuple(fields), has_labels=leader, vocab_size=len(fields) * VALUES_PER_FIELD,
                          field_offsets={f: i * VALUES_PER_FIELD for i, f in enumerate(fields)}, threshold=1,
                          source="synthetic", splits=splits, task="multiclass" if leader else None,
                          classes=CLASSES if leader else ())
-        write_meta(data_dir / role, meta)
+        write_meta(data_dir / key, meta)
 
 
 def multiclass_spec(tmp_path: Path, **train: Any) -> dict[str, Any]:
@@ -84,6 +90,28 @@ def test_audit_cli_prints_the_inference_accuracy_against_the_majority_share(
     assert "inference accuracy" in err and "majority share" in err and "leak AUC" not in err
     assert (f"label inference ({CLUSTERING}): accuracy {accuracy:.3f} at epoch 0, {accuracy - majority:+.3f} above "
             f"the majority share {majority:.3f}") in err
+
+
+def test_each_follower_of_a_multiclass_job_is_clustered_on_its_own_gradients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = three_party_job(tmp_path, epochs=1)
+    spec["parties"]["leader"]["task"] = "multiclass"
+    write_multiclass_data(Path(spec["data"]["dir"]), parties=FIELDS, signals=SIGNAL)
+    code, err = run_vfl(monkeypatch, capsys, "audit", "--job", write_job(tmp_path, spec), "--out", tmp_path / "a")
+    assert code == 0, err
+    report = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert report["epochs"] == report["followers"]["follower1"]["epochs"]  # the top level: the first follower's
+    for key in ("follower1", "follower2"):
+        got = report["followers"][key]
+        accuracy, majority = got["strongest"]["inference_accuracy"], got["epochs"][0]["majority_share"]
+        floor = got["epochs"][0]["shuffled_floor"]
+        assert accuracy > majority + 0.3 and accuracy > floor + 0.3, key  # measured 1.000 each (0.438, 0.414)
+        recorded = np.load(tmp_path / "a" / key / "epoch-0.npz")
+        assert majority == pytest.approx(np.bincount(recorded["labels"].astype(int)).max() / 960)
+        assert f"follower {key}'s label leakage per epoch, test accuracy {report['test_accuracy']:.4f}" in err
+        assert (f"label inference (follower {key}, {CLUSTERING}): accuracy {accuracy:.3f} at epoch 0, "
+                f"{accuracy - majority:+.3f} above the majority share {majority:.3f}") in err
 
 
 @pytest.mark.parametrize(("task", "args", "message"), [

@@ -1,12 +1,15 @@
 """`vfl audit`: what a curious follower learns about the labels, and what each defence costs.
 
-An audit trains the job as `vfl train --role local` does (both parties in this process, the real loop, the job's
-`privacy:` defences, its validation carve and model selection: the run a user would get) while the follower's end of
-the pipe keeps a copy of every training gradient it receives, which is exactly what a curious follower holds. After
-the run, every attack of `vfl_cli.privacy.leakage` (unsupervised, per batch and pooled; with 1% and 5% of the labels
-known; each averaged over every epoch kept so far) is scored against the leader's true labels, and the defence's
-leak is the strongest of them, named. The audit holds both parties' data, so it is a tool for a simulation or a
-joint review, not something either party runs alone. The test score is the run's own final figure in the task's
+An audit trains the job as `vfl train --role local` does (every party in this process, the real loop, the job's
+`privacy:` defences, its validation carve and model selection: the run a user would get) while each follower's end of
+the grid keeps a copy of every training gradient it receives, which is exactly what that curious follower holds: the
+gradients of its own cut, never another follower's. After the run, each follower is attacked on its own gradients
+alone: every attack of `vfl_cli.privacy.leakage` (unsupervised, per batch and pooled; with 1% and 5% of the labels
+known; each averaged over every epoch kept so far) is scored against the leader's true labels, and that follower's
+leak is the strongest of them, named. The defences guard each follower's cut separately and draw each follower's
+noise from its own stream (the follower's key is part of every generator's seed, `vfl_cli.privacy.cut_layer`), so
+two followers never see the same noise. The audit holds every party's data, so it is a tool for a simulation or a
+joint review, not something any party runs alone. The test score is the run's own final figure in the task's
 primary metric (AUC, accuracy): the selected epoch's with validation, the last epoch's without.
 
 By task: a binary label is attacked as above (leak AUC, 0.5 = nothing learnt). A multiclass label is attacked by
@@ -14,13 +17,22 @@ clustering each batch's gradients into one group per class (`vfl_cli.privacy.mul
 label-inference accuracy, against the largest class's share (what guessing the majority class gets). A regression
 label is refused at the start, before any training: these attacks infer classes.
 
-The sweep (binary jobs: it includes Marvell, a binary defence) repeats that for a fixed list of settings plus the
-leader-only baseline, and writes a table, a CSV and a plot of test AUC against the strongest attack's leak AUC.
+`AuditResult.epochs` (and `audit.json`'s top level) are the first follower's, the only one of a two-party job;
+`AuditResult.followers` holds every follower's epochs by key, and `AuditResult.of(key)` one follower's result. With
+more than one follower, `audit.json` adds `"followers": {key: {"strongest": ..., "epochs": [...]}}` and each
+follower's attack inputs lie in a folder of its own; a two-party audit writes exactly what it always did.
 
-    <out>/<setting>/run/           the audit run's checkpoints (never the job's own run_dir)
-    <out>/<setting>/epoch-E.npz    gradients [N, k] as received, labels [N], batch [N], rows [N]: the attacks' inputs
-    <out>/<setting>/audit.json     per-epoch figures, every attack
-    <out>/sweep.csv, sweep.png     the sweep
+The sweep (binary jobs: it includes Marvell, a binary defence) repeats that for a fixed list of settings plus the
+leader-only baseline, and writes a table, a CSV and a plot of test AUC against the strongest attack's leak AUC: with
+more than one follower, the strongest over every follower (`AuditResult.leakiest`, the follower named), and the CSV
+has a line per setting, follower and epoch.
+
+    <out>/<setting>/run/                      the audit run's checkpoints (never the job's own run_dir)
+    <out>/<setting>/epoch-E.npz               gradients [N, k] as received, labels [N], batch [N], rows [N]: the
+                                              attacks' inputs (two-party job)
+    <out>/<setting>/<follower>/epoch-E.npz    the same, per follower (more than one follower)
+    <out>/<setting>/audit.json                per-epoch figures, every attack
+    <out>/sweep.csv, sweep.png                the sweep
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ import csv
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -94,6 +106,23 @@ class AuditResult:
     epochs: list[AuditEpoch]
     metric: str = "auc"  # the task's primary metric: auc (binary) or accuracy (multiclass)
     task: str = "binary"
+    # every follower's epochs by key, in job order (the first's are `epochs`); empty: leader-only
+    followers: dict[str, list[AuditEpoch]] = field(default_factory=dict)
+
+    def of(self, follower: str) -> AuditResult:
+        """The result as that one follower's attacks found it (its epochs; `followers` empty)."""
+        return replace(self, epochs=self.followers[follower], followers={})
+
+    @property
+    def leakiest(self) -> tuple[str, str, float, int]:
+        """(follower, attack, leak, epoch) of the strongest attack over every follower and epoch; ("-", "-", nan,
+        -1) without gradients."""
+        best = ("-", "-", float("nan"), -1)
+        for key in self.followers:
+            name, leak, epoch = self.of(key).strongest
+            if leak == leak and not leak <= best[2]:
+                best = (key, name, leak, epoch)
+        return best
 
     @property
     def measure(self) -> str:
@@ -161,8 +190,8 @@ def audited(job: JobSpec, run_dir: Path) -> JobSpec:
 
 
 def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None, setting: str | None = None) -> AuditResult:
-    """Train `job` from scratch in both roles here, recording the follower's gradients; attack them, write the
-    audit (files under `out`, see the module docstring) and return it."""
+    """Train `job` from scratch with every party here, recording each follower's gradients; attack each follower's
+    on their own, write the audit (files under `out`, see the module docstring) and return it."""
     check_auditable(job)
     job = audited(job, out / "run")
     grids = LocalGrid.star(job.label_party, job.followers, job.transport.timeout_s)
@@ -178,21 +207,28 @@ def audit_run(job: JobSpec, out: Path, reporter: Reporter | None = None, setting
         job.label_party: (partial(train_session, leader, True), leader.grid),
         **{key: (partial(train_session, run, True), run.grid) for key, run in followers.items()},
     }, job.label_party)[job.label_party]
-    recorder = recorders[job.followers[0]]
     labels = np.asarray(leader.view("train").labels, dtype=np.float64)  # the rows the run trains on, carve applied
-    received = [received_in_epoch(recorder.received, labels, job, epoch, out / f"epoch-{epoch}.npz")
-                for epoch, _, _ in outcome.epochs]
     scored = {epoch: result.score if result else math.nan for epoch, _, result in outcome.epochs}
-    task = leader.task
-    if task.kind == "multiclass":
-        epochs = clustering_epochs(received, scored, task.width, job.seed)
-    else:
-        epochs = [AuditEpoch(epoch, score, leak.leaks)
-                  for (epoch, score), leak in zip(scored.items(), epoch_leaks(received, seed=job.seed), strict=True)]
-    result = AuditResult(setting or (", ".join(job.privacy.enabled) or "none"), final_test_score(outcome), epochs,
-                         task.primary.name, task.kind)
+    attacked = {key: follower_epochs(recorder.received, labels, job, scored, leader.task.kind, leader.task.width,
+                                     out if len(recorders) == 1 else out / key)
+                for key, recorder in recorders.items()}
+    first = attacked[job.followers[0]]
+    result = AuditResult(setting or (", ".join(job.privacy.enabled) or "none"), final_test_score(outcome), first,
+                         leader.task.primary.name, leader.task.kind, attacked)
     write_json(result, job, out / "audit.json")
     return result
+
+
+def follower_epochs(received: dict[tuple[int, int], np.ndarray], labels: np.ndarray, job: JobSpec,
+                    scored: dict[int, float], task: str, classes: int, save_in: Path) -> list[AuditEpoch]:
+    """One follower's recorded gradients attacked, epoch by epoch (`scored`: epoch -> its score, in training
+    order); their attack inputs saved in `save_in`."""
+    save_in.mkdir(parents=True, exist_ok=True)
+    got = [received_in_epoch(received, labels, job, epoch, save_in / f"epoch-{epoch}.npz") for epoch in scored]
+    if task == "multiclass":
+        return clustering_epochs(got, scored, classes, job.seed)
+    return [AuditEpoch(epoch, score, leak.leaks)
+            for (epoch, score), leak in zip(scored.items(), epoch_leaks(got, seed=job.seed), strict=True)]
 
 
 def clustering_epochs(received: list[Received], scored: dict[int, float], classes: int, seed: int
@@ -233,21 +269,29 @@ def received_in_epoch(received: dict[tuple[int, int], np.ndarray], labels: np.nd
 
 
 def write_json(result: AuditResult, job: JobSpec, path: Path) -> None:
-    """The audit's figures, named by the task's metric (`test_auc` / `test_accuracy`, `scored_...`) and leak
-    measure (`leak_auc` / `inference_accuracy`); a multiclass epoch adds its majority share and shuffled floor."""
-    name, leak, epoch = result.strongest
+    """The audit's figures, named by the task's metric (`test_auc` / `test_accuracy`, `scored_...`) and each
+    measured leak (`leak_auc` / `inference_accuracy`); a multiclass epoch adds its majority share and shuffled floor.
+    The top level is the first follower's; with more than one follower, `followers` has each one's, by key."""
     metric = result.metric
 
     def epoch_json(e: AuditEpoch) -> dict[str, Any]:
         extra = {"majority_share": e.majority, "shuffled_floor": e.floor} if result.task == "multiclass" else {}
         return {"epoch": e.epoch, f"scored_{metric}": e.scored, "leaks": e.leaks, **extra}
 
-    path.write_text(json.dumps({
+    def strongest_json(one: AuditResult) -> dict[str, Any]:
+        name, leak, epoch = one.strongest
+        return {"attack": name, one.measure: leak, "epoch": epoch}
+
+    report: dict[str, Any] = {
         "job": job.name, "task": result.task, "metric": metric, "setting": result.setting,
         "privacy": job.privacy.model_dump(mode="json"), f"test_{metric}": result.test_score,
-        "strongest": {"attack": name, result.measure: leak, "epoch": epoch},
-        "epochs": [epoch_json(e) for e in result.epochs],
-    }, indent=1) + "\n")
+        "strongest": strongest_json(result), "epochs": [epoch_json(e) for e in result.epochs],
+    }
+    if len(result.followers) > 1:
+        report["followers"] = {key: {"strongest": strongest_json(result.of(key)),
+                                     "epochs": [epoch_json(e) for e in epochs]}
+                               for key, epochs in result.followers.items()}
+    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def sweep(job: JobSpec, out: Path, progress: Callable[[int, int, str], Reporter] | None = None,
@@ -276,22 +320,27 @@ def slug(name: str) -> str:
 
 def write_csv(rows: list[AuditResult], path: Path) -> None:
     """One line per setting and epoch: the run's test score (`test_<metric>`, auc for the binary sweep), the
-    epoch's, the epoch's strongest attack, then every attack."""
-    attacks = sorted({name for r in rows for e in r.epochs for name in e.leaks})
+    epoch's, the epoch's strongest attack, then every attack. With more than one follower, one line per setting,
+    follower and epoch, the follower in a `follower` column (each follower's attacks on its own gradients)."""
+    attacks = sorted({name for r in rows for epochs in (r.followers or {"": r.epochs}).values()
+                      for e in epochs for name in e.leaks})
     metric = rows[0].metric if rows else "auc"
+    several = any(len(r.followers) > 1 for r in rows)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["setting", f"test_{metric}", "epoch", f"scored_{metric}", "strongest_attack",
-                         "strongest_leak_auc", *attacks])
+        writer.writerow(["setting", *(["follower"] if several else []), f"test_{metric}", "epoch",
+                         f"scored_{metric}", "strongest_attack", "strongest_leak_auc", *attacks])
         for row in rows:
-            for e in row.epochs:
-                name, leak = e.strongest
-                writer.writerow([row.setting, f"{row.test_score:.6f}", e.epoch, f"{e.scored:.6f}", name,
-                                 f"{leak:.6f}", *(f"{e.leaks.get(a, math.nan):.6f}" for a in attacks)])
+            for key, epochs in (row.followers if several and row.followers else {"-": row.epochs}).items():
+                for e in epochs:
+                    name, leak = e.strongest
+                    writer.writerow([row.setting, *([key] if several else []), f"{row.test_score:.6f}", e.epoch,
+                                     f"{e.scored:.6f}", name, f"{leak:.6f}",
+                                     *(f"{e.leaks.get(a, math.nan):.6f}" for a in attacks)])
 
 
 def plot(rows: list[AuditResult], path: Path, title: str) -> None:
-    """Test AUC (x) against the strongest attack's leak AUC (y): one point per setting."""
+    """Test AUC (x) against the strongest attack's leak AUC (y), over every follower: one point per setting."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a server
@@ -303,8 +352,9 @@ def plot(rows: list[AuditResult], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
     colours = plt.get_cmap("tab20")
     for index, r in enumerate(defended):
-        ax.scatter([r.test_score], [r.strongest[1]], marker="o", s=50, color=colours(index % 20),
-                   label=f"{r.setting} ({r.strongest[0]})")
+        follower, attack, leak, _ = r.leakiest if r.followers else ("-", *r.strongest)
+        at = f"{follower}: {attack}" if len(r.followers) > 1 else attack
+        ax.scatter([r.test_score], [leak], marker="o", s=50, color=colours(index % 20), label=f"{r.setting} ({at})")
     none = next((r for r in defended if r.setting == "none"), None)
     if none is not None:
         ax.axvline(none.test_score - 0.01, color="grey", linestyle=":", label="no defence - 0.01 AUC")
@@ -313,7 +363,7 @@ def plot(rows: list[AuditResult], path: Path, title: str) -> None:
         ax.axvline(leader_only.test_score, color="red", linestyle="--", label="leader-only test AUC")
     ax.axhline(0.6, color="grey", linestyle="--", label="leak AUC 0.60")
     ax.set_xlabel("leader's test AUC (the run's final figure, as the job runs)")
-    ax.set_ylabel("label leak AUC of the strongest attack\n(0.5 = none, 1 = every label)")
+    ax.set_ylabel("label leak AUC of the strongest attack, any follower\n(0.5 = none, 1 = every label)")
     ax.set_title(title)
     ax.set_ylim(0.45, 1.03)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
