@@ -157,7 +157,7 @@ def test_real_peer_gets_through_hundreds_of_idle_connections(
             with follower_client(job) as client:
                 body = tensor_body(job, seq=step + 1, key=key, tensors=cut(8, fill=float(step)))
                 assert client.post("/v1/tensors", content=body).json() == {"status": "accepted"}
-            assert leader.receive("embeddings", key)["wide"][0, 0] == float(step)
+            assert leader.receive("follower", "embeddings", key)["wide"][0, 0] == float(step)
     finally:
         for sock in flood:
             sock.close()
@@ -198,12 +198,12 @@ def test_sender_rides_out_backpressure(certs: Path, monkeypatch: pytest.MonkeyPa
         def consume_later() -> None:
             time.sleep(0.5)
             for step in range(6):
-                leader.receive("embeddings", BatchKey("eval", 0, step))
+                leader.receive("follower", "embeddings", BatchKey("eval", 0, step))
 
         consumer = threading.Thread(target=consume_later)
         consumer.start()
         for step in range(6):  # 6 > max_pending: the sender must wait for the consumer, not fail
-            follower.send("embeddings", BatchKey("eval", 0, step), cut(4))
+            follower.send("leader", "embeddings", BatchKey("eval", 0, step), cut(4))
         consumer.join(10)
         assert follower.telemetry.value("vfl_retries_total", reason="http_503") >= 1
         assert leader._inbox.pending("bob", "embeddings") == 0
@@ -221,20 +221,21 @@ def test_message_from_an_earlier_session_is_refused(certs: Path, monkeypatch: py
     leader, follower = connect(job)
     try:
         old_session = follower._session
-        follower.send("embeddings", BatchKey("train", 0, 0), cut(4, fill=1.0))
-        assert leader.receive("embeddings", BatchKey("train", 0, 0))["wide"][0, 0] == 1.0
+        follower.send("leader", "embeddings", BatchKey("train", 0, 0), cut(4, fill=1.0))
+        assert leader.receive("follower", "embeddings", BatchKey("train", 0, 0))["wide"][0, 0] == 1.0
         # The follower's process "restarts": a new Hello (new nonce) opens a new session at the leader ...
         with follower_client(job) as client:
             fresh = replace(hello(job, "follower"), nonce="restarted")
             assert client.post("/v1/hello", content=encode(HelloMessage(fresh), job.fingerprint())).status_code == 200
-            # ... and a stale resend of the old process (seq 2 of the old session) is refused, never applied.
+            # ... and a stale resend of the old process (seq 2 of the old session) is refused, never applied: the
+            # leader's answer did not name the new nonce, so no session is open with the restarted follower.
             stale = tensor_body(job, seq=2, key=BatchKey("train", 0, 1), session=old_session)
             response = client.post("/v1/tensors", content=stale)
-            assert response.status_code == 409 and "not the current one" in response.json()["error"]
+            assert response.status_code == 409 and "no session is open" in response.json()["error"]
         # The survivor learns at once that its peer restarted, instead of waiting out its timeout.
         started = time.monotonic()
         with pytest.raises(PeerAborted, match="bob restarted and began a new session"):
-            leader.receive("embeddings", BatchKey("train", 0, 1))
+            leader.receive("follower", "embeddings", BatchKey("train", 0, 1))
         assert time.monotonic() - started < 1.0
         assert leader._inbox.pending("bob", "embeddings") == 0
     finally:
@@ -245,7 +246,7 @@ def test_message_from_an_earlier_session_is_refused(certs: Path, monkeypatch: py
 SERVER_WITH_FEW_FDS = """
 import resource, sys, time, os
 from pathlib import Path
-from tests.test_transport import build_job, hello
+from tests.test_transport import build_job, hello, leader_answer
 from vfl_cli.transport.inbox import Inbox
 from vfl_cli.transport.listener import ServerThread
 from vfl_cli.transport.server import create_app
@@ -256,7 +257,7 @@ job = build_job(Path(sys.argv[1]), read_timeout_s=30, max_unauthenticated=16)
 inbox = Inbox()
 server = ServerThread(create_app(inbox, PartyContext.of(job, "leader")), "127.0.0.1", 0,
                       server_ssl_context(job, "leader"), read_timeout_s=30, max_unauthenticated=16)
-inbox.expect(hello(job, "leader"))
+inbox.expect(leader_answer(job))
 inbox.put_hello("bob", hello(job, "follower"))
 server.start()
 open_now = len(os.listdir("/proc/self/fd"))

@@ -59,6 +59,7 @@ from tests.test_transport import (  # noqa: F401 - certs and leader_server are f
     cut,
     follower_client,
     hello,
+    leader_answer,
     leader_server,
     party_server,
     session_of,
@@ -66,7 +67,7 @@ from tests.test_transport import (  # noqa: F401 - certs and leader_server are f
 )
 from vfl_cli.errors import ProtocolError
 from vfl_cli.job import JobSpec, Role
-from vfl_cli.protocol import KINDS, RECEIVES, BatchKey, Hello, Kind, session_id
+from vfl_cli.protocol import KINDS, PROTOCOL_VERSION, RECEIVES, BatchKey, Hello, Kind, session_id
 from vfl_cli.transport.codec import DTYPES, AbortMessage, HelloMessage, Message, TensorMessage, decode, encode
 from vfl_cli.transport.inbox import Inbox
 
@@ -112,7 +113,12 @@ class Target:
 
     @property
     def peer_role(self) -> Role:
-        return self.job.peer_role(self.role)
+        return peer_of(self.role)
+
+    @property
+    def peer_hello(self) -> Hello:
+        """The peer's Hello that the fixture put in (the leader's names the follower's nonce in its group)."""
+        return hello(self.job, "follower") if self.role == "leader" else leader_answer(self.job)
 
     @property
     def session(self) -> str:
@@ -126,6 +132,11 @@ def follower_server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
     job = build_job(request.getfixturevalue("certs"), read_timeout_s=2, max_unauthenticated=8, max_pending=4)
     with party_server(job, "follower") as inbox:
         yield job, inbox
+
+
+def peer_of(role: Role) -> Role:
+    """The other party of the two-party job."""
+    return "follower" if role == "leader" else "leader"
 
 
 def client_context(job: JobSpec, role: Role) -> ssl.SSLContext:
@@ -149,7 +160,7 @@ def leader_client(job: JobSpec) -> httpx.Client:
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     role: Role = request.param
     job, inbox = request.getfixturevalue(f"{role}_server")
-    peer_role = job.peer_role(role)
+    peer_role = peer_of(role)
     client = follower_client(job) if role == "leader" else leader_client(job)
     with client:
         yield Target(role, job, inbox, client, job.party(peer_role).name, RECEIVES[role], job.party(role).listen,
@@ -224,7 +235,7 @@ def bases(t: Target) -> dict[str, dict[str, Any]]:
 
 def earlier_session(job: JobSpec) -> str:
     """The session id of a run before this one: same leader hello, another follower nonce."""
-    return session_id(hello(job, "leader"), replace(hello(job, "follower"), nonce="earlier-nonce"))
+    return session_id(replace(hello(job, "leader"), group=("earlier-nonce",)))
 
 
 def field_values(t: Target) -> dict[tuple[str, ...], st.SearchStrategy[Any]]:
@@ -386,7 +397,7 @@ def replays(t: Target) -> list[bytes]:
 
 def semi_structured(t: Target, endpoint: str) -> st.SearchStrategy[bytes]:
     """A map with the right envelope and arbitrary everything else: reaches past the first checks."""
-    envelope = {"v": 2, "job": t.job.fingerprint(), "type": endpoint}
+    envelope = {"v": PROTOCOL_VERSION, "job": t.job.fingerprint(), "type": endpoint}
     return st.builds(
         lambda extra, keep: msgpack.packb({**extra, **{k: v for k, v in envelope.items() if k in keep}}),
         st.dictionaries(st.sampled_from(["hello", "session", "kind", "key", "seq", "tensors", "reason"]) | KEYS,
@@ -554,7 +565,7 @@ def assert_still_serving_and_nothing_applied(t: Target, hello_changed: bool = Fa
     assert inbox.aborted(t.sender) is None
     if not hello_changed:
         assert inbox.session(t.sender) == t.session
-        assert inbox.wait_hello(t.sender, 0) == hello(t.job, t.peer_role)
+        assert inbox.wait_hello(t.sender, 0) == t.peer_hello
         assert inbox.bytes_received == 0
 
 

@@ -20,7 +20,9 @@ from tests.test_transport import (  # noqa: F401 - certs is a fixture
     cut,
     follower_client,
     hello,
+    leader_answer,
     party_server,
+    session_of,
     tensor_body,
 )
 from vfl_cli.job import JobSpec
@@ -54,7 +56,7 @@ def post_batch(client: httpx.Client, job: JobSpec, seq: int, session: str) -> ht
 def test_replayed_hello_of_an_earlier_session_is_409_and_its_bodies_stay_refused(server: Server) -> None:
     job, inbox, telemetry = server
     first = hello(job, "follower")
-    old_session = session_id(hello(job, "leader"), first)
+    old_session = session_id(leader_answer(job))
     restarted = replace(first, nonce="restarted-nonce")
     with follower_client(job) as client:
         assert post_batch(client, job, 1, old_session).json() == {"status": "accepted"}
@@ -64,11 +66,17 @@ def test_replayed_hello_of_an_earlier_session_is_409_and_its_bodies_stay_refused
         replayed = post_hello(client, job, first)
         assert replayed.status_code == 409, replayed.text
         assert "opened an earlier session" in replayed.json()["error"]
+        # Until the leader answers the restarted follower, no session is open with it: nothing is queued.
+        response = post_batch(client, job, 1, old_session)
+        assert response.status_code == 409 and "no session is open" in response.json()["error"]
+        # The leader reruns too and answers the restarted follower's hello: the new session opens.
+        answer = replace(hello(job, "leader"), nonce="leader-rerun", group=(restarted.nonce,))
+        inbox.expect(answer)
         # The old session stays closed: its bodies, from seq 1 again, are refused and never queued.
         for seq in (1, 2):
             response = post_batch(client, job, seq, old_session)
             assert response.status_code == 409 and "not the current one" in response.json()["error"]
-        new_session = session_id(hello(job, "leader"), restarted)
+        new_session = session_id(answer)
         assert inbox.session("bob") == new_session and inbox.wait_hello("bob", 0) == restarted
         assert post_batch(client, job, 1, new_session).json() == {"status": "accepted"}
     assert inbox.pending("bob", "embeddings") == 1
@@ -78,7 +86,7 @@ def test_replayed_hello_of_an_earlier_session_is_409_and_its_bodies_stay_refused
 def test_the_current_hello_sent_again_is_acknowledged_and_keeps_the_session(server: Server) -> None:
     """What the sender's retry does when the answer to its hello was lost: nothing restarts."""
     job, inbox, _ = server
-    session = session_id(hello(job, "leader"), hello(job, "follower"))
+    session = session_of(job)
     with follower_client(job) as client:
         assert post_batch(client, job, 1, session).json() == {"status": "accepted"}
         assert post_hello(client, job, hello(job, "follower")).json() == {"status": "ok"}
@@ -96,7 +104,7 @@ def test_the_current_nonce_with_other_contents_is_409(server: Server) -> None:
         response = post_hello(client, job, replace(hello(job, "follower"), run_id="another-run"))
     assert response.status_code == 409 and "with other contents" in response.json()["error"]
     assert inbox.wait_hello("bob", 0) == hello(job, "follower")
-    assert inbox.session("bob") == session_id(hello(job, "leader"), hello(job, "follower"))
+    assert inbox.session("bob") == session_of(job)
 
 
 def test_every_earlier_nonce_stays_refused(server: Server) -> None:

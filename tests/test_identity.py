@@ -21,7 +21,7 @@ from vfl_cli.errors import TlsError
 from vfl_cli.job import JobSpec
 from vfl_cli.party import PartyContext
 from vfl_cli.protocol import BatchKey
-from vfl_cli.transport.https_peer import HttpsPeer
+from vfl_cli.transport.https_grid import HttpsGrid
 from vfl_cli.transport.inbox import Inbox
 from vfl_cli.transport.listener import ServerThread
 from vfl_cli.transport.server import create_app
@@ -63,11 +63,11 @@ def impostor(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Job
 
 def test_impostor_with_a_same_ca_certificate_receives_nothing(impostor: tuple[JobSpec, Inbox, AccessLog]) -> None:
     job, inbox, access = impostor
-    with HttpsPeer(PartyContext.of(job, "follower")) as follower:
+    with HttpsGrid(PartyContext.of(job, "follower")) as follower:
         with pytest.raises(TlsError, match=r"is not the job's peer 'alice': it presented certificate CN 'bob'"):
-            follower.handshake(hello(job, "follower"))
+            follower.handshake(hello(job, "follower"), lambda theirs: hello(job, "follower"))
         with pytest.raises(TlsError, match="nothing was sent to it"):
-            follower.send("embeddings", BatchKey("train", 0, 0), cut(4, fill=7.0))
+            follower.send("leader", "embeddings", BatchKey("train", 0, 0), cut(4, fill=7.0))
     assert access.requests == []
     assert inbox.bytes_received == 0 and inbox.wait_hello("bob", 0) is None
 
@@ -100,8 +100,8 @@ def test_raw_impostor_reads_no_application_byte(certs: Path, monkeypatch: pytest
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        with HttpsPeer(PartyContext.of(job, "follower")) as follower, pytest.raises(TlsError, match="CN 'bob'"):
-            follower.send("embeddings", BatchKey("train", 0, 0), {"wide": torch.full((4, 1), 7.0),
+        with HttpsGrid(PartyContext.of(job, "follower")) as follower, pytest.raises(TlsError, match="CN 'bob'"):
+            follower.send("leader", "embeddings", BatchKey("train", 0, 0), {"wide": torch.full((4, 1), 7.0),
                                                                    "deep": torch.full((4, 1), 7.0)})
     finally:
         done.set()

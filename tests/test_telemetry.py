@@ -79,10 +79,10 @@ def test_counts_show_on_the_metrics_page(served: tuple[Telemetry, dict[str, str]
     telemetry.step_done(0.2, 512)
     telemetry.evaluated({"auc": 0.75, "log_loss": 0.5})
     telemetry.resumed(500)
-    telemetry.sent("embeddings", 1000)
-    telemetry.sent("embeddings", 500)
-    telemetry.sent("hello", 40)
-    telemetry.received("gradients", 700)
+    telemetry.sent("follower", "embeddings", 1000)
+    telemetry.sent("follower", "embeddings", 500)
+    telemetry.sent("follower", "hello", 40)
+    telemetry.received("follower", "gradients", 700)
     telemetry.retried("connect")
     telemetry.retried("connect")
     telemetry.retried("http_503")
@@ -105,10 +105,10 @@ def test_counts_show_on_the_metrics_page(served: tuple[Telemetry, dict[str, str]
     assert page[("vfl_eval_score", labels(role="leader", metric="log_loss"))] == 0.5
     assert page[("vfl_resumes_total", leader)] == 1
     assert page[("vfl_resume_step", leader)] == 500
-    assert page[("vfl_bytes_sent_total", labels(role="leader", kind="embeddings"))] == 1500
-    assert page[("vfl_bytes_sent_total", labels(role="leader", kind="hello"))] == 40
-    assert page[("vfl_bytes_received_total", labels(role="leader", kind="gradients"))] == 700
-    assert ("vfl_bytes_received_total", labels(role="leader", kind="embeddings")) not in page
+    assert page[("vfl_bytes_sent_total", labels(role="leader", peer="follower", kind="embeddings"))] == 1500
+    assert page[("vfl_bytes_sent_total", labels(role="leader", peer="follower", kind="hello"))] == 40
+    assert page[("vfl_bytes_received_total", labels(role="leader", peer="follower", kind="gradients"))] == 700
+    assert ("vfl_bytes_received_total", labels(role="leader", peer="follower", kind="embeddings")) not in page
     assert page[("vfl_retries_total", labels(role="leader", reason="connect"))] == 2
     assert page[("vfl_retries_total", labels(role="leader", reason="http_503"))] == 1
     assert page[("vfl_refusals_total", labels(role="leader", reason="too_large"))] == 1
@@ -126,7 +126,7 @@ def test_a_fresh_party_exports_zeros_and_no_auc_yet() -> None:
 def test_value_reads_back_what_was_counted() -> None:
     telemetry = Telemetry("leader")
     telemetry.step_done(0.003, 64)
-    telemetry.sent("gradients", 123)
+    telemetry.sent("follower", "gradients", 123)
     telemetry.refused("forbidden")
     telemetry.evaluated({"accuracy": float("nan")})
 
@@ -134,23 +134,23 @@ def test_value_reads_back_what_was_counted() -> None:
     assert telemetry.value("vfl_samples_total") == 64
     assert telemetry.value("vfl_step_seconds_bucket", le="0.005") == 1
     assert telemetry.value("vfl_step_seconds_bucket", le="0.0025") == 0
-    assert telemetry.value("vfl_bytes_sent_total", kind="gradients") == 123
+    assert telemetry.value("vfl_bytes_sent_total", peer="follower", kind="gradients") == 123
     assert telemetry.value("vfl_refusals_total", reason="forbidden") == 1
     assert math.isnan(telemetry.value("vfl_eval_score", metric="accuracy"))
-    assert telemetry.value("vfl_bytes_sent_total", kind="embeddings") == 0.0  # never counted
+    assert telemetry.value("vfl_bytes_sent_total", peer="follower", kind="embeddings") == 0.0  # never counted
     assert telemetry.value("vfl_no_such_metric") == 0.0
 
 
 def test_two_parties_in_one_process_count_apart() -> None:
     leader, follower = Telemetry("leader"), Telemetry("follower")
     leader.step_done(0.1, 10)
-    leader.sent("embeddings", 99)
+    leader.sent("follower", "embeddings", 99)
     other_leader = Telemetry("leader")  # same role, fresh instance: its own registry too
 
     assert leader.value("vfl_steps_total") == 1
     assert follower.value("vfl_steps_total") == 0
     assert other_leader.value("vfl_steps_total") == 0
-    assert other_leader.value("vfl_bytes_sent_total", kind="embeddings") == 0
+    assert other_leader.value("vfl_bytes_sent_total", peer="follower", kind="embeddings") == 0
     follower_page = samples(follower.render().decode())
     assert all(dict(key[1]).get("role") == "follower" for key in follower_page)
 
@@ -215,7 +215,7 @@ def test_the_job_turns_the_listener_on_per_role() -> None:
     port = free_port()
     job = small_job({"follower": f"127.0.0.1:{port}"})
     telemetry = Telemetry("follower")
-    telemetry.received("embeddings", 4096)
+    telemetry.received("leader", "embeddings", 4096)
 
     assert start_metrics_server(job, "leader", Telemetry("leader"), dict) is None
     assert start_metrics_server(small_job(), "follower", telemetry, dict) is None  # off by default
@@ -224,7 +224,7 @@ def test_the_job_turns_the_listener_on_per_role() -> None:
     try:
         with httpx.Client(trust_env=False, timeout=5) as client:
             page = samples(client.get(f"http://127.0.0.1:{port}/metrics").text)
-        assert page[("vfl_bytes_received_total", labels(role="follower", kind="embeddings"))] == 4096
+        assert page[("vfl_bytes_received_total", labels(role="follower", peer="leader", kind="embeddings"))] == 4096
     finally:
         server.stop()
     with httpx.Client(trust_env=False, timeout=5) as client, pytest.raises(httpx.ConnectError):

@@ -1,5 +1,5 @@
 """The HTTPS transport for real: uvicorn servers on 127.0.0.1 with mutual TLS and certificates from
-`make_dev_certs`; two `HttpsPeer`s talking, and raw httpx clients trying everything the server must refuse."""
+`make_dev_certs`; two `HttpsGrid`s talking, and raw httpx clients trying everything the server must refuse."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from vfl_cli.party import PartyContext
 from vfl_cli.protocol import BatchKey, Hello, session_id
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.transport.codec import AbortMessage, HelloMessage, TensorMessage, encode
-from vfl_cli.transport.https_peer import HttpsPeer
+from vfl_cli.transport.https_grid import HttpsGrid
 from vfl_cli.transport.inbox import Inbox
 from vfl_cli.transport.listener import ServerThread
 from vfl_cli.transport.server import create_app
@@ -103,8 +104,18 @@ def hello(job: JobSpec, role: str) -> Hello:
     )
 
 
+def leader_answer(job: JobSpec) -> Hello:
+    """The leader's Hello as its handshake answers the follower's: naming the follower's nonce in its group."""
+    return replace(hello(job, "leader"), group=(hello(job, "follower").nonce,))
+
+
+def plain(mine: Hello) -> Callable[[dict[str, Hello]], Hello]:
+    """The leader's reply for a plain handshake: its own Hello, whoever the followers are."""
+    return lambda theirs: mine
+
+
 def session_of(job: JobSpec) -> str:
-    return session_id(hello(job, "leader"), hello(job, "follower"))
+    return session_id(leader_answer(job))
 
 
 def cut(batch: int = 8, fill: float | None = None) -> dict[str, torch.Tensor]:
@@ -113,17 +124,18 @@ def cut(batch: int = 8, fill: float | None = None) -> dict[str, torch.Tensor]:
     return {"wide": torch.randn(batch, 1), "deep": torch.randn(batch, 1)}
 
 
-def connect(job: JobSpec) -> tuple[HttpsPeer, HttpsPeer]:
-    leader, follower = HttpsPeer(PartyContext.of(job, "leader")), HttpsPeer(PartyContext.of(job, "follower"))
+def connect(job: JobSpec) -> tuple[HttpsGrid, HttpsGrid]:
+    leader, follower = HttpsGrid(PartyContext.of(job, "leader")), HttpsGrid(PartyContext.of(job, "follower"))
     with ThreadPoolExecutor(1) as pool:
-        theirs = pool.submit(follower.handshake, hello(job, "follower"))
-        assert leader.handshake(hello(job, "leader")) == hello(job, "follower")
-        assert theirs.result(timeout=10) == hello(job, "leader")
+        mine = hello(job, "follower")
+        theirs = pool.submit(follower.handshake, mine, plain(mine))
+        assert leader.handshake(hello(job, "leader"), plain(hello(job, "leader"))) == {"follower": mine}
+        assert theirs.result(timeout=10) == {"leader": leader_answer(job)}
     return leader, follower
 
 
 @pytest.fixture
-def pair(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[JobSpec, HttpsPeer, HttpsPeer]]:
+def pair(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[JobSpec, HttpsGrid, HttpsGrid]]:
     monkeypatch.setenv(LEADER_ENV, LEADER_PASSWORD)
     job = build_job(certs)
     leader, follower = connect(job)
@@ -138,17 +150,18 @@ def pair(certs: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[JobSpec
 def party_server(job: JobSpec, role: Role, telemetry: Telemetry | None = None) -> Iterator[Inbox]:
     """Party `role`'s server alone, its limits from the job, with the session that a real handshake would open
     (the peer's Hello put in directly: no bytes counted), for raw clients to poke at."""
-    peer_role = job.peer_role(role)
+    ctx = PartyContext.of(job, role)
+    (peer_role,) = ctx.peers
     inbox = Inbox(job.transport.max_pending)
     server = ServerThread(
-        create_app(inbox, PartyContext.of(job, role), telemetry), "127.0.0.1", job.party(role).port,
+        create_app(inbox, ctx, telemetry), "127.0.0.1", job.party(role).port,
         server_ssl_context(job, role),
         read_timeout_s=job.transport.read_timeout_s, max_unauthenticated=job.transport.max_unauthenticated,
         on_refusal=telemetry.refused if telemetry is not None else None,
     )
     server.start()
-    inbox.expect(hello(job, role))
-    inbox.put_hello(job.party(peer_role).name, hello(job, peer_role))
+    inbox.expect(leader_answer(job) if ctx.is_leader else hello(job, role))
+    inbox.put_hello(job.party(peer_role).name, hello(job, peer_role) if ctx.is_leader else leader_answer(job))
     try:
         yield inbox
     finally:
@@ -210,38 +223,38 @@ def assert_nothing_applied(job: JobSpec, inbox: Inbox) -> None:
 # ---------------------------------------------------------------------------------------------- happy path
 
 
-def test_training_steps_both_ways(pair: tuple[JobSpec, HttpsPeer, HttpsPeer]) -> None:
+def test_training_steps_both_ways(pair: tuple[JobSpec, HttpsGrid, HttpsGrid]) -> None:
     _, leader, follower = pair
     for step in range(1, 4):
         key = BatchKey("train", 1, step)
         sent = cut(16)
-        follower.send("embeddings", key, sent)
-        got = leader.receive("embeddings", key)
+        follower.send("leader", "embeddings", key, sent)
+        got = leader.receive("follower", "embeddings", key)
         assert all(torch.equal(got[name], sent[name]) for name in sent)
-        leader.send("gradients", key, {name: t * 2 for name, t in got.items()})
-        back = follower.receive("gradients", key)
+        leader.send("follower", "gradients", key, {name: t * 2 for name, t in got.items()})
+        back = follower.receive("leader", "gradients", key)
         assert all(torch.equal(back[name], sent[name] * 2) for name in sent)
     assert follower.bytes_sent == leader.bytes_received > 3 * 2 * 16 * 4
     assert leader.bytes_sent == follower.bytes_received > 0
 
 
-def test_psi_points_go_both_ways(pair: tuple[JobSpec, HttpsPeer, HttpsPeer]) -> None:
+def test_psi_points_go_both_ways(pair: tuple[JobSpec, HttpsGrid, HttpsGrid]) -> None:
     _, leader, follower = pair
     points = torch.randint(0, 256, (5, 32), dtype=torch.uint8)
     key = BatchKey("psi", 0, 0)
-    follower.send("psi_blinded", key, {"points": points})
-    leader.send("psi_blinded", key, {"points": points.flip(0)})
-    assert torch.equal(leader.receive("psi_blinded", key)["points"], points)
-    assert torch.equal(follower.receive("psi_blinded", key)["points"], points.flip(0))
-    leader.send("psi_reblinded", key, {"points": points[:2]})
-    assert torch.equal(follower.receive("psi_reblinded", key)["points"], points[:2])
+    follower.send("leader", "psi_blinded", key, {"points": points})
+    leader.send("follower", "psi_blinded", key, {"points": points.flip(0)})
+    assert torch.equal(leader.receive("follower", "psi_blinded", key)["points"], points)
+    assert torch.equal(follower.receive("leader", "psi_blinded", key)["points"], points.flip(0))
+    leader.send("follower", "psi_reblinded", key, {"points": points[:2]})
+    assert torch.equal(follower.receive("leader", "psi_reblinded", key)["points"], points[:2])
 
 
 def test_resend_is_acknowledged_and_ignored_and_out_of_order_is_409(
-    pair: tuple[JobSpec, HttpsPeer, HttpsPeer],
+    pair: tuple[JobSpec, HttpsGrid, HttpsGrid],
 ) -> None:
     job, leader, follower = pair
-    follower.send("embeddings", KEY, cut(4, fill=1.0))
+    follower.send("leader", "embeddings", KEY, cut(4, fill=1.0))
     with follower_client(job) as client:
         # The same message again, as after a lost acknowledgement: 200, dropped.
         response = client.post("/v1/tensors", content=tensor_body(job, seq=1, tensors=cut(4, fill=1.0)))
@@ -250,38 +263,39 @@ def test_resend_is_acknowledged_and_ignored_and_out_of_order_is_409(
         assert response.status_code == 409 and "already used" in response.json()["error"]
         response = client.post("/v1/tensors", content=tensor_body(job, seq=3, key=BatchKey("train", 0, 3)))
         assert response.status_code == 409 and "gap" in response.json()["error"]
-        follower.send("embeddings", BatchKey("train", 0, 2), cut(4, fill=2.0))
+        follower.send("leader", "embeddings", BatchKey("train", 0, 2), cut(4, fill=2.0))
         response = client.post("/v1/tensors", content=tensor_body(job, seq=1))
         assert response.status_code == 409 and "from the past" in response.json()["error"]
-    assert leader.receive("embeddings", KEY)["wide"][0, 0] == 1.0
-    assert leader.receive("embeddings", BatchKey("train", 0, 2))["wide"][0, 0] == 2.0
+    assert leader.receive("follower", "embeddings", KEY)["wide"][0, 0] == 1.0
+    assert leader.receive("follower", "embeddings", BatchKey("train", 0, 2))["wide"][0, 0] == 2.0
     assert leader._inbox.pending("bob", "embeddings") == 0  # nothing else was queued
 
 
-def test_refusal_is_peer_refused_and_frees_the_seq(pair: tuple[JobSpec, HttpsPeer, HttpsPeer]) -> None:
+def test_refusal_is_peer_refused_and_frees_the_seq(pair: tuple[JobSpec, HttpsGrid, HttpsGrid]) -> None:
     _, leader, follower = pair
     with pytest.raises(
         PeerRefused, match=r"alice refused embeddings for train epoch 0 step 1: .*shape \[4, 2\]"
     ):
-        follower.send("embeddings", KEY, {"wide": torch.zeros(4, 2), "deep": torch.zeros(4, 2)})
-    follower.send("embeddings", KEY, cut(4, fill=3.0))
-    assert leader.receive("embeddings", KEY)["deep"][0, 0] == -3.0
+        follower.send("leader", "embeddings", KEY, {"wide": torch.zeros(4, 2), "deep": torch.zeros(4, 2)})
+    follower.send("leader", "embeddings", KEY, cut(4, fill=3.0))
+    assert leader.receive("follower", "embeddings", KEY)["deep"][0, 0] == -3.0
 
 
-def test_batch_out_of_order_is_a_protocol_error(pair: tuple[JobSpec, HttpsPeer, HttpsPeer]) -> None:
+def test_batch_out_of_order_is_a_protocol_error(pair: tuple[JobSpec, HttpsGrid, HttpsGrid]) -> None:
     _, leader, follower = pair
-    follower.send("embeddings", BatchKey("train", 0, 2), cut())
-    with pytest.raises(ProtocolError, match="expected embeddings for train epoch 0 step 1, got .* step 2"):
-        leader.receive("embeddings", KEY)
+    follower.send("leader", "embeddings", BatchKey("train", 0, 2), cut())
+    with pytest.raises(ProtocolError,
+                       match="expected embeddings for train epoch 0 step 1 from the follower, got .* step 2"):
+        leader.receive("follower", "embeddings", KEY)
 
 
-def test_abort_wakes_a_waiting_receive(pair: tuple[JobSpec, HttpsPeer, HttpsPeer]) -> None:
+def test_abort_wakes_a_waiting_receive(pair: tuple[JobSpec, HttpsGrid, HttpsGrid]) -> None:
     _, leader, follower = pair
     timer = threading.Timer(0.2, follower.abort, args=("disk full",))
     started = time.monotonic()
     timer.start()
     with pytest.raises(PeerAborted, match="the peer stopped: disk full"):
-        leader.receive("embeddings", KEY)
+        leader.receive("follower", "embeddings", KEY)
     timer.join()
     assert time.monotonic() - started < 2.0  # timeout_s is 5: the abort woke it
 
@@ -289,25 +303,25 @@ def test_abort_wakes_a_waiting_receive(pair: tuple[JobSpec, HttpsPeer, HttpsPeer
 def test_receive_times_out(certs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(LEADER_ENV, LEADER_PASSWORD)
     job = build_job(certs, timeout_s=1)
-    with HttpsPeer(PartyContext.of(job, "leader")) as leader:
+    with HttpsGrid(PartyContext.of(job, "leader")) as leader:
         started = time.monotonic()
         with pytest.raises(
             PeerTimeout,
-            match=r"no embeddings for train epoch 0 step 1 from bob within 1 s; "
-            r"is the peer still running\?",
+            match=r"no embeddings for train epoch 0 step 1 from the follower 'bob' within 1 s; "
+            r"is it still running\?",
         ):
-            leader.receive("embeddings", KEY)
+            leader.receive("follower", "embeddings", KEY)
         assert 1.0 <= time.monotonic() - started < 2.0
 
 
 def test_unreachable_peer(certs: Path) -> None:
     job = build_job(certs, timeout_s=1.5, connect_timeout_s=1)
-    with HttpsPeer(PartyContext.of(job, "follower")) as follower:  # no leader is listening
+    with HttpsGrid(PartyContext.of(job, "follower")) as follower:  # no leader is listening
         started = time.monotonic()
         with pytest.raises(PeerUnreachable, match=rf"to alice at https://{job.leader.listen} .*ConnectError"):
-            follower.send("embeddings", KEY, cut())
+            follower.send("leader", "embeddings", KEY, cut())
         with pytest.raises(PeerUnreachable, match="our hello"):
-            follower.handshake(hello(job, "follower"))
+            follower.handshake(hello(job, "follower"), plain(hello(job, "follower")))
         assert time.monotonic() - started < 3.0
 
 
@@ -315,8 +329,8 @@ def test_plain_http_when_tls_is_disabled(certs: Path, caplog: pytest.LogCaptureF
     job = build_job(certs, tls=False)
     leader, follower = connect(job)
     try:
-        follower.send("embeddings", KEY, cut(2, fill=5.0))
-        assert leader.receive("embeddings", KEY)["wide"][1, 0] == 5.0
+        follower.send("leader", "embeddings", KEY, cut(2, fill=5.0))
+        assert leader.receive("follower", "embeddings", KEY)["wide"][1, 0] == 5.0
     finally:
         leader.close()
         follower.close()
@@ -326,9 +340,9 @@ def test_plain_http_when_tls_is_disabled(certs: Path, caplog: pytest.LogCaptureF
 def test_server_from_another_ca_is_a_tls_error(leader_server: tuple[JobSpec, Inbox], certs: Path) -> None:
     job, inbox = leader_server
     distrustful = job.model_copy(update={"tls": TlsSpec(enabled=True, ca=certs.parent / "other" / "ca.pem")})
-    with HttpsPeer(PartyContext.of(distrustful, "follower")) as follower:
+    with HttpsGrid(PartyContext.of(distrustful, "follower")) as follower:
         with pytest.raises(TlsError, match=rf"server at https://{job.leader.listen} failed certificate"):
-            follower.handshake(hello(job, "follower"))
+            follower.handshake(hello(job, "follower"), plain(hello(job, "follower")))
     assert inbox.bytes_received == 0
 
 
@@ -512,7 +526,8 @@ def test_hello_from_the_wrong_role_is_refused(leader_server: tuple[JobSpec, Inbo
         response = client.post(
             "/v1/hello", content=encode(HelloMessage(hello(job, "leader")), job.fingerprint())
         )
-    assert response.status_code == 400 and "this leader expects a follower" in response.json()["error"]
+    assert response.status_code == 400
+    assert "this leader expects the follower 'bob' on this certificate" in response.json()["error"]
     assert_nothing_applied(job, inbox)
 
 

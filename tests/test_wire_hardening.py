@@ -43,7 +43,7 @@ from vfl_cli.transport.codec import (
     decode,
     encode,
 )
-from vfl_cli.transport.https_peer import HttpsPeer
+from vfl_cli.transport.https_grid import HttpsGrid
 
 MIB = 1 << 20
 BOMB_BYTES = 16 * MIB
@@ -256,7 +256,7 @@ def test_an_https_peer_refused_with_403_says_its_certificate_is_not_the_peers(ce
     # The leader's copy of the job names another follower: what bob's user sees when the two jobs disagree.
     carol = job.follower.model_copy(update={"name": "carol"})
     theirs = job.model_copy(update={"parties": {**job.parties, "follower": carol}})
-    with party_server(theirs, "leader"), HttpsPeer(PartyContext.of(job, "follower")) as follower:
+    with party_server(theirs, "leader"), HttpsGrid(PartyContext.of(job, "follower")) as follower:
         with pytest.raises(PeerRefused) as info:
-            follower.handshake(hello(job, "follower"))
+            follower.handshake(hello(job, "follower"), lambda theirs: hello(job, "follower"))
     assert str(info.value) == "alice refused our hello: the client certificate is not the job's peer's (HTTP 403)"

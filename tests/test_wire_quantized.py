@@ -24,8 +24,8 @@ from tests.test_transport import (  # noqa: F401 - certs is a fixture
     tensor_body,
 )
 from vfl_cli.errors import PeerRefused, ProtocolError
+from vfl_cli.grid import LocalGrid
 from vfl_cli.job import JobSpec, PrivacySpec, QuantizeSpec
-from vfl_cli.peer import LocalPeer
 from vfl_cli.privacy.quantize import QuantizedTensor, pack_bits, packed_size, quantize
 from vfl_cli.protocol import BatchKey, WireTensors, check_cut_tensors, check_points
 from vfl_cli.telemetry import Telemetry
@@ -37,9 +37,10 @@ KEY = BatchKey("train", 2, 17)
 MAX_BATCH = 64
 CUT = {"wide": 1, "deep": 1}  # the Wide&Deep preset's cut
 
-# encode() of `golden_floats()` as embeddings, seq 3, recorded before the wire learnt quantised tensors.
+# encode() of `golden_floats()` as embeddings, seq 3, recorded before the wire learnt quantised tensors (its
+# version byte since moved to PROTOCOL_VERSION 3; nothing else changed).
 GOLDEN_FLOAT32_BODY = bytes.fromhex(
-    "88a17602a36a6f62b030313233343536373839616263646566a474797065a774656e736f7273a773657373696f6eb0613162"
+    "88a17603a36a6f62b030313233343536373839616263646566a474797065a774656e736f7273a773657373696f6eb0613162"
     "32633364346535663630373138a46b696e64aa656d62656464696e6773a36b657983a57068617365a5747261696ea565706f"
     "636802a47374657011a373657103a774656e736f727382a47769646583a56474797065a7666c6f61743332a5736861706592"
     "0301a464617461c40c0000c03f000000c0cdcccc3da46465657083a56474797065a7666c6f61743332a57368617065920301"
@@ -104,7 +105,7 @@ def test_float32_tensors_encode_exactly_as_before() -> None:
     body = encode(TensorMessage(SESSION, "embeddings", KEY, 3, golden_floats()), JOB)
     assert body == GOLDEN_FLOAT32_BODY
     by_hand = {
-        "v": 2, "job": JOB, "type": "tensors", "session": SESSION, "kind": "embeddings",
+        "v": 3, "job": JOB, "type": "tensors", "session": SESSION, "kind": "embeddings",
         "key": {"phase": "train", "epoch": 2, "step": 17}, "seq": 3,
         "tensors": {
             name: {"dtype": "float32", "shape": [3, 1], "data": t.numpy().astype("<f4").tobytes()}
@@ -114,12 +115,13 @@ def test_float32_tensors_encode_exactly_as_before() -> None:
     assert body == msgpack.packb(by_hand, use_bin_type=True)
 
 
-def test_local_peer_passes_quantized_tensors_through_and_copies_torch_ones() -> None:
-    follower, leader = LocalPeer.pair(timeout_s=1)
+def test_local_grid_passes_quantized_tensors_through_and_copies_torch_ones() -> None:
+    grids = LocalGrid.star("leader", ("follower",), timeout_s=1)
+    follower, leader = grids["follower"], grids["leader"]
     q = quantised(4)["wide"]
     t = torch.randn(4, 1, requires_grad=True)
-    follower.send("embeddings", KEY, {"wide": q, "deep": t})
-    got = leader.receive("embeddings", KEY)
+    follower.send("leader", "embeddings", KEY, {"wide": q, "deep": t})
+    got = leader.receive("follower", "embeddings", KEY)
     assert got["wide"] is q
     assert isinstance(got["deep"], torch.Tensor) and got["deep"] is not t and not got["deep"].requires_grad
     assert torch.equal(got["deep"], t.detach())
@@ -288,7 +290,7 @@ def test_server_of_a_quantizing_job_takes_quantized_embeddings_only(certs: Path)
         assert (response.status_code, response.json()) == (200, {"status": "accepted"})
         message = inbox.next_tensors("bob", "embeddings", 1)
         assert message is not None and message.tensors == sent
-        assert telemetry.value("vfl_bytes_received_total", kind="embeddings") == len(body)
+        assert telemetry.value("vfl_bytes_received_total", peer="follower", kind="embeddings") == len(body)
 
         for tensors, reason in [
             ({"wide": torch.zeros(5, 1), "deep": torch.zeros(5, 1)}, "tensors.wide: dtype float32, expected 6-bit"),
@@ -317,12 +319,12 @@ def test_https_peers_carry_quantized_tensors_both_ways(certs: Path) -> None:  # 
     leader, follower = connect(job)
     try:
         embeddings, gradients = quantised(7, bits=6), quantised(7, bits=3, seed=1)
-        follower.send("embeddings", KEY, embeddings)
-        assert leader.receive("embeddings", KEY) == embeddings
+        follower.send("leader", "embeddings", KEY, embeddings)
+        assert leader.receive("follower", "embeddings", KEY) == embeddings
         with pytest.raises(PeerRefused, match=r"tensors\.wide: dtype float32, expected 3-bit quantised \(HTTP 400\)"):
-            leader.send("gradients", KEY, {"wide": torch.zeros(7, 1), "deep": torch.zeros(7, 1)})
-        leader.send("gradients", KEY, gradients)
-        assert follower.receive("gradients", KEY) == gradients
+            leader.send("follower", "gradients", KEY, {"wide": torch.zeros(7, 1), "deep": torch.zeros(7, 1)})
+        leader.send("follower", "gradients", KEY, gradients)
+        assert follower.receive("leader", "gradients", KEY) == gradients
     finally:
         leader.close()
         follower.close()
