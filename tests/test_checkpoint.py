@@ -225,7 +225,7 @@ def test_refusal_names_what_each_side_holds() -> None:
         agree(hello("leader", RUN, (500, 1000)), hello("follower", OTHER))
     assert str(caught.value) == (
         "the parties hold different training runs: the leader holds run aaaa1111 at steps 500, 1000; "
-        "the follower holds no checkpoint (run cccc3333): rerun `vfl train` on both sides with --restart to "
+        "the follower holds no checkpoint (run cccc3333): rerun `vfl train` on every party with --restart to "
         "start over (--restart on one side alone is refused like this)"
     )
 
@@ -236,7 +236,7 @@ def test_refusal_names_what_each_side_holds() -> None:
         ((RUN, (40,)), (RUN, (40,)), None, ""),
         ((RUN, (40,)), (RUN, (30,)), ProtocolError,
          "checkpoints differ: the leader's is newer than the follower's: run aaaa1111 step 40 (epoch 2 step 10) "
-         "against step 30 (end of epoch 1); rerun `vfl train` on both sides so they finish the same step"),
+         "against step 30 (end of epoch 1); rerun `vfl train` on every party so they finish the same step"),
         ((RUN, (15,)), (RUN, (20,)), ProtocolError, "the follower's is newer than the leader's"),
         ((RUN, (40,)), (OTHER, (40,)), ProtocolError, "the follower's of another run, cccc3333"),
         (("", ()), (RUN, (40,)), CheckpointError, "the leader has no usable checkpoint"),

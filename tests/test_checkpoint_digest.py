@@ -168,7 +168,7 @@ def test_cli_refuses_then_resumes_past_a_corrupt_checkpoint(tmp_path: Path) -> N
     # One process, two parties: the first to stop is reported, the leader naming its file or the follower
     # saying the leader has none it can use.
     assert lines[0] in (f"error: {newest}: {CORRUPT}", "error: the leader has no usable checkpoint (missing, or "
-                        "refused there: its own error names the file): run `vfl train` on both sides first")
+                        "refused there: its own error names the file): run `vfl train` on every party first")
     resumed = vfl("train")
     assert resumed.returncode == 0, resumed.stderr
     warned = [line for line in resumed.stderr.splitlines() if "WARNING" in line]

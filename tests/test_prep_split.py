@@ -18,7 +18,9 @@ from data_prep.store import open_table
 from data_prep.synth import write_synth
 from data_prep.table import prepare_table
 from tests.conftest import run_vfl
-from vfl_cli.job import ROLES, load_job
+from vfl_cli.job import load_job
+
+ROLES = ("leader", "follower")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared/data/criteo-sample/train.txt"

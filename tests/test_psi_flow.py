@@ -22,7 +22,7 @@ from tests.test_two_party import VFL, environment, finish, start, tls_job
 from vfl_cli.errors import DataError, ProtocolError
 from vfl_cli.job import JobSpec, load_job
 from vfl_cli.party import PartyContext
-from vfl_cli.peer import LocalPeer, run_both
+from vfl_cli.grid import LocalGrid, run_all
 from vfl_cli.protocol import BatchKey, Kind
 from vfl_cli.psi.session import psi_locally, psi_session
 
@@ -74,7 +74,7 @@ def test_psi_over_https_finds_exactly_the_common_customers(organisations: tuple[
     leader_code, leader_out, leader_err = finish(leader)
     follower_code, follower_out, follower_err = finish(follower)
     assert (leader_code, follower_code) == (0, 0), leader_err + follower_err
-    digests = {re.search(r"intersection digest (\w+)", out).group(1) for out in (leader_out, follower_out)}
+    digests = {re.search(r"common-set digest (\w+)", out).group(1) for out in (leader_out, follower_out)}
     assert len(digests) == 1 and f"{len(common):,} customers in common" in leader_out
 
     data_dir = Path(spec["data"]["dir"])
@@ -185,13 +185,13 @@ def test_psi_reruns_write_the_same_data_and_new_customers_get_scored(
     assert all(0.0 <= float(row["probability"]) <= 1.0 for row in rows)
 
 
-class ShortChangingPeer(LocalPeer):
-    """The follower's end of the pipe, sending one point fewer in each blinded batch than it announced."""
+class ShortChangingGrid(LocalGrid):
+    """The follower's end of the grid, sending one point fewer in each blinded batch than it announced."""
 
-    def send(self, kind: Kind, key: BatchKey, tensors: dict[str, torch.Tensor]) -> None:
+    def send(self, dst: str, kind: Kind, key: BatchKey, tensors: dict[str, torch.Tensor]) -> None:  # type: ignore[override]
         if kind == "psi_blinded":
             tensors = {name: t[:-1] for name, t in tensors.items()}
-        super().send(kind, key, tensors)
+        super().send(dst, kind, key, tensors)
 
 
 def test_a_peer_that_sends_fewer_points_than_it_announced_is_refused(
@@ -199,10 +199,11 @@ def test_a_peer_that_sends_fewer_points_than_it_announced_is_refused(
 ) -> None:
     spec, job_path = organisations
     job = load_with_passwords(job_path)
-    leader_peer, honest = LocalPeer.pair(job.transport.timeout_s)
-    follower_peer = ShortChangingPeer(honest._inbox, honest._outbox, job.transport.timeout_s)
-    with pytest.raises(ProtocolError, match=r"the peer's blinded batch 0: .* expected uint8 \[256, 32\] as the peer "
-                                            r"announced"):
-        run_both({"leader": (partial(psi_session, PartyContext.of(job, "leader"), leader_peer), leader_peer),
-                  "follower": (partial(psi_session, PartyContext.of(job, "follower"), follower_peer), follower_peer)})
+    grids = LocalGrid.star("leader", ("follower",), job.transport.timeout_s)
+    honest = grids["follower"]
+    grids["follower"] = ShortChangingGrid("follower", ("leader",), False, honest._channels, job.transport.timeout_s)
+    with pytest.raises(ProtocolError, match=r"the follower's blinded batch 0: .* expected uint8 \[256, 32\] as the "
+                                            r"peer announced"):
+        run_all({role: (partial(psi_session, PartyContext.of(job, role), grid), grid) for role, grid in grids.items()},
+                "leader")
     assert not (Path(spec["data"]["dir"]) / "leader" / "meta.json").exists()

@@ -195,7 +195,7 @@ def test_eval_and_infer_refuse_checkpoints_of_different_steps(
     job = parse_job(local_spec)
     run_local(job, train_session)
     drop_newest(job, behind)
-    ahead = job.peer_role(behind)
+    ahead = next(r for r in job.parties if r != behind)
     needle = (f"checkpoints differ: the {ahead}'s is newer than the {behind}'s: run \\w{{8}} step 30 "
               r"\(end of epoch 1\) against step 28 \(epoch 1 step 13\)")
     with pytest.raises(ProtocolError, match=needle):

@@ -39,15 +39,14 @@ def test_a_tail_carve_holds_out_the_last_rows_whatever_the_seed() -> None:
 
 
 def test_a_tail_split_validates_on_the_last_stored_rows_at_both_parties(tmp_path: Path) -> None:
-    from vfl_cli.peer import LocalPeer
+    from vfl_cli.grid import LocalGrid
     from vfl_cli.train.session import open_run
 
     spec = job_dict(tmp_path)
     spec["data"].update(valid_fraction=0.25, valid_split="tail")
     write_planted_data(Path(spec["data"]["dir"]), rows=400)
     job = parse_job(spec)
-    leader_end, follower_end = LocalPeer.pair()
-    for role, end in (("leader", leader_end), ("follower", follower_end)):
+    for role, end in LocalGrid.star("leader", ("follower",)).items():
         run = open_run(PartyContext.of(job, role), end)
         stored = np.asarray(run.data.split("train").sample_ids)
         valid = run.view("valid").sample_ids

@@ -351,9 +351,13 @@ def agree(leader: Hello, *followers: Hello) -> Agreement:
 
 def agreed_hello(leader: Hello, followers: Sequence[Hello]) -> Hello:
     """The Hello the leader answers every follower with in `vfl train`: the agreement over all the Hellos as its
-    run and steps, so that `agree(answer, follower)` at each follower is the leader's `agree(leader, *followers)`
-    (ProtocolError, before anything is answered, where the runs differ)."""
-    agreed = agree(leader, *followers)
+    run and steps, so that `agree(answer, follower)` at each follower is the leader's `agree(leader, *followers)`.
+    Where the parties hold different runs, its own Hello: each follower then finds the difference itself, and
+    the leader stops the others."""
+    try:
+        agreed = agree(leader, *followers)
+    except ProtocolError:
+        return leader
     return dataclasses.replace(leader, run_id=agreed.run_id, checkpoint_steps=(agreed.step,) if agreed.step else ())
 
 

@@ -272,7 +272,8 @@ class JobSpec(_Spec):
         for key, party in criteo:  # one Criteo file holds them all
             shared = sorted(f for f in party.fields if f in seen)
             if shared:
-                raise ValueError(f"parties: field(s) {', '.join(shared)} held by both {seen[shared[0]]} and {key}")
+                both = " and ".join(sorted((seen[shared[0]], key)))
+                raise ValueError(f"parties: field(s) {', '.join(shared)} held by both {both}")
             seen |= dict.fromkeys(party.fields, key)
         task = self.leader.task
         if task != "binary" and self.privacy.marvell is not None:

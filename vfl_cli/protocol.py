@@ -130,19 +130,13 @@ Answer = Callable[[Hello, dict[str, Hello]], Hello]  # the same, given the leade
 
 def meet(ctx: PartyContext, grid: Grid, mine: Hello, answer: Answer | None = None) -> dict[str, Hello]:
     """Exchange Hellos with every peer (a follower: the leader; the leader: every follower) and return theirs by
-    party key. A peer that is not the job's party, or differs in anything all must share, stops the run here
-    (train, eval, infer and psi alike); the leader checks every follower's before it answers any, and answers
-    with `answer(mine, theirs)` (default `mine`)."""
-
-    def checked(theirs: dict[str, Hello]) -> Hello:
-        for key, hello in theirs.items():
-            _check_peer(ctx, key, mine, hello)
-        return mine if answer is None else answer(mine, theirs)
-
-    theirs = grid.handshake(mine, checked)
-    if not ctx.is_leader:
-        for key, hello in theirs.items():
-            _check_peer(ctx, key, mine, hello)
+    party key; the leader answers with `answer(mine, theirs)` (default `mine`). A peer that is not the job's
+    party, or differs in anything all must share, stops the run here (train, eval, infer and psi alike). Every
+    party checks what it received itself, after the exchange, so that a follower whose job differs stops with
+    the difference, as the leader does; the leader's stop then reaches every other follower as an abort."""
+    theirs = grid.handshake(mine, (lambda hellos: answer(mine, hellos)) if answer else (lambda _: mine))
+    for key, hello in theirs.items():
+        _check_peer(ctx, key, mine, hello)
     return theirs
 
 

@@ -73,7 +73,7 @@ class SplitModel(nn.Module):
         return self.top([own, *(bottom(*pair) for bottom, pair in zip(self.followers, pairs[1:], strict=True))])
 
     def bottoms(self) -> list[Bottom]:
-        return [b for b in (self.leader, *self.followers) if b is not None]  # type: ignore[misc]
+        return [b for b in (self.leader, *self.followers) if b is not None]
 
     def wide_parameters(self) -> list[Tensor]:
         return [p for b in self.bottoms() for p in b.wide_parameters()]

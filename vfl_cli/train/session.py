@@ -165,8 +165,8 @@ def train_session(run: PartyRun, restart: bool = False) -> TrainOutcome:
 
 def load_agreed_model(run: PartyRun, run_dir: Path, command: str, extra: dict[str, str]) -> None:
     """Load this party's newest checkpoint, once the handshake shows every other party's is the same run and
-    step (the leader checks them all before it answers). A party without one still shakes hands (run id ""),
-    so that every party stops with the reason."""
+    step (the leader checks every follower's, a follower the leader's). A party without one still shakes hands
+    (run id ""), so that every party stops with the reason."""
     store = CheckpointStore(run_dir / run.role, run.job.fingerprint())
     payload: dict[str, Any] | None = None
     problem: CheckpointError | None = None
@@ -176,16 +176,10 @@ def load_agreed_model(run: PartyRun, run_dir: Path, command: str, extra: dict[st
     except CheckpointError as exc:
         problem = exc
     run_id, steps = (payload["run_id"], (payload["step"],)) if payload else ("", ())
-    steps_per_epoch = run.steps_per_epoch if "train" in run.data.meta.splits else None
-
-    def checked(mine: Hello, theirs: dict[str, Hello]) -> Hello:
-        if problem is None:
-            same_checkpoint(mine, *theirs.values(), steps_per_epoch=steps_per_epoch)
-        return mine
-
-    leader, followers = handshake(run, command, run_id, steps, extra, checked)
+    leader, followers = handshake(run, command, run_id, steps, extra)
     if problem is not None:
         raise problem
+    steps_per_epoch = run.steps_per_epoch if "train" in run.data.meta.splits else None
     same_checkpoint(leader, *followers, steps_per_epoch=steps_per_epoch)
     assert payload is not None
     restore(run, payload, store.directory / file_name(payload["step"]))

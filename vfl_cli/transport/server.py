@@ -83,7 +83,9 @@ def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = No
         if name is None or ctx.peer_key(name) is None:
             # Any holder of a certificate from the job's CA gets this far: the answer names no party, our log does.
             seen = "no client certificate" if name is None else f"certificate CN {name[:64]!r}"
-            raise Refusal(403, FORBIDDEN, "forbidden", f"{seen}, expected one of {', '.join(ctx.peers)}")
+            names = [repr(peer.name) for peer in ctx.peers.values()]
+            expected = names[0] if len(names) == 1 else f"one of {', '.join(names)}"
+            raise Refusal(403, FORBIDDEN, "forbidden", f"{seen}, expected {expected}")
         return name
 
     async def read_message(request: Request) -> tuple[str, Message, int]:
