@@ -99,6 +99,7 @@ class PartyRun:
     reporter: Reporter
     run_dir: Path  # <train.run_dir>/<role>
     telemetry: Telemetry  # counters for /metrics (steps, samples, step latency, test AUC, resumes)
+    waited_s: float = 0.0  # the leader's time waiting for the followers' cuts in training, since the last log line
 
     @property
     def is_leader(self) -> bool:
@@ -185,8 +186,11 @@ def follower_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> None:
 def gather_cuts(run: PartyRun, key: BatchKey, rows: int) -> dict[str, dict[str, torch.Tensor]]:
     """Every follower's cut of this batch at the leader, by key in the job's order. Each follower sent its own
     as soon as it had computed it, so the waits overlap: the whole gather takes as long as the slowest."""
-    return {f: _received(run.grid.receive(f, "embeddings", key), key, rows, run.context.cut_widths, run.party.device)
+    started = time.perf_counter()
+    cuts = {f: _received(run.grid.receive(f, "embeddings", key), key, rows, run.context.cut_widths, run.party.device)
             for f in run.context.followers}
+    run.waited_s += time.perf_counter() - started
+    return cuts
 
 
 def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> float:
@@ -231,7 +235,8 @@ def train_epoch(run: PartyRun, run_id: str, epoch: int, start: int = 0) -> float
     total = run.steps_per_epoch
     run.party.train(True)
     run.reporter.begin(f"{run.role} epoch {epoch}", len(split) - min(start * job.train.batch_size, len(split)))
-    started, samples = time.perf_counter(), 0
+    started, samples, logged = time.perf_counter(), 0, start
+    run.waited_s = 0.0
     batches = iterate(split, job.train.batch_size, job.seed, epoch, shuffle=True, start=start)
     for step, batch in enumerate(batches, start=start):
         key = BatchKey("train", epoch, step)
@@ -250,8 +255,11 @@ def train_epoch(run: PartyRun, run_id: str, epoch: int, start: int = 0) -> float
         if run.is_leader and ((step + 1) % job.train.log_every == 0 or step + 1 == total):
             with_l2 = deep_loss(run, loss)
             run.reporter.log(log_line(epoch, step + 1, total, loss, with_l2))
+            # cut_wait_s: per step since the last line, the leader's wait for the slowest follower's cut
             run.write_metrics({"event": "step", "epoch": epoch, "step": step + 1, "global_step": done,
-                               "wide_loss": loss, "deep_loss": with_l2})
+                               "wide_loss": loss, "deep_loss": with_l2,
+                               "cut_wait_s": run.waited_s / (step + 1 - logged)})
+            run.waited_s, logged = 0.0, step + 1
     run.reporter.end()
     return samples / max(time.perf_counter() - started, 1e-9)
 
