@@ -35,7 +35,7 @@ def joint_losses(job: JobSpec, steps: int) -> list[float]:
     """The same model as one module, trained on the same batches: the oracle split training must equal (any
     number of followers)."""
     device = torch.device("cpu")
-    keys = (job.label_party, *job.followers)
+    keys = job.keys
     data = {key: open_party(job.data.dir, key) for key in keys}
     parts = {key: build_party(job, key, data[key].meta, device) for key in keys}
     leader = parts[job.label_party]

@@ -298,6 +298,11 @@ class JobSpec(_Spec):
         return tuple(key for key in self.parties if key != self.label_party)
 
     @property
+    def keys(self) -> tuple[str, ...]:
+        """Every party's key: the leader's, then the followers' in the job's order."""
+        return (self.label_party, *self.followers)
+
+    @property
     def follower(self) -> PartySpec:
         """The first follower (the only one of a two-party job)."""
         return self.parties[self.followers[0]]
@@ -315,7 +320,7 @@ class JobSpec(_Spec):
     def party(self, role: str) -> PartySpec:
         """The party keyed `role`; JobError naming the job's parties for any other."""
         if role not in self.parties:
-            raise JobError(f"unknown party {role!r}; this job's parties are {', '.join(self.parties)}")
+            raise JobError(f"unknown party {role!r}; this job's parties are {', '.join(self.keys)}")
         return self.parties[role]
 
     def peers_of(self, role: str) -> tuple[str, ...]:
@@ -330,7 +335,7 @@ class JobSpec(_Spec):
         """`--party`'s value, a key in `parties:` or a party's name, as the party's key; JobError otherwise."""
         key = party if party in self.parties else self.key_of(party)
         if key is None:
-            raise JobError(f"--party {party}: this job's parties are {', '.join(self.parties)}")
+            raise JobError(f"--party {party}: this job's parties are {', '.join(self.keys)}")
         return key
 
     def fingerprint(self) -> str:

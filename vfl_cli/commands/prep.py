@@ -240,7 +240,7 @@ def split(
     spec = load_job(job)
     target = out if out is not None else spec.data.dir.parent / "organisations"
     with make_progress("rows") as progress:
-        schemas = [spec.table_schema(r) for r in (spec.label_party, *spec.followers)]
+        schemas = [spec.table_schema(r) for r in spec.keys]
         result = split_parties(input, schemas, overlap, spec.seed if seed is None else seed, target,
                                on_progress=_Bars(progress))
     for role, (path, rows) in result.tables.items():

@@ -68,7 +68,7 @@ def pick_party(spec: JobSpec, role: str | None, party: str | None) -> str | None
             raise JobError("give --role or --party, not both")
         return spec.party_key(party)
     if role is None:
-        raise JobError(f"name this party: --party {' | '.join(spec.parties)} (or --role local)")
+        raise JobError(f"name this party: --party {' | '.join(spec.keys)} (or --role local)")
     if role == "leader":
         return spec.label_party
     if role == "follower":

@@ -96,7 +96,7 @@ def build_party(job: JobSpec, role: str, meta: PartyMeta, device: torch.device, 
     leader = job.is_leader(role)
     if leader:
         task = task or Task.of(job.leader.task, tuple(meta.classes))
-        cuts = [job.cut_widths(key) for key in (job.label_party, *job.followers)]
+        cuts = [job.cut_widths(key) for key in job.keys]
         top = build_top(job.model, job.seed, cuts, task.width)
     if bottom is not None:
         bottom = bottom.to(device)
