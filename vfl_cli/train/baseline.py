@@ -40,14 +40,13 @@ from vfl_cli.train.loop import (
     EvalResult,
     Reporter,
     TrainOutcome,
-    choose,
     job_carve,
     log_line,
     score,
-    stopped_before,
 )
 from vfl_cli.train.metrics_log import MetricsLog
 from vfl_cli.train.parties import bf16_autocast, use_bf16
+from vfl_cli.train.selection import choose, stopped_before
 from vfl_cli.train.session import leader_task
 
 

@@ -54,6 +54,7 @@ from vfl_cli.train.batches import (
 )
 from vfl_cli.train.metrics_log import MetricsLog
 from vfl_cli.train.parties import PartyModel
+from vfl_cli.train.selection import choose, stopped_before
 
 
 def job_carve(job: JobSpec, train_rows: int) -> Carve | None:
@@ -329,29 +330,6 @@ def train(run: PartyRun, run_id: str, start: Position) -> Iterator[tuple[int, fl
             return
 
 
-@dataclass(frozen=True)
-class Selection:
-    step: int  # the best epoch's checkpoint so far
-    epoch: int
-    valid_score: float  # its validation score (the task's primary metric)
-    stop: bool  # early stopping ends training here
-
-
-def choose(store: CheckpointStore, run_id: str, job: JobSpec, task: Task, epoch: int, step: int,
-           scores: dict[str, float]) -> Selection:
-    """After epoch `epoch` (checkpointed at `step`, validation `scores`): the best epoch so far by the task's
-    primary metric (ties by its tiebreak metric), kept as the selected checkpoint when it is this one, and
-    whether `train.early_stopping` ends training. One rule for the leader of a split run and for the baselines."""
-    best = store.selected(run_id)
-    value, tie = scores[task.primary.name], scores[task.tiebreak.name]
-    if best is None or task.better(value, best["valid_score"], tie, best.get("valid_tiebreak")):  # NaN never wins
-        store.select(run_id, step, epoch, value, tie)
-        best = {"step": step, "epoch": epoch, "valid_score": value}
-    patience = job.train.early_stopping
-    stop = patience is not None and epoch - best["epoch"] >= patience.patience
-    return Selection(best["step"], best["epoch"], best["valid_score"], stop)
-
-
 def select(run: PartyRun, run_id: str, epoch: int, step: int, result: EvalResult | None) -> bool:
     """After epoch `epoch` (checkpointed at `step`): the leader, which alone sees the validation score, picks the
     best epoch so far and whether to stop, and tells every follower (one `selection` message each: two
@@ -375,15 +353,6 @@ def select(run: PartyRun, run_id: str, epoch: int, step: int, result: EvalResult
         raise ProtocolError(f"the leader selected step {best_step}, which this side never selected "
                             f"(it holds {held['step'] if held else 'none'}); rerun every party with --restart")
     return stop
-
-
-def stopped_before(store: CheckpointStore, job: JobSpec, run_id: str, start: Position) -> bool:
-    """Whether a resumed run had already stopped early, read from the store's own selection record (so both
-    parties, and a baseline, decide alike)."""
-    patience, held = job.train.early_stopping, store.selected(run_id)
-    if patience is None or held is None or start.epoch_step != 0 or start.epoch == 0:
-        return False
-    return start.epoch - 1 - held["epoch"] >= patience.patience
 
 
 def final_test(run: PartyRun) -> EvalResult | None:
