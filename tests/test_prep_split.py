@@ -157,3 +157,11 @@ def test_real_sample_round_trip(tmp_path: Path) -> None:
     result = split_parties(SAMPLE, [job.table_schema(r) for r in ROLES], 0.8, job.seed, tmp_path / "tables")
     assert result.source_rows == 7200
     round_trip(SAMPLE, tmp_path / "tables", REPO / "jobs/criteo.yaml", tmp_path / "prepared", customers=30)
+
+
+def test_three_tables_each_row_in_all_or_in_exactly_one() -> None:
+    members = np.array(membership(3, 30_000, 0.4, parties=3))
+    every = members.all(axis=0)
+    assert abs(every.mean() - 0.4) < 0.01
+    assert (members[:, ~every].sum(axis=0) == 1).all()  # the rest: in exactly one table
+    assert all(abs(m[~every].mean() - 1 / 3) < 0.02 for m in members)
