@@ -29,8 +29,9 @@ __all__ = ["PLOTS", "RunMetrics", "baseline_score", "build_report", "read_run"]
 
 
 def build_report(run_dir: Path, out: Path, job: JobSpec | None = None) -> Path:
-    """Read `<run_dir>/leader/metrics.jsonl`, write the plots and report.html into `out`; returns the page."""
-    run = read_run(run_dir / "leader" / "metrics.jsonl")
+    """Read the leader's `<run_dir>/<label party>/metrics.jsonl`, write the plots and report.html into `out`;
+    returns the page."""
+    run = read_run(run_dir / (job.label_party if job else "leader") / "metrics.jsonl")
     page = out / "report.html"
     try:
         out.mkdir(parents=True, exist_ok=True)
