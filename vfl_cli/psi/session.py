@@ -1,8 +1,8 @@
 """`vfl psi` for one party: its table's customer ids through the PSI, over any `Grid` (HTTPS, or in memory for
 `--role local`), then its rows of the common set written as aligned training data.
 
-With more than one follower the leader runs the two-party PSI below with each follower in turn (a fresh
-secret scalar per pair), takes the ids it has in common with every one of them, and tells each follower
+With more than one follower the leader runs the two-party PSI below with every follower at once (a thread
+and a fresh secret scalar per pair), takes the ids it has in common with every one of them, and tells each follower
 which of the pair's common ids are in that set: one `psi_common` bit mask over the pair's intersection in
 its agreed order (`psi.batch_size` bytes per message). Every party then sorts its rows of the common set by
 customer id: the one order all agree on. What each learns: the leader every pairwise intersection and every
@@ -22,6 +22,8 @@ both. The numbers of ids are announced in the Hellos: a batch of another size th
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -108,12 +110,17 @@ def psi_session(
                   for key, hello in theirs.items()}
     for key, size in peer_sizes.items():
         check_peer_size(key, size, job.psi.min_intersection)
-    pairs: dict[str, Intersection] = {}
-    for key in ctx.peers:  # the leader: one PSI per follower, a fresh scalar each; a follower: the one
-        party = PsiParty(role, ids, tag, threads=ctx.spec.threads or 1, peer=key)
+    reporter.begin(f"{role} psi", sum(len(ids) + size for size in peer_sizes.values()))
+
+    def pair(key: str) -> Intersection:
+        party = PsiParty(role, ids, tag, threads=ctx.spec.threads or 1, peer=key)  # a fresh scalar per pair
         kept = _rounds(party, grid, key, peer_sizes[key], job.psi.batch_size, reporter)
-        pairs[key] = party.intersect(kept, peer_size=peer_sizes[key])
-        check_min_intersection(pairs[key], job.psi.min_intersection)
+        found = party.intersect(kept, peer_size=peer_sizes[key])
+        check_min_intersection(found, job.psi.min_intersection)
+        return found
+
+    pairs = _each_peer(grid, tuple(ctx.peers), pair)
+    reporter.end()
     rows = _common_rows(ctx, grid, pairs)
     if len(rows) < job.psi.min_intersection:
         raise DataError(f"only {len(rows):,} customers are in every party's table, fewer than psi.min_intersection "
@@ -128,6 +135,23 @@ def psi_session(
     aligned = write_aligned(data, rows, target, job.seed, None if out else job.data.test_fraction, summary)
     return PsiOutcome(len(rows), len(ids), peer_sizes, summary["pairwise"], digest, target / role,
                       {name: split.rows for name, split in aligned.splits.items()})
+
+
+def _each_peer(grid: Grid, peers: tuple[str, ...], work: Callable[[str], Intersection]) -> dict[str, Intersection]:
+    """`work(peer)` for every peer at once (the leader: one PSI per follower, so that no follower waits out its
+    timeout while the leader works with another; libsodium runs without the GIL). On the first failure every
+    peer is told at once, so that no pair is left waiting."""
+    if len(peers) == 1:
+        return {peers[0]: work(peers[0])}
+    pool = ThreadPoolExecutor(len(peers), thread_name_prefix="vfl-psi")
+    futures = {key: pool.submit(work, key) for key in peers}
+    try:
+        return {key: future.result() for key, future in futures.items()}
+    except BaseException as exc:
+        grid.abort(f"the PSI with a follower failed: {exc}")
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _common_rows(ctx: PartyContext, grid: Grid, pairs: dict[str, Intersection]) -> np.ndarray:
@@ -164,7 +188,6 @@ def _rounds(party: PsiParty, grid: Grid, peer: str, peer_size: int, batch_size: 
     my_batches = party.blinded_batches(batch_size)
     mine, theirs = -(-party.size // batch_size), -(-peer_size // batch_size)
     kept: list[np.ndarray] = []
-    reporter.begin(f"{party.role} psi with the {peer}", party.size + peer_size)
     for step in range(max(mine, theirs)):
         key = BatchKey("psi", 0, step)
         if step < mine:
@@ -180,7 +203,6 @@ def _rounds(party: PsiParty, grid: Grid, peer: str, peer_size: int, batch_size: 
             party.add_my_double_blinded(_points(grid.receive(peer, "psi_reblinded", key), expected,
                                                 f"our batch {step} returned by the {peer}"))
             reporter.advance(expected)
-    reporter.end()
     return kept
 
 
