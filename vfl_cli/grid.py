@@ -15,7 +15,6 @@ import queue
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from vfl_cli.errors import PeerAborted, PeerTimeout, ProtocolError
@@ -50,26 +49,12 @@ class Grid(ABC):
         """Tell every peer we stopped (best effort, never raises)."""
 
     def send_each(self, kind: Kind, key: BatchKey, by_peer: dict[str, WireTensors]) -> None:
-        """Send each peer its own message, all at once (one slow peer does not hold up the others' sends)."""
-        if len(by_peer) == 1:
-            (dst, tensors), = by_peer.items()
+        """Send each peer its own message (a networked grid sends them all at once)."""
+        for dst, tensors in by_peer.items():
             self.send(dst, kind, key, tensors)
-            return
-        futures = [self._pool().submit(self.send, dst, kind, key, tensors) for dst, tensors in by_peer.items()]
-        for future in futures:
-            future.result()  # the first failure, after every send has ended
 
-    def _pool(self) -> ThreadPoolExecutor:
-        pool = getattr(self, "_senders", None)
-        if pool is None:
-            pool = self._senders = ThreadPoolExecutor(max(len(self.peers), 1), thread_name_prefix="vfl-send")
-        return pool
-
-    def close(self) -> None:
-        """Release connections, servers and the send threads."""
-        pool = getattr(self, "_senders", None)
-        if pool is not None:
-            pool.shutdown(wait=False)
+    def close(self) -> None:  # noqa: B027 - optional hook, an in-memory grid has nothing to release
+        """Release connections and servers."""
 
     def __enter__(self) -> Grid:
         return self

@@ -21,6 +21,9 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 
@@ -102,6 +105,7 @@ class HttpsGrid(Grid):
         self._fingerprint = job.fingerprint()
         self._session = ""  # known once the handshake is done
         self._inbox = Inbox(job.transport.max_pending)
+        self._senders: ThreadPoolExecutor | None = None  # for sending to several peers at once
         self.telemetry = telemetry or Telemetry(role)
 
         if job.tls.enabled:
@@ -158,10 +162,21 @@ class HttpsGrid(Grid):
         return theirs
 
     def send_hellos(self, answer: Hello, deadline: float) -> None:
-        if len(self.peers) == 1:
-            self._post_hello(self.peers[0], answer, deadline)
+        self._at_once([(self._post_hello, (key, answer, deadline)) for key in self.peers])
+
+    def send_each(self, kind: Kind, key: BatchKey, by_peer: dict[str, WireTensors]) -> None:
+        """Each follower's message at once, one thread per peer: a slow follower does not hold up the others."""
+        self._at_once([(self.send, (dst, kind, key, tensors)) for dst, tensors in by_peer.items()])
+
+    def _at_once(self, calls: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+        """Run the calls concurrently (in this thread when there is one); raise the first failure after all end."""
+        if len(calls) == 1:
+            function, args = calls[0]
+            function(*args)
             return
-        futures = [self._pool().submit(self._post_hello, key, answer, deadline) for key in self.peers]
+        if self._senders is None:
+            self._senders = ThreadPoolExecutor(len(self.peers), thread_name_prefix="vfl-send")
+        futures = [self._senders.submit(function, *args) for function, args in calls]
         for future in futures:
             future.result()
 
@@ -223,7 +238,8 @@ class HttpsGrid(Grid):
                 log.info("could not tell %s that we stopped: %s", channel.name, exc)
 
     def close(self) -> None:
-        super().close()
+        if self._senders is not None:
+            self._senders.shutdown(wait=False)
         for channel in self._channels.values():
             channel.client.close()
         self._server.stop()
