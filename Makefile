@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= jobs/smoke.yaml
 
-.PHONY: install test test-all lint demo smoke-test soak audit precision-auc bench bench-prep bench-train bench-psi bench-quality sample-auc clean
+.PHONY: install test test-all lint demo smoke-test smoke-test-3 soak audit precision-auc bench bench-prep bench-train bench-psi bench-quality sample-auc clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ demo: $(STAMP)
 # The same flow on a tiny job, asserting the outcome (both exit 0, AUC >= leader-only + 0.03, two-process == local).
 smoke-test: $(STAMP)
 	$(BIN)/python scripts/demo.py jobs/smoke.yaml --check
+
+# The same on a three-party job (the follower's columns divided between two followers), asserting the same for every party.
+smoke-test-3: $(STAMP)
+	$(BIN)/python scripts/demo.py jobs/smoke3.yaml --check
 
 # Not in CI (minutes): two parties through a fault-injecting proxy, a kill -9 mid-run, then a resume;
 # prints what the run survived and checks the final AUC against a run without network.

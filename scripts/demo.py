@@ -1,18 +1,21 @@
-"""The README's demo, end to end on loopback, as two organisations would run it: synthetic data cut into the
-leader's and the follower's own tables (80% of customers in common, different rows, different orders), each
-table prepared by its owner, dev certificates, a private set intersection over mutually authenticated HTTPS,
-leader and follower training as two processes, evaluation, then a file of new customers prepared with the
-trained vocabularies, intersected again and scored; then `vfl report` plots the training run into one HTML
-page. Ends with a summary.
+"""The README's demo, end to end on loopback, as the organisations would run it, for any number of parties (the
+job's `parties:`: the leader, named by `label_party`, and one or more followers): synthetic data cut into each
+organisation's own table (80% of customers in every table, different rows, different orders), each table prepared
+by its owner, dev certificates, a private set intersection over mutually authenticated HTTPS, one training
+process per party, evaluation, then a file of new customers prepared with the trained vocabularies, intersected
+again and scored; then `vfl report` plots the training run into one HTML page. Ends with a summary.
 
-    python scripts/demo.py jobs/demo.yaml            # make demo
-    python scripts/demo.py jobs/smoke.yaml --check   # make smoke-test: also asserts the outcome
+    python scripts/demo.py jobs/demo.yaml             # make demo: leader and follower
+    python scripts/demo.py jobs/smoke.yaml --check    # make smoke-test: also asserts the outcome
+    python scripts/demo.py jobs/smoke3.yaml --check   # make smoke-test-3: the same with two followers
 
---check asserts that every process exits 0, that each PSI finds exactly the customers both tables hold, that
-the test AUC beats the leader-only baseline by 0.03 or more, that the two-process run gives the same test AUC
-as `--role local` on the same job (to 1e-6), and that the predictions for the new customers are one
-`id,probability` row per customer of the new intersection, with probabilities in [0, 1], whose AUC against the
-new customers' labels (which only the simulation knows) beats 0.5 clearly too.
+Every per-party command runs once per party with `--party KEY`: the followers in the background (output to the
+log directory), the leader in the foreground. --check asserts that every process exits 0, that each PSI finds
+exactly the customers all tables hold, that the test AUC beats the leader-only baseline by 0.03 or more, that the
+run as one process per party gives the same test AUC as `--role local` on the same job (to 1e-6), and that the
+predictions for the new customers are one `id,probability` row per customer of the new intersection, with
+probabilities in [0, 1], whose AUC against the new customers' labels (which only the simulation knows) beats 0.5
+clearly too.
 """
 
 from __future__ import annotations
@@ -35,15 +38,41 @@ from typing import Any
 import yaml
 
 VFL = [sys.executable, "-m", "vfl_cli.app"]
-ROLES = ("leader", "follower")
-OVERLAP = "0.8"  # share of the source rows both organisations hold
+OVERLAP = "0.8"  # share of the source rows every organisation holds
+FOLLOWER_TIMEOUT_S = 120  # how long a follower may take to finish once the leader has
 AUC_LINE = re.compile(r"test: AUC (\d+\.\d+)")
 TRAFFIC_LINE = re.compile(r"sent ([\d,.]+) MB, received ([\d,.]+) MB")
-PSI_LINE = re.compile(r"([\d,]+) customers in common, of ([\d,]+) here and ([\d,]+) at the")
+PSI_LINE = re.compile(r"^(\S+): ([\d,]+) customers in common, of ([\d,]+) here and (.*?); wrote", re.MULTILINE)
+PSI_PEER = re.compile(r"([\d,]+) at the ([^\s,;]+)")
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 
 
 def step(title: str) -> None:
     print(f"\n==> {title}", flush=True)
+
+
+def number(n: int) -> str:
+    return NUMBERS.get(n, str(n))
+
+
+def listing(names: Sequence[str]) -> str:
+    """'leader and follower', 'leader, follower1 and follower2'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def party_keys(spec: dict[str, Any]) -> tuple[str, ...]:
+    """The job's parties by key: the leader (`label_party`, default "leader") first, then the followers in order."""
+    leader = str(spec.get("label_party", "leader"))
+    if leader not in spec["parties"]:
+        sys.exit(f"demo: the job has no label party {leader!r} under parties:")
+    return (leader, *(key for key in spec["parties"] if key != leader))
+
+
+def set_key_passwords(spec: dict[str, Any]) -> None:
+    """Dev key passwords: generated per demo, passed by environment only, one per party that names its variable."""
+    for party in spec["parties"].values():
+        if party.get("key_password_env"):
+            os.environ.setdefault(str(party["key_password_env"]), secrets.token_urlsafe(16))
 
 
 def vfl(*args: str) -> str:
@@ -55,31 +84,41 @@ def vfl(*args: str) -> str:
     return done.stdout
 
 
-def two_parties(*args: str, log_dir: Path, role_args: Mapping[str, Sequence[str]] | None = None) -> tuple[str, str]:
-    """Run the same vfl command as follower (background, output to log_dir) and leader; both must exit 0.
-    Each gets `--role <role>` and its own role_args[role] appended (e.g. the leader's --out)."""
-    role_args = role_args or {}
+def every_party(*args: str, keys: Sequence[str], log_dir: Path,
+                party_args: Mapping[str, Sequence[str]] | None = None) -> str:
+    """Run the same vfl command once per party: the followers (keys[1:]) in the background, each with its output
+    in log_dir/<key>-<verb>.log, the leader (keys[0]) in the foreground; all must exit 0. Each gets
+    `--party <key>` and its own party_args[key] appended (e.g. the leader's --out). Returns the leader's stdout."""
+    party_args = party_args or {}
     log_dir.mkdir(parents=True, exist_ok=True)
     verb = args[0]
-    follower_path = log_dir / f"follower-{verb}.log"
+    leader, followers = keys[0], keys[1:]
+    logs = {key: log_dir / f"{key}-{verb}.log" for key in followers}
 
-    def command(role: str) -> list[str]:
-        return [*VFL, *args, "--role", role, *role_args.get(role, ())]
+    def command(key: str) -> list[str]:
+        return [*VFL, *args, "--party", key, *party_args.get(key, ())]
 
-    with follower_path.open("w") as follower_log:
-        follower = subprocess.Popen(command("follower"), stdout=follower_log, stderr=subprocess.STDOUT)
-        try:
-            leader = subprocess.run(command("leader"), stdout=subprocess.PIPE, text=True)
-            follower_code = follower.wait(timeout=120)
-        finally:
-            if follower.poll() is None:
-                follower.kill()
-                follower.wait()
-    print(leader.stdout, end="", flush=True)
-    if leader.returncode != 0 or follower_code != 0:
-        sys.exit(f"demo: `vfl {verb}`: leader exited {leader.returncode}, follower {follower_code}; "
-                 f"follower log: {follower_path}")
-    return leader.stdout, follower_path.read_text()
+    codes: dict[str, int | None] = {}
+    running: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for key in followers:
+            with logs[key].open("w") as log:
+                running[key] = subprocess.Popen(command(key), stdout=log, stderr=subprocess.STDOUT)
+        done = subprocess.run(command(leader), stdout=subprocess.PIPE, text=True)
+        codes[leader] = done.returncode
+        deadline = time.monotonic() + FOLLOWER_TIMEOUT_S
+        for key, process in running.items():
+            codes[key] = process.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        for process in running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    print(done.stdout, end="", flush=True)
+    if any(code != 0 for code in codes.values()):
+        exits = ", ".join(f"{key} {codes.get(key)}" for key in keys)
+        sys.exit(f"demo: `vfl {verb}`: exit codes {exits}; follower logs: {', '.join(map(str, logs.values()))}")
+    return done.stdout
 
 
 def auc_of(output: str) -> float:
@@ -91,32 +130,42 @@ def auc_of(output: str) -> float:
 
 @dataclass(frozen=True)
 class Intersection:
-    """What `vfl psi` told the leader: customers in common, and each side's number of customers."""
+    """What `vfl psi` told the leader: customers in common, and each party's number of customers (leader first)."""
 
     common: int
-    leader: int
-    follower: int
+    sizes: dict[str, int]
 
     @classmethod
     def of(cls, leader_output: str) -> Intersection:
         match = PSI_LINE.search(leader_output)
         if not match:
             sys.exit("demo: no 'customers in common' line in the leader's PSI output")
-        common, mine, peers = (int(group.replace(",", "")) for group in match.groups())
-        return cls(common, mine, peers)
+        me, common, mine, peers = match.groups()
+        sizes = {me: count(mine), **{key: count(size) for size, key in PSI_PEER.findall(peers)}}
+        return cls(count(common), sizes)
 
-    def check(self, expected: set[str]) -> None:
-        """--check: the PSI found exactly the customers both tables hold (the demo can read both)."""
+    def describe(self) -> str:
+        """'16,021 (leader 18,013, follower 17,996)'."""
+        return f"{self.common:,} (" + ", ".join(f"{key} {size:,}" for key, size in self.sizes.items()) + ")"
+
+    def check(self, expected: set[str], keys: Sequence[str]) -> None:
+        """--check: the PSI heard from every party and found exactly the customers all tables hold (the demo can
+        read every table)."""
+        assert set(self.sizes) == set(keys), f"PSI reported {', '.join(self.sizes)}, the job has {', '.join(keys)}"
         assert self.common == len(expected), \
             f"PSI found {self.common:,} customers in common, the tables share {len(expected):,}"
+
+
+def count(figure: str) -> int:
+    return int(figure.replace(",", ""))
 
 
 def cut_lines(source: Path, parts: Sequence[tuple[Path, int]]) -> None:
     """Write the source's lines in order into each part, a given number of lines each (streams)."""
     with source.open() as lines:
-        for path, count in parts:
+        for path, lines_wanted in parts:
             with path.open("w") as out:
-                out.writelines(itertools.islice(lines, count))
+                out.writelines(itertools.islice(lines, lines_wanted))
 
 
 def table_ids(table: Path, column: str) -> list[str]:
@@ -126,22 +175,23 @@ def table_ids(table: Path, column: str) -> list[str]:
 
 
 def common_ids(tables: Path, spec: dict[str, Any]) -> set[str]:
-    """The plain set intersection of the two tables' ids: what the PSI must find (the demo sees both files)."""
-    leader, follower = (set(table_ids(tables / f"{role}.tsv", id_column(spec, role))) for role in ROLES)
-    return leader & follower
+    """The plain set intersection of every party's table ids: what the PSI must find (the demo sees every file)."""
+    ids = [set(table_ids(tables / f"{key}.tsv", id_column(spec, key))) for key in party_keys(spec)]
+    return set.intersection(*ids)
 
 
-def id_column(spec: dict[str, Any], role: str) -> str:
-    return str(spec["parties"][role].get("id_column", "id"))
+def id_column(spec: dict[str, Any], key: str) -> str:
+    return str(spec["parties"][key].get("id_column", "id"))
 
 
 def new_customers_auc(predictions: Path, leader_table: Path, spec: dict[str, Any]) -> float:
     """AUC of the predictions against the new customers' labels: the simulation knows them, a real scorer not."""
     from vfl_cli.metrics import roc_auc  # imports torch: only here
 
-    label_column = str(spec["parties"]["leader"].get("label_column", "label"))
+    leader = party_keys(spec)[0]
+    label_column = str(spec["parties"][leader].get("label_column", "label"))
     with leader_table.open(newline="") as f:
-        labels = {row[id_column(spec, "leader")]: int(row[label_column]) for row in csv.DictReader(f, delimiter="\t")}
+        labels = {row[id_column(spec, leader)]: int(row[label_column]) for row in csv.DictReader(f, delimiter="\t")}
     with predictions.open(newline="") as f:
         scored = [(labels[row["id"]], float(row["probability"])) for row in csv.DictReader(f)]
     return roc_auc([label for label, _ in scored], [probability for _, probability in scored])
@@ -171,16 +221,17 @@ def main() -> None:
     args = parser.parse_args()
     spec = yaml.safe_load(args.job.read_text())
     job = str(args.job)
+    keys = party_keys(spec)
+    leader, n = keys[0], len(keys)
     data_dir = Path(spec["data"]["dir"])
     base = data_dir.parent
     logs = base / "logs"
     rows = args.rows or (20_000 if args.check else 200_000)
     new_rows = args.new_rows or rows // 10
-    for role in ("LEADER", "FOLLOWER"):  # dev key passwords: generated per demo, passed by environment only
-        os.environ.setdefault(f"VFL_{role}_KEY_PASSWORD", secrets.token_urlsafe(16))
+    set_key_passwords(spec)
     started = time.perf_counter()
 
-    # --- two organisations, each with its own table -----------------------------------------------------
+    # --- the organisations, each with its own table -----------------------------------------------------
     step(f"synthetic Criteo-format data: {rows:,} customers to train on, {new_rows:,} new ones to score later")
     # One draw cut in two: `prep synth` spells the categorical values and plants the signal per seed, so new
     # customers drawn with another seed would come from another world (every categorical value unseen).
@@ -188,50 +239,50 @@ def main() -> None:
     vfl("prep", "synth", "--rows", str(rows + new_rows), "--out", str(synthetic), "--seed", "1")
     cut_lines(synthetic, [(raw, rows), (new_raw, new_rows)])
     synthetic.unlink()
-    step(f"two organisations' tables: {OVERLAP} of the customers in both, each table in its own order")
+    step(f"{number(n)} organisations' tables: {OVERLAP} of the customers in all, each table in its own order")
     organisations = base / "organisations"
     vfl("prep", "split", "--input", str(raw), "--job", job, "--overlap", OVERLAP, "--out", str(organisations))
-    for role in ROLES:
-        step(f"the {role} prepares its own table (its columns, its vocabulary)")
-        vfl("prep", "table", "--role", role, "--input", str(organisations / f"{role}.tsv"), "--job", job)
+    for key in keys:
+        step(f"the {key} prepares its own table (its columns, its vocabulary)")
+        vfl("prep", "table", "--party", key, "--input", str(organisations / f"{key}.tsv"), "--job", job)
     step("dev certificates (a CA and one certificate per party)")
     vfl("certs", "--job", job)
-    step("private set intersection of the customer ids, leader and follower over HTTPS")
-    trained_on = Intersection.of(two_parties("psi", "--job", job, log_dir=logs)[0])
+    step(f"private set intersection of the customer ids, {listing(keys)} over HTTPS")
+    trained_on = Intersection.of(every_party("psi", "--job", job, keys=keys, log_dir=logs))
     if args.check:
-        trained_on.check(common_ids(organisations, spec))
+        trained_on.check(common_ids(organisations, spec), keys)
 
     # --- training and evaluation on the aligned rows ----------------------------------------------------
     if args.check:
-        step("reference: both parties in one process (--role local)")
+        step(f"reference: {'both' if n == 2 else f'all {number(n)}'} parties in one process (--role local)")
         local_auc = auc_of(vfl("train", "--role", "local", "--job", job, "--restart"))
         step("reference: the leader's columns alone (--role leader-only)")
         leader_only_auc = auc_of(vfl("train", "--role", "leader-only", "--job", job, "--restart"))
-    step("train: leader and follower as two processes over HTTPS on 127.0.0.1")
-    leader_out, _ = two_parties("train", "--job", job, "--restart", log_dir=logs)
+    step(f"train: {listing(keys)} as {number(n)} processes over HTTPS on 127.0.0.1")
+    leader_out = every_party("train", "--job", job, "--restart", keys=keys, log_dir=logs)
     train_auc = auc_of(leader_out)
     step("evaluate the checkpoint together")
-    two_parties("eval", "--job", job, log_dir=logs)
+    every_party("eval", "--job", job, keys=keys, log_dir=logs)
 
     # --- new customers: prepared with the trained vocabularies, intersected, scored ---------------------
     new = base / "new"
-    step(f"new customers: {new_rows:,} synthetic rows, cut into the two organisations' tables")
+    step(f"new customers: {new_rows:,} synthetic rows, cut into the {number(n)} organisations' tables")
     vfl("prep", "split", "--input", str(new_raw), "--job", job, "--overlap", OVERLAP, "--seed", "2", "--out", str(new))
-    for role in ROLES:
-        step(f"the {role} encodes its new table with its trained vocabulary (unseen values -> OOV)")
-        vfl("prep", "table", "--role", role, "--input", str(new / f"{role}.tsv"), "--job", job,
-            "--vocab-from", str(data_dir / role), "--out", str(new / "tables" / role))
+    for key in keys:
+        step(f"the {key} encodes its new table with its trained vocabulary (unseen values -> OOV)")
+        vfl("prep", "table", "--party", key, "--input", str(new / f"{key}.tsv"), "--job", job,
+            "--vocab-from", str(data_dir / key), "--out", str(new / "tables" / key))
     step("private set intersection of the new customers")
     aligned = new / "aligned"
-    scored = Intersection.of(two_parties(
-        "psi", "--job", job, "--out", str(aligned), log_dir=new / "logs",
-        role_args={role: ["--table", str(new / "tables" / role)] for role in ROLES})[0])
+    scored = Intersection.of(every_party(
+        "psi", "--job", job, "--out", str(aligned), keys=keys, log_dir=new / "logs",
+        party_args={key: ["--table", str(new / "tables" / key)] for key in keys}))
     if args.check:
-        scored.check(common_ids(new, spec))
+        scored.check(common_ids(new, spec), keys)
     step("infer: the leader writes id,probability for the customers in common")
     predictions = new / "predictions.csv"
-    two_parties("infer", "--job", job, "--data", str(aligned), "--split", "all", log_dir=new / "logs",
-                role_args={"leader": ["--out", str(predictions)]})
+    every_party("infer", "--job", job, "--data", str(aligned), "--split", "all", keys=keys, log_dir=new / "logs",
+                party_args={leader: ["--out", str(predictions)]})
 
     # --- report: plots and a one-page summary of the training run ---------------------------------------
     run_dir = Path(spec["train"]["run_dir"])
@@ -239,20 +290,19 @@ def main() -> None:
     report_page = vfl("report", "--run", str(run_dir), "--job", job).strip()
 
     # --- summary ----------------------------------------------------------------------------------------
-    metrics = [json.loads(line) for line in (run_dir / "leader" / "metrics.jsonl").open()]
+    metrics = [json.loads(line) for line in (run_dir / leader / "metrics.jsonl").open()]
     speeds = [m["train_samples_per_s"] for m in metrics if m["event"] == "epoch"]
     traffic = TRAFFIC_LINE.search(leader_out)
     scored_rows = len(predictions.read_text().splitlines()) - 1
-    scored_auc = new_customers_auc(predictions, new / "leader.tsv", spec)
+    scored_auc = new_customers_auc(predictions, new / f"{leader}.tsv", spec)
     step("summary")
-    print(f"customers in common (training):    {trained_on.common:,} "
-          f"(leader {trained_on.leader:,}, follower {trained_on.follower:,})")
-    print(f"test AUC (two parties over HTTPS): {train_auc:.6f}")
+    print(f"customers in common (training):    {trained_on.describe()}")
+    print(f"test AUC ({number(n)} parties over HTTPS): {train_auc:.6f}")
     print(f"training speed, last epoch:        {speeds[-1]:,.0f} samples/s")
     if traffic:
-        print(f"leader received {traffic.group(2)} MB of follower embeddings, sent {traffic.group(1)} MB of gradients")
-    print(f"new customers in common:           {scored.common:,} "
-          f"(leader {scored.leader:,}, follower {scored.follower:,})")
+        sent, received = traffic.group(1), traffic.group(2)
+        print(f"{leader} received {received} MB of follower embeddings, sent {sent} MB of gradients")
+    print(f"new customers in common:           {scored.describe()}")
     print(f"scored {scored_rows:,} new customers -> {predictions}")
     print(f"AUC on the new customers:          {scored_auc:.6f} (against labels only the simulation knows)")
     print(f"training report:                   {report_page}")
@@ -260,10 +310,10 @@ def main() -> None:
     if args.check:
         print(f"local (one process) test AUC:      {local_auc:.6f}")
         print(f"leader-only test AUC:              {leader_only_auc:.6f}")
-        # Half the planted signal is in the follower's columns: without them the leader does clearly worse
+        # Half the planted signal is in the followers' columns: without them the leader does clearly worse
         # (smoke job: 0.741 against 0.658), so a broken follower path fails the smoke test.
         assert train_auc >= leader_only_auc + 0.03, f"AUC {train_auc}: no clear gain over leader-only {leader_only_auc}"
-        assert abs(train_auc - local_auc) <= 1e-6, f"two-process AUC {train_auc} != local AUC {local_auc}"
+        assert abs(train_auc - local_auc) <= 1e-6, f"{n}-process AUC {train_auc} != local AUC {local_auc}"
         check_predictions(predictions, common_ids(new, spec))
         assert scored_auc > 0.6, f"AUC {scored_auc} on the new customers: the model does not carry over"
         assert Path(report_page).is_file(), f"vfl report printed {report_page!r}, not a file"
