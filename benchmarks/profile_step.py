@@ -2,8 +2,9 @@
 two-party run on this 2-core machine).
 
 Runs the leader's and the follower's step as the training loop does (`leader_train_step` / `follower_train_step`
-through a `LocalPeer` whose other end is played by this script with precomputed tensors, so only the party's own
-work is timed), under `torch.profiler`, and groups the time of the top-level operators into buckets:
+through a `LocalGrid.star("leader", ("follower",))` whose other end is played by this script with precomputed
+tensors, so only the party's own work is timed), under `torch.profiler`, and groups the time of the top-level
+operators into buckets:
 
     GEMM (the MLP's matmuls, forward and backward) · embedding gather · embedding backward (dense grad) ·
     L2 term · Adam · FTRL · other autograd/elementwise · data (reading the batch) · outside torch (Python, wire)
@@ -24,8 +25,8 @@ import torch
 
 from benchmarks.train import BENCH_DIR, write_data, write_job
 from data_prep.store import open_party
+from vfl_cli.grid import LocalGrid
 from vfl_cli.job import load_job
-from vfl_cli.peer import LocalPeer
 from vfl_cli.protocol import BatchKey
 from vfl_cli.reporter import SilentReporter
 from vfl_cli.telemetry import Telemetry
@@ -84,7 +85,9 @@ def main() -> None:
         write_data(job, train_rows=(warmup + args.steps) * job.train.batch_size)
         data = open_party(job.data.dir, args.role)
         party = build_party(job, args.role, data.meta, torch.device("cpu"))
-        mine, theirs = LocalPeer.pair(60)
+        other = "follower" if args.role == "leader" else "leader"
+        grids = LocalGrid.star("leader", ("follower",), 60)
+        mine, theirs = grids[args.role], grids[other]
         run = PartyRun(job, args.role, data, party, mine, SilentReporter(), workdir / "run", Telemetry(args.role))
         batch_size = job.train.batch_size
         # The other party, played with fixed tensors: it answers each message at once.
@@ -97,11 +100,11 @@ def main() -> None:
                 key = BatchKey("train", 0, step)
                 try:
                     if args.role == "leader":
-                        theirs.send("embeddings", key, fake)
-                        theirs.receive("gradients", key)
+                        theirs.send("leader", "embeddings", key, fake)
+                        theirs.receive("leader", "gradients", key)
                     else:
-                        theirs.receive("embeddings", key)
-                        theirs.send("gradients", key, {k: v * 1e-4 for k, v in fake.items()})
+                        theirs.receive("follower", "embeddings", key)
+                        theirs.send("follower", "gradients", key, {k: v * 1e-4 for k, v in fake.items()})
                 except Exception:
                     return
                 step += 1

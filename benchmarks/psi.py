@@ -1,11 +1,22 @@
 """`make bench-psi`: the private set intersection of N x N customer ids with 50% overlap, leader and follower
-as two `vfl psi` processes over mutual TLS on 127.0.0.1 (one thread each: both share this 2-core machine).
+as two `vfl psi` processes over mutual TLS on 127.0.0.1 (one thread each: both share this 2-core machine);
+then the same for three parties: a leader and two followers, N ids each, three `vfl psi --party KEY`
+processes over mutual TLS.
 
-    python -m benchmarks.psi [--ids 1000000] [--overlap 0.5]
+    python -m benchmarks.psi [--ids 1000000] [--overlap 0.5] [--only two|three] [--ids3 N]
 
 Each party's table has its ids and one field (the PSI reads only the ids). Prints wall time, ids/s per party
 (its ids blinded + the peer's reblinded, per second of the run) and each process's peak RSS; target: <= 120 s
 and <= 1 GiB per party for 1M x 1M.
+
+The three-party row (runs/bench-psi3/): leader, follower1 and follower2 hold N ids each (`--ids3`, default
+`--ids`). Each follower shares `--overlap` of its ids with the leader, each a half of the leader's ids drawn on
+its own, so the two pairwise overlaps are different sets and the common set is about overlap^2 x N; the
+followers also share 20% of N among the ids the leader lacks, so their own overlap is larger than the common
+set. The leader runs one pairwise PSI per follower, one after the other. Prints wall time, ids/s (all three
+tables' ids per second of wall time, and per party its own ids plus every peer's per second of its run), peak
+RSS per process, and checks the common-set size every party prints (and its digest, the same at all three)
+against numpy's intersection of the three id sets.
 """
 
 from __future__ import annotations
@@ -49,6 +60,106 @@ def job_spec() -> dict:
             "tls": {"enabled": True, "ca": str(certs / "ca.pem")}}
 
 
+THREE = ("leader", "follower1", "follower2")
+BASE3 = Path("runs/bench-psi3")
+
+
+def job_spec3() -> dict:
+    """The three-party job: a leader and two followers, one field each, mutual TLS, generous waits (the second
+    follower waits while the leader runs the first follower's PSI)."""
+    certs = BASE3 / "certs"
+    parties = {}
+    for key, field in zip(THREE, ("I1", "I2", "I3"), strict=True):
+        parties[key] = {"name": key, "fields": [field], "listen": f"127.0.0.1:{free_port()}", "threads": 1,
+                        "cert": str(certs / f"{key}.pem"), "key": str(certs / f"{key}.key"),
+                        "key_password_env": f"VFL_{key.upper()}_KEY_PASSWORD"}
+    return {"name": "bench-psi3", "data": {"dir": str(BASE3 / "data"), "threshold": 1}, "parties": parties,
+            "psi": {"min_intersection": 1}, "transport": {"timeout_s": 1800, "connect_timeout_s": 1800},
+            "tls": {"enabled": True, "ca": str(certs / "ca.pem")}}
+
+
+def three_party_ids(n: int, overlap: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """Each follower: `overlap` x n of the leader's ids (drawn independently per follower), the rest outside the
+    leader's; the followers' outside parts share 20% of n."""
+    rng = np.random.default_rng(seed)
+    shared = int(n * overlap)
+    outside = n - shared  # each follower's ids the leader lacks
+    extra = min(int(n * 0.2), outside)
+    universe = rng.permutation(n + 2 * outside)
+    leader = universe[:n]
+    rest = universe[n:]
+    outsiders = {"follower1": rest[:outside], "follower2": rest[outside - extra : 2 * outside - extra]}
+    ids = {"leader": leader}
+    for key in ("follower1", "follower2"):
+        ids[key] = np.concatenate([rng.choice(leader, size=shared, replace=False), outsiders[key]])
+    return ids
+
+
+def three_party(n: int, overlap: float) -> None:
+    for key in THREE:
+        os.environ.setdefault(f"VFL_{key.upper()}_KEY_PASSWORD", secrets.token_urlsafe(16))
+    BASE3.mkdir(parents=True, exist_ok=True)
+    job = BASE3 / "job.yaml"
+    job.write_text(yaml.safe_dump(job_spec3()))
+    ids = three_party_ids(n, overlap)
+    expected = len(np.intersect1d(np.intersect1d(ids["leader"], ids["follower1"]), ids["follower2"]))
+    pairs = {f"leader & {f}": len(np.intersect1d(ids["leader"], ids[f])) for f in ("follower1", "follower2")}
+    pairs["follower1 & follower2"] = len(np.intersect1d(ids["follower1"], ids["follower2"]))
+    print(f"\nbench-psi three parties: {n:,} ids each; pairwise {', '.join(f'{k} {v:,}' for k, v in pairs.items())}"
+          f"; {expected:,} in all three (numpy); writing and preparing the tables", flush=True)
+    for key, field in zip(THREE, ("I1", "I2", "I3"), strict=True):
+        write_table(BASE3 / f"{key}.tsv", np.random.default_rng(1).permutation(ids[key]), field, key == "leader")
+        run("prep", "table", "--party", key, "--input", str(BASE3 / f"{key}.tsv"), "--job", str(job))
+    run("certs", "--job", str(job))
+
+    logs = {key: (BASE3 / f"{key}.out").open("w+") for key in THREE}  # files, not pipes: nothing can stall
+    started = time.perf_counter()
+    processes = {key: subprocess.Popen([*VFL, "psi", "--party", key, "--job", str(job)], stdout=logs[key],
+                                       stderr=subprocess.STDOUT, text=True) for key in reversed(THREE)}
+    peak_gib, outputs, ended = {}, {}, {}
+    try:
+        while len(ended) < len(processes):  # each process's own end time and peak RSS, as it ends
+            for key, process in processes.items():
+                if key in ended:
+                    continue
+                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                if pid == 0:
+                    continue
+                ended[key] = time.perf_counter() - started
+                process.returncode = os.waitstatus_to_exitcode(status)
+                peak_gib[key] = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+                logs[key].seek(0)
+                outputs[key] = logs[key].read()
+                if process.returncode != 0:
+                    sys.exit(f"bench-psi: the {key} failed: {outputs[key].strip()[-500:]}")
+            time.sleep(0.1)
+    finally:
+        for process in processes.values():
+            if process.returncode is None:
+                process.kill()
+                process.wait()
+    wall = max(ended.values())
+    print(f"wall time:    {wall:,.1f} s for 3 x {n:,} ids ({3 * n / wall:,.0f} ids/s over all three tables)")
+    sizes, digests = {}, {}
+    for key in THREE:
+        line = next((ln for ln in outputs[key].splitlines() if "customers in common" in ln), "")
+        found = re.search(r"([\d,]+) customers in common", line)
+        digest = re.search(r"common-set digest ([0-9a-f]+)", line)
+        sizes[key] = int(found.group(1).replace(",", "")) if found else None
+        digests[key] = digest.group(1) if digest else None
+        own_and_peers = n * (len(THREE) if key == "leader" else 2)
+        size = "?" if sizes[key] is None else f"{sizes[key]:,}"
+        print(f"{key:10s}    {size} in common, "
+              f"{own_and_peers / ended[key]:,.0f} ids/s (own + peers'), done at {ended[key]:,.1f} s, "
+              f"peak RSS {peak_gib[key]:.2f} GiB (target <= 1 GiB)")
+        print(f"              {line.strip()}")
+    same = all(size == expected for size in sizes.values()) and len(set(digests.values())) == 1
+    print(f"common set:   {'OK' if same else 'MISMATCH'}: every party {sorted(set(sizes.values()), key=str)}, "
+          f"numpy {expected:,}; digests {'equal' if len(set(digests.values())) == 1 else 'DIFFER'}")
+    if not same:
+        sys.exit(1)
+
+
 def run(*args: str) -> None:
     done = subprocess.run([*VFL, *args], capture_output=True, text=True)
     if done.returncode != 0:
@@ -59,7 +170,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ids", type=int, default=1_000_000)
     parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--only", choices=("two", "three"), help="run only the two-party or the three-party row")
+    parser.add_argument("--ids3", type=int, help="ids per party in the three-party row (default: --ids)")
     args = parser.parse_args()
+    os.environ["VFL_NO_PROGRESS"] = "1"
+    if args.only != "three":
+        two_party(args)
+    if args.only != "two":
+        three_party(args.ids3 or args.ids, args.overlap)
+
+
+def two_party(args: argparse.Namespace) -> None:
     for role in ("LEADER", "FOLLOWER"):
         os.environ.setdefault(f"VFL_{role}_KEY_PASSWORD", secrets.token_urlsafe(16))
     os.environ["VFL_NO_PROGRESS"] = "1"

@@ -1,5 +1,5 @@
 """Training throughput at the reference configuration: plain torch vs `--role local` vs two parties over HTTPS,
-in fp32 and bf16.
+in fp32 and bf16, and one label party with 1, 2 and 3 followers over HTTPS.
 
 What it measures (one run, one table, figures also in runs/bench/train.json):
 
@@ -8,7 +8,7 @@ What it measures (one run, one table, figures also in runs/bench/train.json):
    L2 term on both deep tables in the loss, a plain loop, `torch.set_num_threads(2)`, batches read from the same
    prepared arrays with the trainer's own `iterate`; bf16 is the same loop under `torch.autocast` bfloat16.
    This row is the yardstick the ratios are taken against; it keeps the plain optimiser and L2 on purpose.
-2. `local`: `run_local(job, train_session)`: both parties in one process, two threads joined by `LocalPeer`,
+2. `local`: `run_local(job, train_session)`: both parties in one process, two threads joined by `LocalGrid`,
    1 torch thread, as `vfl train --role local` sets for two 1-thread parties (each party thread computes on its
    own core). Speed from the step timestamps
    the leader writes to metrics.jsonl (log_every 1).
@@ -16,6 +16,19 @@ What it measures (one run, one table, figures also in runs/bench/train.json):
    leader|follower`, on 127.0.0.1 with mutual TLS (certificates from `vfl certs`), `threads: 1` each, with
    `train.precision` fp32 or bf16, and one row with both cut-layer tensors quantised to 6 bits. Speed from the
    leader's metrics.jsonl; bytes per step from the processes' final `... sent X MB, received Y MB` lines.
+
+4. `k follower(s) HTTPS fp32` (k = 1, 2, 3; `--followers`): one label party and k followers, k + 1 processes
+   `python -m vfl_cli.app train --party KEY` (leader, follower1..k) on 127.0.0.1 with mutual TLS, fp32,
+   `threads: 1` each. The leader keeps its 20 fields; the two-party follower's 19 fields are divided between
+   the k followers (19; 10+9; 7+6+6), with the same data as the two-party rows (same draws and labels, each
+   follower's id slices rebased, so the followers' vocabularies add up to the follower's 200,000 ids and the
+   model is the same size in every row). Per row: samples/s as the two-party rows measure it (leader's
+   metrics.jsonl, timed steps only), its ratio to the two-party HTTPS fp32 row of the same run, the leader's
+   wait per step for the slowest follower's cut (mean `cut_wait_s` of its step records over the timed steps),
+   and peak RSS (the leader's, and the largest follower's). On a 2-core machine 2 and 3 followers mean 3 and 4
+   one-thread processes sharing 2 cores. Printed as a table of their own after the main one.
+   `--only followers` runs just these rows and, as their reference in the same run, the two-party HTTPS fp32
+   row (without the plain row, the "x plain" ratios are "-").
 
 First-step latency: from the start of training (after the handshake; the loop's start for plain torch) to the
 end of the first step, i.e. what a user waits before the first step is done.
@@ -29,7 +42,8 @@ in runs/bench/: per field, ids drawn Zipf-like within the field's slice of a 200
 party, vals 1.0 for categorical fields and uniform for dense ones, labels from a planted rule on both
 parties' fields. The test split is one small batch, because each epoch ends with an eval.
 
-    python -m benchmarks.train [--steps 12] [--warmup 2] [--skip-two-party] [--keep]
+    python -m benchmarks.train [--steps 12] [--warmup 2] [--skip-two-party] [--only followers]
+                               [--followers 1,2,3] [--keep]
 """
 
 from __future__ import annotations
@@ -86,6 +100,8 @@ class Row:
     bytes_per_step: dict[str, float] = field(default_factory=dict)  # "follower->leader", "leader->follower"
     bytes_note: str = ""  # measured or computed, and what the count includes
     note: str = ""
+    followers: int | None = None  # the star rows: how many followers share the two-party follower's columns
+    cut_wait_s: float | None = None  # the star rows: the leader's mean `cut_wait_s` over the timed steps
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -119,25 +135,39 @@ def planted_labels(rng: np.random.Generator, leader: np.ndarray, follower: np.nd
     return (rng.random(len(logit)) < 1 / (1 + np.exp(-logit))).astype(np.float32)
 
 
-def write_data(job: JobSpec, train_rows: int, seed: int = 0) -> None:
-    """Both parties' prepared data, aligned (same sample ids, same order), in the job's data.dir."""
+def two_party_columns(
+    job: JobSpec, train_rows: int, seed: int = 0
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, dict[str, int]]], np.ndarray]:
+    """The two-party job's columns (ids, vals, field offsets) by role, and the labels, train rows then test."""
     rng = np.random.default_rng(seed)
     rows = train_rows + TEST_ROWS
     columns = {role: party_columns(rng, job.table_schema(role), rows) for role in ROLES}
-    labels = planted_labels(rng, columns["leader"][0], columns["follower"][0])
+    return columns, planted_labels(rng, columns["leader"][0], columns["follower"][0])
+
+
+def write_data(job: JobSpec, train_rows: int, seed: int = 0) -> None:
+    """Both parties' prepared data, aligned (same sample ids, same order), in the job's data.dir."""
+    columns, labels = two_party_columns(job, train_rows, seed)
+    write_parties(job, columns, labels, train_rows, {role: VOCAB_PER_PARTY for role in ROLES})
+
+
+def write_parties(job: JobSpec, columns: dict[str, tuple[np.ndarray, np.ndarray, dict[str, int]]],
+                  labels: np.ndarray, train_rows: int, vocab: dict[str, int]) -> None:
+    """Every party's prepared data (columns by party key), aligned, in the job's data.dir."""
+    rows = train_rows + TEST_ROWS
     sample_ids = np.arange(rows, dtype=np.int64)
-    for role in ROLES:
-        ids, vals, offsets = columns[role]
+    for role, (ids, vals, offsets) in columns.items():
+        leader = job.is_leader(role)
         splits = {}
         for split, part in (("train", slice(0, train_rows)), ("test", slice(train_rows, rows))):
             arrays = {"ids": ids[part], "vals": vals[part], "sample_ids": sample_ids[part]}
-            if role == "leader":
+            if leader:
                 arrays["labels"] = labels[part]
             splits[split] = write_split(
                 job.data.dir / role / split, arrays["ids"], arrays["vals"], arrays.get("labels"), arrays["sample_ids"]
             )
         meta = PartyMeta(
-            role=role, fields=job.party(role).fields, has_labels=role == "leader", vocab_size=VOCAB_PER_PARTY,
+            role=role, fields=job.party(role).fields, has_labels=leader, vocab_size=vocab[role],
             field_offsets=offsets, threshold=job.data.threshold, source="benchmarks.train synthetic",
             splits=splits, kinds=tuple(kind for _, kind in job.table_schema(role).columns),
             task=job.table_schema(role).task,
@@ -285,7 +315,7 @@ def step_times(metrics: Path) -> tuple[float, list[float]]:
 
 
 def local_mode(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
-    """`vfl train --role local` without the console: both parties in this process, joined by LocalPeer."""
+    """`vfl train --role local` without the console: both parties in this process, joined by LocalGrid."""
     import torch
 
     from vfl_cli.train.session import local_threads, run_local, train_session
@@ -327,11 +357,14 @@ def make_certs(job_path: Path, out: Path) -> None:
         raise RuntimeError(f"vfl certs failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
 
 
-def start_party(role: str, job_path: Path, workdir: Path) -> subprocess.Popen[bytes]:
-    log = (workdir / f"{role}.out").open("wb")
+def start_party(role: str, job_path: Path, workdir: Path, flag: str = "--role",
+                out: str | None = None) -> subprocess.Popen[bytes]:
+    """`vfl train <flag> <role>` (`--role` for the two-party rows, `--party KEY` for the star rows), its output
+    in <workdir>/<out or role>.out."""
+    log = (workdir / f"{out or role}.out").open("wb")
     # A wide terminal for rich, so the final traffic line is never wrapped.
     env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "vfl_cli.app", "train", "--role", role, "--job", str(job_path)]
+    command = [sys.executable, "-m", "vfl_cli.app", "train", flag, role, "--job", str(job_path)]
     return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
@@ -409,6 +442,120 @@ def two_party(name: str, workdir: Path, warmup: int, steps: int, batch_size: int
     return Row(name, rate, times[0] - start, median, rss, per_step, bytes_note=note, note=what)
 
 
+# ------------------------------------------------------------------------------------ star rows (k followers)
+
+
+FOLLOWER_COUNTS = (1, 2, 3)  # the star rows: one label party and k followers
+
+
+def star_name(k: int) -> str:
+    return f"{k} follower{'s' if k > 1 else ''} HTTPS fp32"
+
+
+def follower_split(fields: tuple[str, ...], k: int) -> list[tuple[str, ...]]:
+    """The two-party follower's fields in k contiguous parts, the larger first (19 fields: 19; 10+9; 7+6+6)."""
+    return [tuple(part) for part in np.array_split(np.array(fields, dtype=object), k)]
+
+
+def write_star_job(workdir: Path, k: int, certs: Path) -> Path:
+    """jobs/criteo.yaml with the follower's fields divided between follower1..k (each `threads: 1`, as the
+    follower is), with this run's paths as `write_job` sets them, fp32."""
+    spec: dict[str, Any] = yaml.safe_load(REFERENCE_JOB.read_text())
+    row = f"star-{k}"
+    spec["data"]["dir"] = str(workdir / f"data-{row}")
+    spec["train"] |= {"epochs": 1, "log_every": 1, "run_dir": str(workdir / f"run-{row}"), "precision": "fp32"}
+    spec["transport"] |= {"timeout_s": 300, "connect_timeout_s": 120}
+    follower = spec["parties"]["follower"]
+    parties = {"leader": spec["parties"]["leader"]}
+    for i, fields in enumerate(follower_split(tuple(follower["fields"]), k), start=1):
+        parties[f"follower{i}"] = {**follower, "name": f"follower{i}", "fields": list(fields)}
+    for key, party in parties.items():
+        party["listen"] = f"127.0.0.1:{free_port()}"
+        party.pop("key_password_env", None)
+        party["cert"], party["key"] = str(certs / f"{key}.pem"), str(certs / f"{key}.key")
+    spec["parties"] = parties
+    spec["tls"]["ca"] = str(certs / "ca.pem")
+    path = workdir / f"job-{row}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def write_star_data(two_party_job: JobSpec, job: JobSpec, train_rows: int) -> None:
+    """The two-party rows' data exactly (same draws, same labels), the follower's columns divided between the
+    star job's followers: each keeps its fields' id slices, rebased to start at 0, so the followers' vocabularies
+    add up to the two-party follower's (200,000 ids) and the whole model is the same size in every row."""
+    columns, labels = two_party_columns(two_party_job, train_rows)
+    ids, vals, offsets = columns["follower"]
+    fields = two_party_job.party("follower").fields
+    out = {job.label_party: columns["leader"]}
+    vocab = {job.label_party: VOCAB_PER_PARTY}
+    first = 0
+    for i, key in enumerate(job.followers):
+        mine = job.party(key).fields
+        assert mine == fields[first : first + len(mine)], "the followers' fields must be the follower's, in order"
+        end = first + len(mine)
+        base = offsets[mine[0]]
+        out[key] = (np.ascontiguousarray(ids[:, first:end] - base), np.ascontiguousarray(vals[:, first:end]),
+                    {name: offsets[name] - base for name in mine})
+        vocab[key] = (VOCAB_PER_PARTY if i == len(job.followers) - 1 else offsets[fields[end]]) - base
+        first = end
+    write_parties(job, out, labels, train_rows, vocab)
+
+
+def step_waits(metrics: Path) -> list[float]:
+    """The leader's `cut_wait_s` of each step record, in step order (log_every 1: one per step)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = sorted((r["step"], r["cut_wait_s"]) for r in records if r.get("event") == "step")
+    return [wait for _, wait in steps]
+
+
+def star_traffic(workdir: Path, k: int, keys: tuple[str, ...], leader: str, train_steps: int) -> dict[str, float]:
+    """Bytes per training step, all followers -> leader and leader -> all followers, from each process's final
+    `<key> sent X MB, received Y MB` line; {} when a line is missing."""
+    sent: dict[str, float] = {}
+    for key in keys:
+        text = (workdir / f"star-{k}-{key}.out").read_text(errors="replace")
+        match = re.search(rf"\b{re.escape(key)} sent ([\d,.]+) MB, received ([\d,.]+) MB", text)
+        if match:
+            sent[key] = float(match.group(1).replace(",", "")) * 1e6
+    if len(sent) != len(keys):
+        return {}
+    return {"followers->leader": sum(v for k, v in sent.items() if k != leader) / train_steps,
+            "leader->followers": sent[leader] / train_steps}
+
+
+def star(k: int, two_party_job: JobSpec, workdir: Path, warmup: int, steps: int, batch_size: int) -> Row:
+    """One label party and k followers, k + 1 `vfl train --party KEY` processes over mutual TLS, fp32."""
+    certs = workdir / f"certs-star-{k}"
+    job_path = write_star_job(workdir, k, certs)
+    job = load_job(job_path)
+    write_star_data(two_party_job, job, (warmup + steps) * batch_size)
+    make_certs(job_path, certs)
+    keys = tuple(job.parties)
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for key in keys:
+            processes[key] = start_party(key, job_path, workdir, flag="--party", out=f"star-{k}-{key}")
+        rss = wait_all(processes, time.monotonic() + TWO_PARTY_DEADLINE_S)
+    except BaseException:
+        kill_all(processes)
+        for key in processes:
+            tail = (workdir / f"star-{k}-{key}.out").read_text(errors="replace")[-1500:]
+            print(f"--- {key} output (tail) ---\n{tail}", file=sys.stderr)
+        raise
+    metrics = job.train.run_dir / job.label_party / "metrics.jsonl"
+    start, times = step_times(metrics)
+    rate, median = rates(times, warmup, steps, batch_size)
+    waits = step_waits(metrics)[warmup : warmup + steps]
+    per_step = star_traffic(workdir, k, keys, job.label_party, len(times))
+    sizes = "+".join(str(len(job.party(key).fields)) for key in job.followers)
+    note = (f"{k + 1} processes, 1 thread each, mutual TLS; follower fields {sizes}; "
+            f"{len(job.leader.fields)} at the leader")
+    return Row(star_name(k), rate, times[0] - start, median, rss, per_step,
+               bytes_note="measured: msgpack request bodies of the whole run / train steps" if per_step else "",
+               note=note, followers=k, cut_wait_s=float(np.mean(waits)))
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -422,8 +569,14 @@ def fmt_bytes(row: Row) -> str:
     return " / ".join(f"{value / 1e3:,.0f}" for value in row.bytes_per_step.values())
 
 
+def plain_base(rows: list[Row]) -> float | None:
+    """The yardstick's samples/s, None when the plain fp32 row did not run (`--only followers`)."""
+    plain = _row(rows, PLAIN_FP32)
+    return plain.samples_per_s if plain is not None else None
+
+
 def print_table(rows: list[Row], batch_size: int) -> None:
-    base = rows[0].samples_per_s
+    base = plain_base(rows)
     header = (f"{'row':<24} {'samples/s':>9} {'x plain':>7} {'s/step':>6} {'median/s':>8} {'1st step':>8}  "
               f"{'kB/step f>l / l>f':<17} {'peak RSS GiB':<16} note")
     print("\n" + header + "\n" + "-" * len(header))
@@ -441,6 +594,39 @@ def print_table(rows: list[Row], batch_size: int) -> None:
     notes = {row.bytes_note for row in rows if row.bytes_note}
     for note in sorted(notes):
         print(f"bytes per step: {note}; float32 payload 2 x B x 4 = {8 * batch_size / 1e3:,.1f} kB each way")
+
+
+def print_star_table(rows: list[Row], reference: Row | None, batch_size: int) -> None:
+    """The star rows: one label party and k followers at the two-party row's columns, against that row."""
+    base = reference.samples_per_s if reference is not None else None
+    header = (f"{'row':<24} {'samples/s':>9} {'x 2-party':>9} {'s/step':>6} {'median/s':>8} {'1st step':>8} "
+              f"{'wait ms/step':>12} {'wait %':>6}  {'kB/step f>l / l>f':<17} {'leader RSS':>10} "
+              f"{'max f RSS':>9}  note")
+    print("\n" + header + "\n" + "-" * len(header))
+    if reference is not None and reference.samples_per_s is not None:
+        print(f"{reference.name:<24} {reference.samples_per_s:>9,.0f} {'1.00x':>9} "
+              f"{batch_size / reference.samples_per_s:>6.2f} {reference.median_samples_per_s or 0:>8,.0f} "
+              f"{reference.first_step_s or 0:>6.2f} s {'-':>12} {'-':>6}  {fmt_bytes(reference):<17} "
+              f"{reference.peak_rss.get('leader', 0) / GIB:>10.2f} {reference.peak_rss.get('follower', 0) / GIB:>9.2f}"
+              f"  the two-party row (--role leader|follower), same run")
+    for row in rows:
+        if row.samples_per_s is None:
+            print(f"{row.name:<24} {'-':>9} {'-':>9} {'-':>6} {'-':>8} {'-':>8} {'-':>12} {'-':>6}  {'-':<17} "
+                  f"{'-':>10} {'-':>9}  {row.note}")
+            continue
+        ratio = f"{row.samples_per_s / base:.2f}x" if base else "-"
+        step = batch_size / row.samples_per_s
+        wait = row.cut_wait_s or 0.0
+        followers = [v for key, v in row.peak_rss.items() if key != "leader"]
+        print(f"{row.name:<24} {row.samples_per_s:>9,.0f} {ratio:>9} {step:>6.2f} "
+              f"{row.median_samples_per_s or 0:>8,.0f} {row.first_step_s or 0:>6.2f} s {wait * 1e3:>12,.1f} "
+              f"{wait / step:>6.1%}  {fmt_bytes(row):<17} {row.peak_rss.get('leader', 0) / GIB:>10.2f} "
+              f"{max(followers, default=0) / GIB:>9.2f}  {row.note}")
+    print(f"star rows: the two-party follower's 19 fields divided between k followers (same data, same total "
+          f"vocabulary), every process threads: 1, all on this machine's {os.cpu_count()} cores: with 2 followers "
+          f"3 processes and with 3 followers 4 processes share them. wait = the leader's mean cut_wait_s over the "
+          f"timed steps (its wait for the slowest follower's cut); wait % = its share of the step; RSS in GiB; "
+          f"kB/step summed over the followers.")
 
 
 def _row(rows: list[Row], name: str) -> Row | None:
@@ -472,11 +658,15 @@ def print_targets(checks: dict[str, bool | None]) -> None:
 
 def write_json(rows: list[Row], checks: dict[str, bool | None], config: dict[str, Any]) -> Path:
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    base = rows[0].samples_per_s
+    base = plain_base(rows)
+    reference = _row(rows, TWO_PARTY_FP32)
     out = BENCH_DIR / "train.json"
     body = {
         "config": config,
         "rows": [asdict(r) | {"ratio_to_plain_fp32": r.samples_per_s / base if r.samples_per_s and base else None}
+                 | ({"ratio_to_two_party_fp32": r.samples_per_s / reference.samples_per_s
+                     if r.samples_per_s and reference is not None and reference.samples_per_s else None}
+                    if r.followers is not None else {})
                  for r in rows],
         "targets": checks,
         "anchor": MINDSPORE,
@@ -492,7 +682,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12, help="timed training steps per row (default 12)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2, at least 1)")
-    parser.add_argument("--skip-two-party", action="store_true", help="skip the two-process HTTPS row")
+    parser.add_argument("--skip-two-party", action="store_true",
+                        help="skip the multi-process HTTPS rows (two-party and star)")
+    parser.add_argument("--only", choices=("followers",),
+                        help="followers: only the star rows (1 label party + k followers) and, as their reference "
+                             "in the same run, the two-party HTTPS fp32 row")
+    parser.add_argument("--followers", default=",".join(map(str, FOLLOWER_COUNTS)),
+                        help="follower counts of the star rows, comma-separated (default 1,2,3)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (data, jobs, logs) in runs/bench/")
     # Internal: one in-process row in a child process, so that its peak RSS is its own.
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -501,6 +697,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1")
+    try:
+        args.followers = tuple(int(k) for k in args.followers.split(","))
+    except ValueError:
+        parser.error("--followers: comma-separated counts, e.g. 1,2,3")
+    if not args.followers or not all(1 <= k <= 19 for k in args.followers):
+        parser.error("--followers: counts from 1 to 19 (the follower's fields)")
+    if args.only and args.skip_two_party:
+        parser.error("--only followers runs processes over HTTPS; it cannot be combined with --skip-two-party")
     return args
 
 
@@ -523,7 +727,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[Row]:
                   (PLAIN_BF16, "plain", "bf16", "1 process, 2 threads, autocast bfloat16"),
                   ("joint torch fp32, tuned", "joint", "fp32", "1 process, 2 threads, vfl's kernels and optimiser"),
                   ("local fp32", "local", "fp32", "1 process, both parties, 1 torch thread each"))
-    for name, kind, precision, note in in_process:
+    for name, kind, precision, note in in_process if not args.only else ():
         job_path = write_job(workdir, f"{kind}-{precision}", None, precision=precision)
         result, rss = run_worker(kind, job_path, args.warmup, args.steps, workdir)
         rate, median = rates(result["step_ends"], args.warmup, args.steps, batch)
@@ -532,6 +736,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[Row]:
         print(f"{name}: {rate:,.0f} samples/s, peak RSS {rss / GIB:.2f} GiB", flush=True)
     two_party_rows = ((TWO_PARTY_FP32, "fp32", None), (TWO_PARTY_BF16, "bf16", None),
                       (f"two-party fp32 {QUANTIZED_BITS}-bit", "fp32", QUANTIZED_BITS))
+    if args.only == "followers":
+        two_party_rows = two_party_rows[:1]  # the star rows' reference, measured in the same run
     for name, precision, bits in two_party_rows:
         if args.skip_two_party:
             rows.append(Row(name, note="skipped (--skip-two-party)"))
@@ -542,6 +748,17 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[Row]:
         except Exception as exc:  # still print and save the rows we have; main exits non-zero
             print(f"{name} failed: {exc}", file=sys.stderr)
             rows.append(Row(name, note=f"FAILED: {exc}"))
+    for k in args.followers:
+        if args.skip_two_party:
+            rows.append(Row(star_name(k), note="skipped (--skip-two-party)", followers=k))
+            continue
+        try:
+            rows.append(star(k, data_job, workdir, args.warmup, args.steps, batch))
+            print(f"{star_name(k)}: {rows[-1].samples_per_s:,.0f} samples/s, leader wait "
+                  f"{(rows[-1].cut_wait_s or 0) * 1e3:,.0f} ms/step", flush=True)
+        except Exception as exc:
+            print(f"{star_name(k)} failed: {exc}", file=sys.stderr)
+            rows.append(Row(star_name(k), note=f"FAILED: {exc}", followers=k))
     return rows
 
 
@@ -565,8 +782,12 @@ def main(argv: list[str] | None = None) -> None:
               "deep_layers": list(job.model.deep_layers), "vocab_per_party": VOCAB_PER_PARTY,
               "fields": {role: len(job.party(role).fields) for role in ROLES},
               "warmup_steps": args.warmup, "timed_steps": args.steps, "cores": os.cpu_count(),
+              "only": args.only, "follower_counts": list(args.followers),
               "load_average_before": load_before, "load_average_after": os.getloadavg()}
-    print_table(rows, job.train.batch_size)
+    print_table([r for r in rows if r.followers is None], job.train.batch_size)
+    star_rows = [r for r in rows if r.followers is not None]
+    if star_rows:
+        print_star_table(star_rows, _row(rows, TWO_PARTY_FP32), job.train.batch_size)
     checks = target_checks(rows)
     print_targets(checks)
     print(f"\nwrote {write_json(rows, checks, config).relative_to(REPO)}")
