@@ -13,7 +13,7 @@ The three-party row (runs/bench-psi3/): leader, follower1 and follower2 hold N i
 `--ids`). Each follower shares `--overlap` of its ids with the leader, each a half of the leader's ids drawn on
 its own, so the two pairwise overlaps are different sets and the common set is about overlap^2 x N; the
 followers also share 20% of N among the ids the leader lacks, so their own overlap is larger than the common
-set. The leader runs one pairwise PSI per follower, one after the other. Prints wall time, ids/s (all three
+set. The leader runs one pairwise PSI per follower, all at once (a thread each). Prints wall time, ids/s (all three
 tables' ids per second of wall time, and per party its own ids plus every peer's per second of its run), peak
 RSS per process, and checks the common-set size every party prints (and its digest, the same at all three)
 against numpy's intersection of the three id sets.
