@@ -268,8 +268,8 @@ def joint_torch(job: JobSpec, warmup: int, steps: int, plain: bool) -> dict[str,
 
     torch.set_num_threads(2)
     data = {role: open_party(job.data.dir, role) for role in ROLES}
-    model = SplitModel.build(job.model, job.seed, (data["leader"].meta.vocab_size, data["leader"].meta.kinds),
-                             (data["follower"].meta.vocab_size, data["follower"].meta.kinds))
+    model = SplitModel.build(job.model, job.seed, {role: (data[role].meta.vocab_size, data[role].meta.kinds)
+                                                   for role in ROLES})
     ftrl, adam = job.train.wide_optimizer, job.train.deep_optimizer
     if plain:
         optimizers = [

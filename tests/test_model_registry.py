@@ -92,7 +92,7 @@ def test_sum_top_refuses_unequal_widths() -> None:
 
 
 def test_a_mlp_has_no_ftrl_and_adam_covers_every_parameter() -> None:
-    joint = SplitModel.build(MLP, 0, (VOCAB, LEADER_KINDS), (VOCAB, FOLLOWER_KINDS))
+    joint = SplitModel.build(MLP, 0, {"leader": (VOCAB, LEADER_KINDS), "follower": (VOCAB, FOLLOWER_KINDS)})
     optimizers = build_optimizers(joint.wide_parameters(), joint.deep_parameters(), FtrlSpec(), AdamSpec(), 1e-4,
                                   joint.embedding_tables())
     assert len(optimizers) == 1 and isinstance(optimizers[0], torch.optim.Adam)
