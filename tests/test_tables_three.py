@@ -1,7 +1,7 @@
 """Three organisations' own tables end to end: FATE's breast set (../shared/data/fate) with the host's columns
 divided between two followers. `vfl init` with two followers -> `vfl certs` -> `vfl prep table` per party ->
-`vfl psi` as three processes over mutual TLS -> `vfl train` as three processes, equal to `--role local` ->
-`vfl infer` as three processes: a probability per customer."""
+`vfl psi` -> `vfl train` as three processes over mutual TLS, equal to `--role local` -> `vfl infer`: a
+probability per customer. (The PSI and inference as processes: test_psi_three, make smoke-test-3.)"""
 
 from __future__ import annotations
 
@@ -55,17 +55,16 @@ def test_breast_split_three_ways_over_mtls_equals_one_process(tmp_path: Path) ->
     vfl(tmp_path, "certs", "--job", "job.yaml")
     for key in PARTIES:
         vfl(tmp_path, "prep", "table", "--job", "job.yaml", "--party", key, "--input", f"{key}.csv")
-    found = three_processes(tmp_path, "psi", "--job", "job.yaml")
-    assert "569 customers in common" in found["leader"] and "at the follower2" in found["leader"]
-    digests = {re.search(r"common-set digest (\w+)", out).group(1) for out in found.values()}
-    assert len(digests) == 1
+    found = vfl(tmp_path, "psi", "--job", "job.yaml", "--role", "local")  # as processes: test_psi_three, test_psi_flow
+    assert "leader: 569 customers in common" in found and "at the follower2" in found
+    assert len(set(re.findall(r"common-set digest (\w+)", found))) == 1
 
     local = metric(vfl(tmp_path, "train", "--job", "job.yaml", "--role", "local", "--restart"), "AUC")
     trained = three_processes(tmp_path, "train", "--job", "job.yaml", "--restart")
     assert abs(metric(trained["leader"], "AUC") - local) <= 1e-6
     assert local > 0.97  # two-party breast: 0.9924 (docs/quality.md)
 
-    three_processes(tmp_path, "infer", "--job", "job.yaml", leader=("--out", "predictions.csv"))
+    vfl(tmp_path, "infer", "--job", "job.yaml", "--role", "local", "--out", "predictions.csv")
     with (tmp_path / "predictions.csv").open(newline="") as handle:
         header, *rows = list(csv.reader(handle))
     assert header == ["id", "probability"] and all(0.0 <= float(p) <= 1.0 for _, p in rows)
