@@ -9,12 +9,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from data_prep.synth import write_synth
 from tests.conftest import REPO, free_port
+from tests.test_tables_three import cli
 from tests.test_two_party import finish
-from tests.three_parties import VFL, env
+from tests.three_parties import PASSWORDS, VFL, env
 
 AUC = re.compile(r"test: AUC (\d\.\d+)")
 FIRST = ["I8", "I9", "I10", "I11", "I12", "I13", "C14", "C15", "C16", "C17", "C18", "C19", "C20"]
@@ -36,13 +38,16 @@ def smoke_three_ways(tmp_path: Path) -> dict[str, Any]:
     return spec
 
 
-def vfl(*args: str) -> str:
-    done = subprocess.run([*VFL, *args], capture_output=True, text=True, env=env(), timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+def test_smoke_data_split_three_ways_trains_as_three_processes_like_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VFL_NO_PROGRESS", "1")
+    for name, value in PASSWORDS.items():
+        monkeypatch.setenv(name, value)
 
+    def vfl(*args: str) -> str:  # in this process: no interpreter to start
+        return cli(monkeypatch, capsys, *args)
 
-def test_smoke_data_split_three_ways_trains_as_three_processes_like_one(tmp_path: Path) -> None:
     job = tmp_path / "smoke3.yaml"
     job.write_text(yaml.safe_dump(smoke_three_ways(tmp_path), sort_keys=False))
     write_synth(tmp_path / "synth.txt", 12_000, seed=7)
