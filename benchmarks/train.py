@@ -239,7 +239,7 @@ def plain_forward(model: Any, leader: Any, follower: Any) -> Any:
         return {"wide": wide, "deep": x}
 
     leader_out = bottom(model.leader, leader.ids, leader.vals)
-    return model.top([leader_out, bottom(model.follower, follower.ids, follower.vals)])[:, 0]
+    return model.top([leader_out, bottom(model.followers[0], follower.ids, follower.vals)])[:, 0]
 
 
 def plain_torch(job: JobSpec, warmup: int, steps: int) -> dict[str, Any]:
