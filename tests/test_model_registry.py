@@ -55,7 +55,8 @@ def test_split_backward_through_the_cut_equals_the_joint_model(combine: str, lea
     """Only the cut crosses forward and its gradient back, yet every gradient is the joint model's."""
     spec = MLP.model_copy(update={"top": combine})
     task = Task("multiclass", ("a", "b", "c"))
-    joint = SplitModel.build(spec, 3, {"leader": (VOCAB, leader_kinds), "follower": (VOCAB, FOLLOWER_KINDS)}, task.width)
+    parties = {"leader": (VOCAB, leader_kinds), "follower": (VOCAB, FOLLOWER_KINDS)}
+    joint = SplitModel.build(spec, 3, parties, task.width)
     leader = build_bottom(spec, 3, "leader", VOCAB, leader_kinds)
     follower = build_bottom(spec, 3, "follower", VOCAB, FOLLOWER_KINDS)
     assert follower is not None and (leader is None) == (not leader_kinds)
@@ -72,7 +73,8 @@ def test_split_backward_through_the_cut_equals_the_joint_model(combine: str, lea
     task.loss(logits, labels).backward()
     torch.autograd.backward(list(sent.values()), [t.grad for t in received.values()])
 
-    pairs = [(follower, joint.followers[0]), (top, joint.top)] + ([(leader, joint.leader)] if leader is not None else [])
+    pairs = [(follower, joint.followers[0]), (top, joint.top)]
+    pairs += [(leader, joint.leader)] if leader is not None else []
     for split, ref in pairs:
         assert ref is not None
         for (name, mine), theirs in zip(split.named_parameters(), ref.parameters(), strict=True):

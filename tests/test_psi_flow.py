@@ -20,9 +20,9 @@ from data_prep.store import PartyMeta, open_party, open_table, table_dir, write_
 from tests.conftest import write_job
 from tests.test_two_party import VFL, environment, finish, start, tls_job
 from vfl_cli.errors import DataError, ProtocolError
+from vfl_cli.grid import LocalGrid, run_all
 from vfl_cli.job import JobSpec, load_job
 from vfl_cli.party import PartyContext
-from vfl_cli.grid import LocalGrid, run_all
 from vfl_cli.protocol import BatchKey, Kind
 from vfl_cli.psi.session import psi_locally, psi_session
 

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from data_prep.store import open_party
 from tests.conftest import job_dict, write_planted_data
 from vfl_cli.errors import CheckpointError, DataError, PeerAborted, ProtocolError
+from vfl_cli.grid import LocalGrid
 from vfl_cli.job import JobSpec, parse_job
 from vfl_cli.model.build import SplitModel
 from vfl_cli.model.ftrl import Ftrl
 from vfl_cli.party import PartyContext
-from vfl_cli.grid import LocalGrid
 from vfl_cli.protocol import BatchKey, Hello
 from vfl_cli.reporter import SilentReporter
 from vfl_cli.train.baseline import train_baseline
