@@ -14,7 +14,7 @@ import yaml
 
 from data_prep.synth import write_synth
 from tests.conftest import REPO, free_port
-from tests.test_tables_three import cli
+from tests.test_tables_flow import vfl as in_process
 from tests.test_two_party import finish
 from tests.three_parties import PASSWORDS, VFL, env
 
@@ -39,14 +39,13 @@ def smoke_three_ways(tmp_path: Path) -> dict[str, Any]:
 
 
 def test_smoke_data_split_three_ways_trains_as_three_processes_like_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("VFL_NO_PROGRESS", "1")
     for name, value in PASSWORDS.items():
         monkeypatch.setenv(name, value)
 
     def vfl(*args: str) -> str:  # in this process: no interpreter to start
-        return cli(monkeypatch, capsys, *args)
+        return in_process(tmp_path, *args)
 
     job = tmp_path / "smoke3.yaml"
     job.write_text(yaml.safe_dump(smoke_three_ways(tmp_path), sort_keys=False))

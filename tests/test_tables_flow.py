@@ -4,7 +4,9 @@ TLS -> `vfl eval` -> `vfl infer` on customers held back from training (prepared 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import os
 import re
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from vfl_cli.app import main
 
 FATE = REPO.parent / "shared" / "data" / "fate"
 VFL = [sys.executable, "-m", "vfl_cli.app"]
@@ -23,9 +26,27 @@ pytestmark = pytest.mark.skipif(not FATE.is_dir(), reason=f"{FATE} not present (
 
 
 def vfl(work: Path, *args: str) -> str:
-    done = subprocess.run([*VFL, *args], cwd=work, capture_output=True, text=True, env=_env(), timeout=300)
-    assert done.returncode == 0, f"vfl {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
+    """`vfl <args>` in `work`, in this process (a party's own process is `two_processes`'); its stdout."""
+    out, err = io.StringIO(), io.StringIO()
+    saved, argv = {name: os.environ.get(name) for name in ("VFL_NO_PROGRESS", "COLUMNS")}, sys.argv
+    os.environ.update(VFL_NO_PROGRESS="1", COLUMNS="1000")
+    code: object = 0
+    try:
+        with contextlib.chdir(work), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            sys.argv = ["vfl", *args]
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        sys.argv = argv
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    assert not code, f"vfl {' '.join(args)}:\n{out.getvalue()}\n{err.getvalue()}"
+    return out.getvalue()
 
 
 def _env() -> dict[str, str]:

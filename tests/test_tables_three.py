@@ -8,13 +8,11 @@ from __future__ import annotations
 import csv
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_tables_flow import FATE, VFL, _env, metric
-from vfl_cli.app import main
+from tests.test_tables_flow import FATE, VFL, _env, metric, vfl
 
 pytestmark = pytest.mark.skipif(not FATE.is_dir(), reason=f"{FATE} not present (the project's shared data)")
 PARTIES = ("leader", "follower1", "follower2")
@@ -38,16 +36,6 @@ def three_processes(work: Path, *args: str, leader: tuple[str, ...] = ()) -> dic
     return outputs
 
 
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    """`vfl <args>` in this process (no interpreter to start); its stdout."""
-    monkeypatch.setattr(sys, "argv", ["vfl", *args])
-    try:
-        main()
-    except SystemExit as exc:
-        assert not exc.code, capsys.readouterr().err
-    return capsys.readouterr().out
-
-
 def divide_columns(source: Path, first: Path, second: Path) -> None:
     """The host's table as two organisations' tables: the id and half of the columns each."""
     with source.open(newline="") as handle:
@@ -59,16 +47,7 @@ def divide_columns(source: Path, first: Path, second: Path) -> None:
             csv.writer(handle).writerows([[row[i] for i in keep] for row in (header, *rows)])
 
 
-def test_breast_split_three_ways_over_mtls_equals_one_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("VFL_NO_PROGRESS", "1")
-    monkeypatch.setenv("COLUMNS", "1000")
-
-    def vfl(_: Path, *args: str) -> str:
-        return cli(monkeypatch, capsys, *args)
-
+def test_breast_split_three_ways_over_mtls_equals_one_process(tmp_path: Path) -> None:
     (tmp_path / "leader.csv").write_bytes((FATE / "breast_hetero_guest.csv").read_bytes())
     divide_columns(FATE / "breast_hetero_host.csv", tmp_path / "follower1.csv", tmp_path / "follower2.csv")
     vfl(tmp_path, "init", "--leader", "leader.csv", "--follower", "follower1.csv", "--follower", "follower2.csv",
