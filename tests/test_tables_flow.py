@@ -14,20 +14,25 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 from vfl_cli.app import main
 
 FATE = REPO.parent / "shared" / "data" / "fate"
 VFL = [sys.executable, "-m", "vfl_cli.app"]
+FRESH_THREADS = torch.get_num_threads()  # at collection, before any test has changed it
 HELD_BACK = 100  # customers kept out of training, scored at the end as new ones (psi.min_intersection)
 
 pytestmark = pytest.mark.skipif(not FATE.is_dir(), reason=f"{FATE} not present (the project's shared data)")
 
 
 def vfl(work: Path, *args: str) -> str:
-    """`vfl <args>` in `work`, in this process (a party's own process is `two_processes`'); its stdout."""
+    """`vfl <args>` in `work`, in this process (a party's own process is `two_processes`'); its stdout. With
+    torch's thread count of a fresh process, as the command would have in its own, and this one's after."""
     out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(FRESH_THREADS)
     saved, argv = {name: os.environ.get(name) for name in ("VFL_NO_PROGRESS", "COLUMNS")}, sys.argv
     os.environ.update(VFL_NO_PROGRESS="1", COLUMNS="1000")
     code: object = 0
@@ -39,6 +44,7 @@ def vfl(work: Path, *args: str) -> str:
             except SystemExit as exc:
                 code = exc.code
     finally:
+        torch.set_num_threads(threads)
         sys.argv = argv
         for name, value in saved.items():
             if value is None:
