@@ -11,7 +11,7 @@ import sys
 import typer
 
 from vfl_cli import __version__
-from vfl_cli.commands import audit, certs, init, prep, psi, report, run
+from vfl_cli.commands import audit, certs, export, init, prep, psi, report, run
 from vfl_cli.console import console, print_error
 from vfl_cli.errors import VflError
 
@@ -27,8 +27,8 @@ class OneLineFormatter(logging.Formatter):
 
 app = typer.Typer(
     name="vfl",
-    help="Vertical federated learning by split learning: two parties train one Wide&Deep model, "
-    "each on its own columns; only cut-layer tensors cross the wire, over mutually authenticated HTTPS.",
+    help="Vertical federated learning by split learning: a label party and one or more followers train one model, "
+    "each party on its own columns; only cut-layer tensors cross the wire, over mutually authenticated HTTPS.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -42,6 +42,7 @@ app.command("eval")(run.evaluate)
 app.command("infer")(run.infer)
 app.command("audit")(audit.audit)
 app.command("report")(report.report)
+app.command("export")(export.export)
 
 
 @app.callback()
