@@ -50,3 +50,22 @@ def test_a_directory_without_customer_ids_is_refused(tmp_path: Path) -> None:
     write_planted_data(tmp_path / "data")
     with pytest.raises(DataError, match="no split with customer ids"):
         FeatureStore.open(tmp_path / "data" / "leader")
+
+
+def test_rows_in_any_stored_order_are_found(tmp_path: Path) -> None:
+    """Aligned data is stored sorted by id; the store must not rely on it: ids given to rows in shuffled order."""
+    from tests.conftest import write_planted_data
+
+    write_planted_data(tmp_path / "data", rows=300)
+    data = open_party(tmp_path / "data", "follower")
+    rng = np.random.default_rng(1)
+    names = {}
+    for split, meta in data.meta.splits.items():
+        ids = np.array([f"c{n:04d}" for n in rng.permutation(10_000)[: meta.rows]], dtype="S5")
+        np.save(tmp_path / "data" / "follower" / split / "customer_ids.npy", ids)
+        names[split] = ids
+    store = FeatureStore.open(tmp_path / "data" / "follower")
+    for split, ids in names.items():
+        rows = store.lookup([cid.decode() for cid in ids.tolist()])
+        assert rows.found.all()
+        assert np.array_equal(rows.ids, np.asarray(data.split(split).ids, dtype=np.int64))
