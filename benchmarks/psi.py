@@ -48,34 +48,22 @@ def write_table(path: Path, ids: np.ndarray, field: str, label: bool) -> None:
             out.write(f"c{cid:012x}\t" + ("0\t" if label else "") + f"{value}\n")
 
 
-def job_spec() -> dict:
-    certs = BASE / "certs"
-    parties = {}
-    for role, field in (("leader", "I1"), ("follower", "I2")):
-        parties[role] = {"name": role, "fields": [field], "listen": f"127.0.0.1:{free_port()}", "threads": 1,
-                         "cert": str(certs / f"{role}.pem"), "key": str(certs / f"{role}.key"),
-                         "key_password_env": f"VFL_{role.upper()}_KEY_PASSWORD"}
-    return {"name": "bench-psi", "data": {"dir": str(BASE / "data"), "threshold": 1}, "parties": parties,
-            "psi": {"min_intersection": 1}, "transport": {"timeout_s": 600, "connect_timeout_s": 120},
+def job_spec(base: Path, fields: dict[str, str], timeout_s: float, connect_timeout_s: float) -> dict:
+    """A PSI job under `base`: one party per key of `fields` (its one field), mutual TLS, generous waits."""
+    certs = base / "certs"
+    parties = {key: {"name": key, "fields": [field], "listen": f"127.0.0.1:{free_port()}", "threads": 1,
+                     "cert": str(certs / f"{key}.pem"), "key": str(certs / f"{key}.key"),
+                     "key_password_env": f"VFL_{key.upper()}_KEY_PASSWORD"}
+               for key, field in fields.items()}
+    return {"name": base.name, "data": {"dir": str(base / "data"), "threshold": 1}, "parties": parties,
+            "psi": {"min_intersection": 1},
+            "transport": {"timeout_s": timeout_s, "connect_timeout_s": connect_timeout_s},
             "tls": {"enabled": True, "ca": str(certs / "ca.pem")}}
 
 
 THREE = ("leader", "follower1", "follower2")
+FIELDS3 = ("I1", "I2", "I3")  # one field each
 BASE3 = Path("runs/bench-psi3")
-
-
-def job_spec3() -> dict:
-    """The three-party job: a leader and two followers, one field each, mutual TLS, generous waits (the second
-    follower waits while the leader runs the first follower's PSI)."""
-    certs = BASE3 / "certs"
-    parties = {}
-    for key, field in zip(THREE, ("I1", "I2", "I3"), strict=True):
-        parties[key] = {"name": key, "fields": [field], "listen": f"127.0.0.1:{free_port()}", "threads": 1,
-                        "cert": str(certs / f"{key}.pem"), "key": str(certs / f"{key}.key"),
-                        "key_password_env": f"VFL_{key.upper()}_KEY_PASSWORD"}
-    return {"name": "bench-psi3", "data": {"dir": str(BASE3 / "data"), "threshold": 1}, "parties": parties,
-            "psi": {"min_intersection": 1}, "transport": {"timeout_s": 1800, "connect_timeout_s": 1800},
-            "tls": {"enabled": True, "ca": str(certs / "ca.pem")}}
 
 
 def three_party_ids(n: int, overlap: float, seed: int = 0) -> dict[str, np.ndarray]:
@@ -100,14 +88,14 @@ def three_party(n: int, overlap: float) -> None:
         os.environ.setdefault(f"VFL_{key.upper()}_KEY_PASSWORD", secrets.token_urlsafe(16))
     BASE3.mkdir(parents=True, exist_ok=True)
     job = BASE3 / "job.yaml"
-    job.write_text(yaml.safe_dump(job_spec3()))
+    job.write_text(yaml.safe_dump(job_spec(BASE3, dict(zip(THREE, FIELDS3, strict=True)), 1800, 1800)))
     ids = three_party_ids(n, overlap)
     expected = len(np.intersect1d(np.intersect1d(ids["leader"], ids["follower1"]), ids["follower2"]))
     pairs = {f"leader & {f}": len(np.intersect1d(ids["leader"], ids[f])) for f in ("follower1", "follower2")}
     pairs["follower1 & follower2"] = len(np.intersect1d(ids["follower1"], ids["follower2"]))
     print(f"\nbench-psi three parties: {n:,} ids each; pairwise {', '.join(f'{k} {v:,}' for k, v in pairs.items())}"
           f"; {expected:,} in all three (numpy); writing and preparing the tables", flush=True)
-    for key, field in zip(THREE, ("I1", "I2", "I3"), strict=True):
+    for key, field in zip(THREE, FIELDS3, strict=True):
         write_table(BASE3 / f"{key}.tsv", np.random.default_rng(1).permutation(ids[key]), field, key == "leader")
         run("prep", "table", "--party", key, "--input", str(BASE3 / f"{key}.tsv"), "--job", str(job))
     run("certs", "--job", str(job))
@@ -186,7 +174,7 @@ def two_party(args: argparse.Namespace) -> None:
     os.environ["VFL_NO_PROGRESS"] = "1"
     BASE.mkdir(parents=True, exist_ok=True)
     job = BASE / "job.yaml"
-    job.write_text(yaml.safe_dump(job_spec()))
+    job.write_text(yaml.safe_dump(job_spec(BASE, {"leader": "I1", "follower": "I2"}, 600, 120)))
     shared = int(args.ids * args.overlap)
     universe = np.random.default_rng(0).permutation(2 * args.ids - shared)
     ids = {"leader": universe[: args.ids], "follower": universe[args.ids - shared :]}

@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -388,6 +389,22 @@ def wait_all(processes: dict[str, subprocess.Popen[bytes]], deadline: float) -> 
     return rss
 
 
+def run_parties(keys: Sequence[str], job_path: Path, workdir: Path, flag: str, prefix: str) -> dict[str, int]:
+    """`vfl train <flag> KEY` for every party, each its own process with output in <workdir>/<prefix><key>.out;
+    waits for all (peak RSS by key). On any failure every process is killed and each one's output tail printed."""
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for key in keys:
+            processes[key] = start_party(key, job_path, workdir, flag=flag, out=f"{prefix}{key}")
+        return wait_all(processes, time.monotonic() + TWO_PARTY_DEADLINE_S)
+    except BaseException:
+        kill_all(processes)
+        for key in processes:
+            tail = (workdir / f"{prefix}{key}.out").read_text(errors="replace")[-1500:]
+            print(f"--- {key} output (tail) ---\n{tail}", file=sys.stderr)
+        raise
+
+
 def kill_all(processes: dict[str, subprocess.Popen[bytes]]) -> None:
     for process in processes.values():
         if process.returncode is None:
@@ -423,17 +440,7 @@ def two_party(name: str, workdir: Path, warmup: int, steps: int, batch_size: int
     job_path = write_job(workdir, row, certs, privacy, precision)
     if not (certs / "ca.pem").exists():
         make_certs(job_path, certs)
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for role in ROLES:
-            processes[role] = start_party(role, job_path, workdir)
-        rss = wait_all(processes, time.monotonic() + TWO_PARTY_DEADLINE_S)
-    except BaseException:
-        kill_all(processes)
-        for role in processes:
-            tail = (workdir / f"{role}.out").read_text(errors="replace")[-1500:]
-            print(f"--- {role} output (tail) ---\n{tail}", file=sys.stderr)
-        raise
+    rss = run_parties(ROLES, job_path, workdir, "--role", "")
     job = load_job(job_path)
     start, times = step_times(job.train.run_dir / "leader" / "metrics.jsonl")
     per_step, note = traffic_per_step(workdir, len(times), batch_size)
@@ -532,17 +539,7 @@ def star(k: int, two_party_job: JobSpec, workdir: Path, warmup: int, steps: int,
     write_star_data(two_party_job, job, (warmup + steps) * batch_size)
     make_certs(job_path, certs)
     keys = tuple(job.parties)
-    processes: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        for key in keys:
-            processes[key] = start_party(key, job_path, workdir, flag="--party", out=f"star-{k}-{key}")
-        rss = wait_all(processes, time.monotonic() + TWO_PARTY_DEADLINE_S)
-    except BaseException:
-        kill_all(processes)
-        for key in processes:
-            tail = (workdir / f"star-{k}-{key}.out").read_text(errors="replace")[-1500:]
-            print(f"--- {key} output (tail) ---\n{tail}", file=sys.stderr)
-        raise
+    rss = run_parties(keys, job_path, workdir, "--party", f"star-{k}-")
     metrics = job.train.run_dir / job.label_party / "metrics.jsonl"
     start, times = step_times(metrics)
     rate, median = rates(times, warmup, steps, batch_size)

@@ -59,22 +59,29 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "VFL_NO_PROGRESS": "1"}
 
 
-def two_processes(work: Path, *args: str, leader: tuple[str, ...] = ()) -> str:
-    """`vfl <args>` as leader and follower processes over mutual TLS; the leader's stdout."""
-    procs = {role: subprocess.Popen([*VFL, *args, "--role", role, *(leader if role == "leader" else ())], cwd=work,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-             for role in ("follower", "leader")}
+def each_party(work: Path, *args: str, parties: tuple[str, ...], flag: str = "--party",
+               leader: tuple[str, ...] = ()) -> dict[str, str]:
+    """`vfl <args> <flag> P` for every party P, each its own process over mutual TLS (the leader, first in
+    `parties`, started last, with `leader` appended); every party's stdout."""
+    procs = {key: subprocess.Popen([*VFL, *args, flag, key, *(leader if key == parties[0] else ())], cwd=work,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+             for key in reversed(parties)}
     outputs = {}
-    for role, proc in procs.items():
+    for key, proc in procs.items():
         try:
             out, err = proc.communicate(timeout=300)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-        assert proc.returncode == 0, f"{role} {' '.join(args)}:\n{out}\n{err}"
-        outputs[role] = out
-    return outputs["leader"]
+        assert proc.returncode == 0, f"{key} {' '.join(args)}:\n{out}\n{err}"
+        outputs[key] = out
+    return outputs
+
+
+def two_processes(work: Path, *args: str, leader: tuple[str, ...] = ()) -> str:
+    """`vfl <args>` as leader and follower processes (`--role`); the leader's stdout."""
+    return each_party(work, *args, parties=("leader", "follower"), flag="--role", leader=leader)["leader"]
 
 
 def split_off(source: Path, train: Path, new: Path, drop: str | None = None) -> list[str]:

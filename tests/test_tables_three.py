@@ -7,33 +7,19 @@ from __future__ import annotations
 
 import csv
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.test_tables_flow import FATE, VFL, _env, metric, vfl
+from tests.test_tables_flow import FATE, each_party, metric, vfl
 
 pytestmark = pytest.mark.skipif(not FATE.is_dir(), reason=f"{FATE} not present (the project's shared data)")
 PARTIES = ("leader", "follower1", "follower2")
 
 
-def three_processes(work: Path, *args: str, leader: tuple[str, ...] = ()) -> dict[str, str]:
+def three_processes(work: Path, *args: str) -> dict[str, str]:
     """`vfl <args> --party P` for the three parties, each its own process; every party's stdout."""
-    procs = {key: subprocess.Popen([*VFL, *args, "--party", key, *(leader if key == "leader" else ())], cwd=work,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-             for key in reversed(PARTIES)}
-    outputs = {}
-    for key, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        assert proc.returncode == 0, f"{key} {' '.join(args)}:\n{out}\n{err}"
-        outputs[key] = out
-    return outputs
+    return each_party(work, *args, parties=PARTIES)
 
 
 def divide_columns(source: Path, first: Path, second: Path) -> None:

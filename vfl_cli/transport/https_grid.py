@@ -131,11 +131,6 @@ class HttpsGrid(Grid):
         log.info("%s %s listening on %s, peers %s", role, me.name, me.listen,
                  ", ".join(f"{c.name} at {c.url}" for c in self._channels.values()))
 
-    @property
-    def url(self) -> str:
-        """The first peer's URL (a follower's one peer: the leader)."""
-        return next(iter(self._channels.values())).url
-
     # --------------------------------------------------------------------------------------------- Grid API
 
     def handshake(self, mine: Hello, reply: Reply) -> dict[str, Hello]:
