@@ -11,7 +11,7 @@ import sys
 import typer
 
 from vfl_cli import __version__
-from vfl_cli.commands import audit, certs, export, init, prep, psi, report, run
+from vfl_cli.commands import audit, certs, export, init, prep, psi, report, run, serve
 from vfl_cli.console import console, print_error
 from vfl_cli.errors import VflError
 
@@ -43,6 +43,7 @@ app.command("infer")(run.infer)
 app.command("audit")(audit.audit)
 app.command("report")(report.report)
 app.command("export")(export.export)
+app.command("serve")(serve.serve)
 
 
 @app.callback()

@@ -32,12 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from data_prep.store import open_party
-from vfl_cli.checkpoint import CheckpointStore
-from vfl_cli.errors import CheckpointError, DataError
+from vfl_cli.errors import DataError
 from vfl_cli.job import JobSpec
-from vfl_cli.task import Task
-from vfl_cli.train.parties import PartyModel, build_party
-from vfl_cli.train.session import leader_task
+from vfl_cli.train.parties import PartyModel
+from vfl_cli.trained import load_party
 
 OPSET = 17
 TOLERANCE = 1e-5  # onnxruntime against torch, absolute, on float32 outputs
@@ -81,25 +79,10 @@ class _Top(nn.Module):
         return self.task.predict(self.top(joined))
 
 
-def load_party(job: JobSpec, role: str, run_dir: Path) -> tuple[PartyModel, dict[str, Any]]:
-    """Party `role`'s model as trained: built from its prepared data, loaded from its selected (else newest)
-    checkpoint. CheckpointError where it has none."""
-    data = open_party(job.data.dir, role)
-    task: Task | None = leader_task(job, data) if job.is_leader(role) else None
-    party = build_party(job, role, data.meta, torch.device("cpu"), task)
-    store = CheckpointStore(run_dir / role, job.fingerprint())
-    payload = store.load_selected() or store.newest()
-    try:
-        party.load_state_dict(payload["state"])
-    except CheckpointError as exc:
-        raise CheckpointError(f"{store.directory}: {exc}") from exc
-    party.train(False)
-    return party, payload
-
-
-def export_party(job: JobSpec, role: str, run_dir: Path, out: Path) -> Exported:
-    """Write party `role`'s graphs, its encoding files and the manifest to `<out>/<role>`, checked."""
-    party, payload = load_party(job, role, run_dir)
+def export_party(job: JobSpec, role: str, run_dir: Path, out: Path, at: tuple[str, int] | None = None) -> Exported:
+    """Write party `role`'s graphs, its encoding files and the manifest to `<out>/<role>`, checked; from its
+    selected (else newest) checkpoint, or run `at[0]`'s step `at[1]`."""
+    party, payload = load_party(job, role, run_dir, at)
     data = open_party(job.data.dir, role)
     directory = out / role
     directory.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from data_prep.schema import CRITEO_SCALING, Kind, Label, PartySchema, Role, Scaling, Task, criteo_columns
 from vfl_cli.errors import JobError
 from vfl_cli.privacy_spec import PrivacySpec, QuantizeSpec
+from vfl_cli.serve_spec import ServeSpec
 
 __all__ = ["Role", "JobSpec", "PartySpec", "PrivacySpec", "QuantizeSpec", "load_job", "parse_job"]
 
@@ -250,6 +251,7 @@ class JobSpec(_Spec):
     metrics: MetricsSpec = MetricsSpec()  # monitoring listeners (local settings, not in the fingerprint)
     psi: PsiSpec = PsiSpec()  # aligning the organisations' tables by customer id
     privacy: PrivacySpec = PrivacySpec()
+    serve: ServeSpec = ServeSpec()  # `vfl serve` (local settings, not in the fingerprint)
 
     @model_validator(mode="after")
     def _parties(self) -> JobSpec:
@@ -285,6 +287,9 @@ class JobSpec(_Spec):
         unknown = sorted(set(self.metrics.listen) - set(self.parties))
         if unknown:
             raise ValueError(f"metrics.listen: {', '.join(unknown)} is not a party of this job")
+        unknown = sorted(set(self.serve.follower_listen) - set(self.followers))
+        if unknown:
+            raise ValueError(f"serve.follower_listen: {', '.join(unknown)} is not a follower of this job")
         return self
 
     @property

@@ -10,6 +10,11 @@ A body is one msgpack map:
               "tensors": {name: <tensor>}}
     abort    {"session": <session id>, "reason": "..."}
 
+  while serving (`vfl serve`; a request from the label party, answered in the response body):
+    cut_request  {"run_id", "step", "ids": <the customer ids' UTF-8, concatenated>, "lengths": <uint16 LE each>}
+    cut          {"run_id", "step", "found": <one byte 0/1 per id>, "tensors": {name: <tensor>}}
+    model        {"run_id", "step"}   (the label party's "load this checkpoint", and the follower's answer)
+
     tensor   {"dtype": "float32", "shape": [B, 1], "data": <raw little-endian bytes>}   (or another of DTYPES)
              {"dtype": "minmax", "bits": 1..8, "min": float64, "max": float64, "shape": [B, 1],
               "data": <ceil(numel * bits / 8) bytes of bit-packed codes>}   (a `QuantizedTensor`; packing as in
@@ -79,7 +84,32 @@ class AbortMessage:
     reason: str
 
 
-Message = HelloMessage | TensorMessage | AbortMessage
+@dataclass(frozen=True)
+class CutRequest:
+    """The label party asks a follower for its cut of these customers, from the model of run_id at step."""
+
+    run_id: str
+    step: int
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CutAnswer:
+    run_id: str
+    step: int  # the step of the model that computed the tensors: the leader checks it is the one it asked for
+    found: tuple[bool, ...]  # per id: whether this follower holds the customer (all True under `unknown: default_row`)
+    tensors: WireTensors
+
+
+@dataclass(frozen=True)
+class ModelMessage:
+    run_id: str
+    step: int
+
+
+Message = HelloMessage | TensorMessage | AbortMessage | CutRequest | CutAnswer | ModelMessage
+MAX_ID_BYTES = 256  # one customer id, as UTF-8
+MAX_IDS = 4096  # ids in one cut request (`serve.max_batch` is at most this)
 
 
 # --------------------------------------------------------------------------------------------------- encode
@@ -111,10 +141,23 @@ def encode(message: Message, job_fingerprint: str) -> bytes:
         body["key"] = {"phase": message.key.phase, "epoch": message.key.epoch, "step": message.key.step}
         body["seq"] = message.seq
         body["tensors"] = {name: _encode_tensor(name, t) for name, t in message.tensors.items()}
-    else:
+    elif isinstance(message, AbortMessage):
         body["type"] = "abort"
         body["session"] = message.session
         body["reason"] = message.reason
+    else:
+        body["run_id"], body["step"] = message.run_id, message.step
+        if isinstance(message, CutRequest):
+            encoded = [cid.encode() for cid in message.ids]
+            body["type"] = "cut_request"
+            body["ids"] = b"".join(encoded)
+            body["lengths"] = np.array([len(e) for e in encoded], dtype="<u2").tobytes()
+        elif isinstance(message, CutAnswer):
+            body["type"] = "cut"
+            body["found"] = bytes(message.found)
+            body["tensors"] = {name: _encode_tensor(name, t) for name, t in message.tensors.items()}
+        else:
+            body["type"] = "model"
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -165,6 +208,8 @@ def decode(body: bytes) -> tuple[str, Message]:
     if kind == "abort":
         reason = printable(_str(top.get("reason"), "reason"))[:MAX_REASON_CHARS]
         return job, AbortMessage(_str(top.get("session"), "session"), reason)
+    if kind in ("cut_request", "cut", "model"):
+        return job, _decode_serving(kind, top)
     raise ProtocolError(f"unknown message type {kind[:40]!r}")
 
 
@@ -224,6 +269,35 @@ def _decode_tensors(top: dict[str, Any]) -> TensorMessage:
         raise ProtocolError(f"tensors: {len(raw_tensors)} tensors, at most {MAX_TENSORS}")
     tensors = {name: _decode_tensor(name, value) for name, value in raw_tensors.items()}
     return TensorMessage(session, kind, key, seq, tensors)
+
+
+def _decode_serving(kind: str, top: dict[str, Any]) -> CutRequest | CutAnswer | ModelMessage:
+    run_id, step = _str(top.get("run_id"), "run_id"), _int(top.get("step"), "step")
+    if kind == "model":
+        return ModelMessage(run_id, step)
+    if kind == "cut_request":
+        blob, lengths = _bytes(top.get("ids"), "ids"), _bytes(top.get("lengths"), "lengths")
+        sizes = np.frombuffer(lengths, dtype="<u2") if len(lengths) % 2 == 0 else None
+        if sizes is None or not 0 < len(sizes) <= MAX_IDS or int(sizes.sum()) != len(blob):
+            raise ProtocolError(f"ids: 1 to {MAX_IDS} ids whose lengths add up to the bytes given")
+        if (sizes > MAX_ID_BYTES).any():
+            raise ProtocolError(f"ids: a customer id is longer than {MAX_ID_BYTES} bytes")
+        ends = np.cumsum(sizes).tolist()
+        try:
+            ids = tuple(blob[a:b].decode() for a, b in zip([0, *ends[:-1]], ends, strict=True))
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("ids: not UTF-8") from exc
+        return CutRequest(run_id, step, ids)
+    found = _bytes(top.get("found"), "found")
+    if not set(found) <= {0, 1}:
+        raise ProtocolError("found: one byte 0 or 1 per id")
+    raw_tensors = _map(top.get("tensors"), "tensors")
+    if len(raw_tensors) > MAX_TENSORS:
+        raise ProtocolError(f"tensors: {len(raw_tensors)} tensors, at most {MAX_TENSORS}")
+    tensors = {name: _decode_tensor(name, value) for name, value in raw_tensors.items()}
+    if any(t.shape[0] != len(found) for t in tensors.values()):
+        raise ProtocolError(f"tensors: every tensor needs one row per id ({len(found)})")
+    return CutAnswer(run_id, step, tuple(bool(b) for b in found), tensors)
 
 
 def _decode_tensor(name: str, raw: object) -> WireTensor:

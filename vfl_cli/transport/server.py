@@ -24,7 +24,7 @@ The listener puts that certificate into the request scope as the ASGI TLS extens
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from functools import lru_cache
 from typing import Any
 
@@ -72,21 +72,7 @@ def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = No
     telemetry = telemetry or Telemetry(role)
     fingerprint = job.fingerprint()
     limit = job.transport.max_body_bytes
-    only_peer = next(iter(ctx.peers.values())).name if len(ctx.peers) == 1 else None
-
-    async def sender(request: Request) -> str:
-        """The name of the peer that sent this request (Refusal 403 for anyone else)."""
-        if job.tls.enabled:
-            name = client_common_name(request.scope)
-        else:  # nobody can tell who sends: the header says, or the only peer
-            name = request.headers.get(SENDER_HEADER) or only_peer
-        if name is None or ctx.peer_key(name) is None:
-            # Any holder of a certificate from the job's CA gets this far: the answer names no party, our log does.
-            seen = "no client certificate" if name is None else f"certificate CN {name[:64]!r}"
-            names = [repr(peer.name) for peer in ctx.peers.values()]
-            expected = names[0] if len(names) == 1 else f"one of {', '.join(names)}"
-            raise Refusal(403, FORBIDDEN, "forbidden", f"{seen}, expected {expected}")
-        return name
+    sender = peer_sender(ctx)
 
     async def read_message(request: Request) -> tuple[str, Message, int]:
         body = await read_body(request, limit)
@@ -163,15 +149,42 @@ def create_app(inbox: Inbox, ctx: PartyContext, telemetry: Telemetry | None = No
 
     app = FastAPI(title=f"vfl {role}", docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(router)
+    answer_refusals(app, telemetry.refused)
+    return app
+
+
+def peer_sender(ctx: PartyContext) -> Callable[[Request], Awaitable[str]]:
+    """A FastAPI dependency: the name of the peer that sent this request, from its client certificate's CN (or,
+    without TLS, the `x-vfl-party` header or the only peer); Refusal 403 for anyone who is not one of my peers."""
+    only_peer = next(iter(ctx.peers.values())).name if len(ctx.peers) == 1 else None
+
+    async def sender(request: Request) -> str:
+        if ctx.job.tls.enabled:
+            name = client_common_name(request.scope)
+        else:  # nobody can tell who sends: the header says, or the only peer
+            name = request.headers.get(SENDER_HEADER) or only_peer
+        if name is None or ctx.peer_key(name) is None:
+            # Any holder of a certificate from the job's CA gets this far: the answer names no party, our log does.
+            seen = "no client certificate" if name is None else f"certificate CN {name[:64]!r}"
+            names = [repr(peer.name) for peer in ctx.peers.values()]
+            expected = names[0] if len(names) == 1 else f"one of {', '.join(names)}"
+            raise Refusal(403, FORBIDDEN, "forbidden", f"{seen}, expected {expected}")
+        return name
+
+    return sender
+
+
+def answer_refusals(app: FastAPI, count: Callable[[str], None]) -> None:
+    """Answer a Refusal with its status and `{"error": reason}` (counted by its code), any other HTTP error as
+    JSON, and an internal error as a 500 that says only to look at the log."""
 
     async def refusal_response(request: Request, exc: Refusal) -> JSONResponse:
-        telemetry.refused(exc.code)
+        count(exc.code)
         return _refusal_response(request, exc)
 
     app.add_exception_handler(Refusal, refusal_response)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error_response)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error_response)
-    return app
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -213,7 +226,9 @@ def _refusal_response(request: Request, exc: Refusal) -> JSONResponse:
     log.info("refused %s %s: %s %s%s", request.method, request.url.path, exc.status, exc.reason,
              f" ({exc.detail})" if exc.detail else "")
     # The body may be unread (413, 403): closing the connection keeps the next request's framing sane.
-    headers = {"connection": "close"} if exc.status in (403, 413) else {}
+    headers = {"connection": "close"} if exc.status in (401, 403, 413) else {}
+    if exc.status == 401:
+        headers["www-authenticate"] = "Bearer"
     if exc.status == 503:
         headers["retry-after"] = str(RETRY_AFTER_S)
     return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers or None)

@@ -243,6 +243,15 @@ def client_ssl_context(job: JobSpec, role: Role) -> ssl.SSLContext:
     return context
 
 
+def api_ssl_context(job: JobSpec, role: Role, client_certificates: bool, required: bool) -> ssl.SSLContext:
+    """The label party's serving API: its own certificate; a client certificate from the job's CA asked for when
+    `client_certificates` (required when `required`, else optional: token callers need none)."""
+    context = server_ssl_context(job, role)
+    context.verify_mode = (ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL) if client_certificates \
+        else ssl.CERT_NONE
+    return context
+
+
 @dataclass(frozen=True)
 class CertificateSummary:
     """Who a certificate says it is, for error messages."""

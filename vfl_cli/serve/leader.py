@@ -1,0 +1,226 @@
+"""The label party while serving: `Scorer.score(ids)` scores one micro-batch with every party's part of one model,
+and `Scorer.reload()` moves every party to a new checkpoint.
+
+One batch = one round trip to each follower, all at once (a thread each), over the same mutually
+authenticated channel as training: the follower's certificate must carry its party name, ours is checked by
+it. The batch takes the current `Generation` (run, step, the leader's part) once, asks every follower for that
+step, and refuses any answer of another step: a response never mixes two steps.
+
+A follower that cannot answer within the request's budget (down, slow, another model) makes the batch fail
+with `Unavailable` (the API answers 503 + Retry-After); the next batch tries it again, so serving resumes by
+itself as soon as it is back. A reload loads the new checkpoint here, asks every follower to load the same step,
+and only then swaps the generation: batches already running finish with the old step, which the followers still
+hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from vfl_cli.errors import ProtocolError
+from vfl_cli.party import PartyContext
+from vfl_cli.serve.feature_store import FeatureStore
+from vfl_cli.serve.model import Cut, ServedPart
+from vfl_cli.serve.telemetry import ServeTelemetry
+from vfl_cli.transport.codec import CutAnswer, CutRequest, ModelMessage, decode, encode
+from vfl_cli.transport.server import SENDER_HEADER
+from vfl_cli.transport.tls import client_ssl_context
+
+log = logging.getLogger(__name__)
+
+
+class Unavailable(Exception):
+    """A batch that cannot be scored now (a follower down, slow or serving another model): 503."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The model every party serves: its run and step, and the leader's part of it."""
+
+    part: ServedPart
+
+    @property
+    def run_id(self) -> str:
+        return self.part.run_id
+
+    @property
+    def step(self) -> int:
+        return self.part.step
+
+
+@dataclass(frozen=True)
+class Scored:
+    run_id: str
+    step: int
+    predictions: np.ndarray  # [B] or [B, k]
+    missing: dict[int, list[str]] = field(default_factory=dict)  # row -> the parties that do not hold that id
+
+
+def follower_address(ctx: PartyContext, key: str) -> str:
+    """Where follower `key` answers while serving: `serve.follower_listen`, else its training address."""
+    return ctx.job.serve.follower_listen.get(key) or ctx.peers[key].connect_to
+
+
+class FollowerLink:
+    """The label party's keep-alive HTTPS client to one follower's serving endpoint."""
+
+    def __init__(self, ctx: PartyContext, key: str, verify: ssl.SSLContext | bool, connections: int) -> None:
+        self.key, self.name = key, ctx.peers[key].name
+        scheme = "https" if ctx.job.tls.enabled else "http"
+        self.url = f"{scheme}://{follower_address(ctx, key)}"
+        self._fingerprint = ctx.job.fingerprint()
+        transport = httpx.HTTPTransport(
+            verify=verify, limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # see HttpsGrid: no 40 ms Nagle waits
+        )
+        self.client = httpx.Client(base_url=self.url, transport=transport, trust_env=False,
+                                   headers={"content-type": "application/msgpack", SENDER_HEADER: ctx.name})
+
+    def call(self, path: str, message: CutRequest | ModelMessage, timeout_s: float) -> CutAnswer | ModelMessage:
+        """POST one message and decode the answer; Unavailable with the reason for anything short of an answer."""
+        try:
+            response = self.client.post(path, content=encode(message, self._fingerprint), timeout=timeout_s,
+                                        extensions={"sni_hostname": self.name})
+        except httpx.TimeoutException as exc:
+            raise Unavailable(f"the {self.key} did not answer within {timeout_s * 1000:.0f} ms") from exc
+        except httpx.TransportError as exc:
+            raise Unavailable(f"the {self.key} at {self.url} cannot be reached ({type(exc).__name__})") from exc
+        if response.status_code != 200:
+            try:
+                reason = str(response.json().get("error"))[:300]
+            except (ValueError, AttributeError):
+                reason = response.reason_phrase
+            raise Unavailable(f"the {self.key} refused: {reason} (HTTP {response.status_code})")
+        try:
+            _, answer = decode(response.content)
+        except ProtocolError as exc:
+            raise Unavailable(f"the {self.key} answered a malformed message: {exc}") from exc
+        if not isinstance(answer, CutAnswer | ModelMessage):
+            raise Unavailable(f"the {self.key} answered a {type(answer).__name__}")
+        return answer
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Scorer:
+    """The label party's serving state: its feature store, its current generation and a link to each follower."""
+
+    def __init__(self, ctx: PartyContext, run_dir: Path, store: FeatureStore, first: ServedPart,
+                 telemetry: ServeTelemetry) -> None:
+        job = ctx.job
+        self.ctx, self.run_dir, self.store = ctx, run_dir, store
+        self.timeout_s = job.serve.timeout_ms / 1000
+        self.backend = job.serve.backend
+        self.generation = Generation(first)
+        in_flight = job.serve.batches_in_flight
+        verify: ssl.SSLContext | bool = client_ssl_context(job, ctx.role) if job.tls.enabled else False
+        self.links = {key: FollowerLink(ctx, key, verify, in_flight + 1) for key in ctx.followers}
+        self._pool = ThreadPoolExecutor(max(len(self.links) * (in_flight + 1), 1), thread_name_prefix="vfl-serve")
+        self._reloading = threading.Lock()
+        self.telemetry = telemetry
+        telemetry.step.set(first.step)
+        self.followers_ready: dict[str, str] = dict.fromkeys(self.links, "not contacted yet")
+
+    # ------------------------------------------------------------------------------------------------ scoring
+
+    def score(self, ids: list[str]) -> Scored:
+        """Every party's part of the current generation for these customers: one round trip to each follower."""
+        started = time.monotonic()
+        generation = self.generation  # once: every part of this batch comes from this step
+        request = CutRequest(generation.run_id, generation.step, tuple(ids))
+        futures = {key: self._pool.submit(self._cut, link, request, started) for key, link in self.links.items()}
+        rows = self.store.lookup(ids)
+        own = generation.part.cut(rows.ids, rows.vals)
+        answers: dict[str, CutAnswer] = {}
+        failure: Unavailable | None = None
+        for key, future in futures.items():
+            try:
+                answers[key] = future.result()
+            except Unavailable as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        missing: dict[int, list[str]] = {int(i): [self.ctx.role] for i in np.flatnonzero(~rows.found)}
+        cuts: list[Cut] = [own]
+        for key in self.links:
+            answer = answers[key]
+            for i in np.flatnonzero(~np.array(answer.found, dtype=bool)):
+                missing.setdefault(int(i), []).append(key)
+            cuts.append({name: np.asarray(t, dtype=np.float32) for name, t in answer.tensors.items()})
+        predictions = generation.part.predict(cuts)
+        return Scored(generation.run_id, generation.step, predictions, missing)
+
+    def _cut(self, link: FollowerLink, request: CutRequest, started: float) -> CutAnswer:
+        left = self.timeout_s - (time.monotonic() - started)
+        if left <= 0:
+            raise Unavailable(f"no time left for the {link.key} within {self.timeout_s * 1000:.0f} ms")
+        sent = time.perf_counter()
+        try:
+            answer = link.call("/v1/serve/cut", request, left)
+        except Unavailable as exc:
+            self.followers_ready[link.key] = str(exc)
+            raise
+        self.telemetry.round_trip(link.key, time.perf_counter() - sent)
+        if not isinstance(answer, CutAnswer) or (answer.run_id, answer.step) != (request.run_id, request.step):
+            raise Unavailable(f"the {link.key} answered for another model than run {request.run_id[:8]} "
+                              f"step {request.step}")
+        widths = self.ctx.job.cut_widths(link.key)
+        shapes = {name: tuple(t.shape) for name, t in answer.tensors.items()}
+        if shapes != {name: (len(request.ids), width) for name, width in widths.items()}:
+            raise Unavailable(f"the {link.key} answered tensors {shapes}, not its cut of {len(request.ids)} rows")
+        self.followers_ready[link.key] = "ok"
+        return answer
+
+    # ---------------------------------------------------------------------------------------- model changes
+
+    def connect(self, wait_s: float) -> None:
+        """Ask every follower to hold this generation's run and step (the same check as `vfl eval`'s), until each
+        has or `wait_s` passes; a follower that cannot is reported in `followers_ready`, not fatal: serving
+        answers 503 until it can."""
+        deadline = time.monotonic() + wait_s
+        pending = set(self.links)
+        while pending:
+            for key in sorted(pending):
+                try:
+                    self._load(key, self.generation.run_id, self.generation.step)
+                    pending.discard(key)
+                except Unavailable as exc:
+                    self.followers_ready[key] = str(exc)
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+
+    def _load(self, key: str, run_id: str, step: int) -> None:
+        answer = self.links[key].call("/v1/serve/load", ModelMessage(run_id, step), max(self.timeout_s, 30.0))
+        if not isinstance(answer, ModelMessage) or (answer.run_id, answer.step) != (run_id, step):
+            raise Unavailable(f"the {key} holds another model than run {run_id[:8]} step {step}")
+        self.followers_ready[key] = "ok"
+
+    def reload(self, at: tuple[str, int] | None = None) -> Generation:
+        """Load the selected checkpoint (or run `at[0]` step `at[1]`) here and at every follower, then serve it.
+        Unavailable (and the old model served on) when a follower cannot load it."""
+        with self._reloading:
+            part = ServedPart.load(self.ctx.job, self.ctx.role, self.run_dir, at, self.backend)
+            futures = [self._pool.submit(self._load, key, part.run_id, part.step) for key in self.links]
+            for future in futures:
+                future.result()
+            self.generation = Generation(part)  # one assignment: each batch sees the old or the new, whole
+            self.telemetry.step.set(part.step)
+            log.warning("serving run %s step %s", part.run_id[:8], part.step)
+            return self.generation
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for link in self.links.values():
+            link.close()
