@@ -202,3 +202,20 @@ def client_certificate(job: JobSpec, name: str, out: Path) -> tuple[Path, Path]:
     paths[1].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return paths
+
+
+def scores_at(job: JobSpec, ids: list[str], step: int) -> np.ndarray:
+    """Every party's part of step `step`, composed in this process (no server): the scores serving must give."""
+    from vfl_cli.checkpoint import CheckpointStore
+    from vfl_cli.serve.feature_store import FeatureStore
+    from vfl_cli.serve.model import ServedPart
+
+    run_id = CheckpointStore(job.train.run_dir / job.label_party, job.fingerprint()).run_id()
+    assert run_id is not None
+    parts = {key: ServedPart.load(job, key, job.train.run_dir, (run_id, step)) for key in job.keys}
+    cuts = []
+    for key in job.keys:
+        rows = FeatureStore.open(job.data.dir / key).lookup(ids)
+        assert rows.found.all()
+        cuts.append(parts[key].cut(rows.ids, rows.vals))
+    return parts[job.label_party].predict(cuts)
