@@ -4,6 +4,7 @@ callers without a token or a named client certificate before reading their bodie
 
 from __future__ import annotations
 
+import csv
 import socket
 import ssl
 from collections.abc import Iterator
@@ -31,9 +32,9 @@ def serving(job: JobSpec, job_path: Path, *leader_args: str) -> Iterator[dict[st
     assert codes == dict.fromkeys(processes, 0)
 
 
-def predict(job: JobSpec, ids: list[str]) -> dict:
+def predict(job: JobSpec, ids: list[str], rows: list[dict] | None = None) -> dict:
     with api_client(job) as client:
-        response = client.post("/v1/predict", json={"ids": ids})
+        response = client.post("/v1/predict", json={"ids": ids, **({"rows": rows} if rows else {})})
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -54,8 +55,24 @@ def test_three_parties_serve_what_infer_scores(tmp_path: Path) -> None:
         assert answer["model"]["step"] > 0
         one = predict(job, [ids[3]])["predictions"][0]  # alone in its batch: the same score
         assert abs(one["probability"] - expected[ids[3]][0]) <= 1e-6
+        check_given_rows(job, tmp_path, ids[:10], expected)
         check_refusals(job, tmp_path)
 
+
+def check_given_rows(job: JobSpec, tmp_path: Path, ids: list[str], expected: dict[str, list[float]]) -> None:
+    """The label party's own columns in the request, as its table has them: the same scores; changed: others."""
+    with (tmp_path / "leader.csv").open() as file:
+        table = {row["id"]: row for row in csv.DictReader(file)}
+    rows = [{"a0": float(table[cid]["a0"]), "a1": table[cid]["a1"]} for cid in ids]
+    got = predict(job, ids, rows)["predictions"]
+    assert max(abs(entry["probability"] - expected[cid][0]) for cid, entry in zip(ids, got, strict=True)) <= 1e-6
+    changed = predict(job, ids, [{"a0": None, "a1": "never-seen"} for _ in ids])["predictions"]
+    assert all(abs(a["probability"] - b["probability"]) > 1e-7 for a, b in zip(got, changed, strict=True))
+    with api_client(job) as client:
+        wrong = client.post("/v1/predict", json={"ids": ids[:1], "rows": [{"a0": "high"}]})
+        assert wrong.status_code == 400 and wrong.json()["error"] == "rows[0].a0: a number or null, got str"
+        unknown = client.post("/v1/predict", json={"ids": ids[:1], "rows": [{"zz": 1}]})
+        assert unknown.status_code == 400 and "unknown column 'zz'" in unknown.json()["error"]
 
 def check_refusals(job: JobSpec, tmp_path: Path) -> None:
     with api_client(job, token="wrong-token-0123456789") as client:

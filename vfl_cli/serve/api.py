@@ -1,8 +1,9 @@
 """The label party's API for its own applications (`vfl serve` at the label party, HTTPS on `serve.listen`):
 
-    POST /v1/predict        {"ids": [...]} (1 to serve.max_batch) -> {"model": {"run", "step"}, "predictions":
-                            [{"id", "probability"} | {"id", "probabilities"} | {"id", "value"} | {"id", "error",
-                            "missing_at"}]}, one per id in the order asked
+    POST /v1/predict        {"ids": [...]} (1 to serve.max_batch; optionally "rows": the label party's own columns
+                            per id, fresher than its store: `vfl_cli.serve.rows`) -> {"model": {"run", "step"},
+                            "predictions": [{"id", "probability"} | {"id", "probabilities"} | {"id", "value"} |
+                            {"id", "error", "missing_at"}]}, one per id in the order asked
     POST /v1/admin/reload   {} or {"step": N}: every party loads the selected checkpoint (or step N of the run)
     GET  /metrics           the serving counters (`vfl_cli.serve.telemetry`), Prometheus text format
     GET  /healthz           no authentication: whether every follower answers, and the model served
@@ -28,6 +29,7 @@ from vfl_cli.errors import CheckpointError
 from vfl_cli.job import JobSpec
 from vfl_cli.serve.batcher import MicroBatcher
 from vfl_cli.serve.leader import Scored, Scorer, Unavailable
+from vfl_cli.serve.rows import RowEncoder, RowError
 from vfl_cli.serve.telemetry import ServeTelemetry
 from vfl_cli.transport.server import Refusal, answer_refusals, client_common_name, read_body
 
@@ -37,6 +39,8 @@ UNAUTHORIZED = "a bearer token or a client certificate named in serve.clients is
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ids: list[str | int] = Field(min_length=1, description="customer ids, as `vfl infer` writes them")
+    rows: list[dict[str, str | int | float | None]] | None = Field(
+        None, description="the label party's own columns for each id, instead of its store's (fresher data)")
 
 
 class ReloadRequest(BaseModel):
@@ -71,7 +75,8 @@ def entries(ids: list[str], scored: Scored, offset: int, kind: str) -> list[dict
     return out
 
 
-def create_api(job: JobSpec, scorer: Scorer, telemetry: ServeTelemetry, token: str | None) -> FastAPI:
+def create_api(job: JobSpec, scorer: Scorer, telemetry: ServeTelemetry, token: str | None,
+               rows: RowEncoder | None = None) -> FastAPI:
     serve = job.serve
     limit, max_batch, timeout_s = job.transport.max_body_bytes, serve.max_batch, serve.timeout_ms / 1000
     clients = set(serve.clients)
@@ -116,8 +121,18 @@ def create_api(job: JobSpec, scorer: Scorer, telemetry: ServeTelemetry, token: s
         if len(asked.ids) > max_batch:
             raise Refusal(400, f"ids: {len(asked.ids)} ids, at most serve.max_batch = {max_batch}", "bad_request")
         ids = [str(cid) for cid in asked.ids]
+        given = None
+        if asked.rows is not None:
+            if rows is None:
+                raise Refusal(400, "rows: the label party has no columns of its own", "bad_request")
+            if len(asked.rows) != len(ids):
+                raise Refusal(400, f"rows: {len(asked.rows)} rows for {len(ids)} ids", "bad_request")
+            try:
+                given = rows.encode(asked.rows)
+            except RowError as exc:
+                raise Refusal(400, str(exc), "bad_request") from exc
         try:
-            scored, offset = await asyncio.wait_for(batcher.submit(ids), timeout_s)
+            scored, offset = await asyncio.wait_for(batcher.submit(ids, given), timeout_s)
         except TimeoutError as exc:
             raise Refusal(503, f"no answer within serve.timeout_ms = {serve.timeout_ms:g}", "timeout") from exc
         except Unavailable as exc:

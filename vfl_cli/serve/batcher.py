@@ -1,4 +1,6 @@
-"""Micro-batching of concurrent predict requests: `MicroBatcher.submit(ids)` waits for the batch its ids went into.
+"""Micro-batching of concurrent predict requests: `MicroBatcher.submit(ids, given)` waits for the batch its ids went
+into (`given`: anything that travels with the request's ids to the scoring function, e.g. the label party's own
+rows).
 
 Batching by backpressure: a request that finds a free slot (`serve.batches_in_flight`) goes at once, alone if it
 is alone, so an idle server adds no wait. While every slot is busy, requests queue; when a slot frees, the
@@ -12,19 +14,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 R = TypeVar("R")
+Segment = tuple[list[str], Any]  # one request's ids and what was given with them
 
 
 @dataclass
 class _Pending(Generic[R]):
     ids: list[str]
+    given: Any
     done: asyncio.Future[tuple[R, int]] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class MicroBatcher(Generic[R]):
-    def __init__(self, score: Callable[[list[str]], R], max_batch: int, max_wait_s: float, in_flight: int,
+    def __init__(self, score: Callable[[list[Segment]], R], max_batch: int, max_wait_s: float, in_flight: int,
                  on_batch: Callable[[int], None] = lambda size: None) -> None:
         self._score, self._max_batch, self._max_wait_s = score, max_batch, max_wait_s
         self._slots = in_flight
@@ -35,12 +39,12 @@ class MicroBatcher(Generic[R]):
         self._running = 0
         self._batches: set[asyncio.Task[None]] = set()  # running batches (the loop keeps only weak references)
 
-    async def submit(self, ids: list[str]) -> tuple[R, int]:
+    async def submit(self, ids: list[str], given: Any = None) -> tuple[R, int]:
         """The scored batch that holds these ids, and where they start in it."""
         if self._queue is None:  # created on the server's event loop, on first use
             self._queue, self._free = asyncio.Queue(), asyncio.Semaphore(self._slots)
             self._task = asyncio.create_task(self._collect())
-        pending: _Pending[R] = _Pending(ids)
+        pending: _Pending[R] = _Pending(ids, given)
         await self._queue.put(pending)
         return await pending.done
 
@@ -74,10 +78,10 @@ class MicroBatcher(Generic[R]):
 
     async def _run(self, batch: list[_Pending[R]]) -> None:
         assert self._free is not None
-        ids = [cid for pending in batch for cid in pending.ids]
-        self._on_batch(len(ids))
+        segments = [(pending.ids, pending.given) for pending in batch]
+        self._on_batch(sum(len(pending.ids) for pending in batch))
         try:
-            result = await asyncio.get_running_loop().run_in_executor(None, self._score, ids)
+            result = await asyncio.get_running_loop().run_in_executor(None, self._score, segments)
         except Exception as exc:
             for pending in batch:
                 if not pending.done.done():

@@ -69,17 +69,12 @@ class FollowerModels:
 
 
 def unknown_rows(store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
-    """The row of a customer this follower does not hold, as `serve.unknown: default_row` scores it: every
-    categorical value unknown (its column's OOV id), every numeric value missing (the column's mean, as
-    preparation fills a missing value)."""
+    """The row of a customer this follower does not hold, as `serve.unknown: default_row` scores it: every value
+    missing, encoded as preparation encodes a missing value (a categorical column's OOV id; a numeric column's
+    id with val 0, i.e. the training mean under standard scaling)."""
     meta = store.data.meta
     ids = np.array([meta.field_offsets[f] for f in meta.fields], dtype=np.int64)
-    vals = np.ones(len(meta.fields), dtype=np.float32)
-    numeric = [i for i, kind in enumerate(meta.kinds) if kind == "numeric"]
-    if numeric:
-        split = store.data.split(next(iter(meta.splits)))
-        sample = np.asarray(split.vals[: 100_000], dtype=np.float64)
-        vals[numeric] = sample[:, numeric].mean(axis=0) if len(sample) else 0.0
+    vals = np.array([0.0 if kind == "numeric" else 1.0 for kind in meta.kinds], dtype=np.float32)
     return ids, vals
 
 

@@ -39,6 +39,9 @@ from vfl_cli.transport.tls import client_ssl_context
 log = logging.getLogger(__name__)
 
 
+Given = tuple[np.ndarray, np.ndarray]  # the label party's own rows given in a request: ids int64, vals float32
+
+
 class Unavailable(Exception):
     """A batch that cannot be scored now (a follower down, slow or serving another model): 503."""
 
@@ -134,13 +137,22 @@ class Scorer:
 
     # ------------------------------------------------------------------------------------------------ scoring
 
-    def score(self, ids: list[str]) -> Scored:
-        """Every party's part of the current generation for these customers: one round trip to each follower."""
+    def score(self, segments: list[tuple[list[str], Given | None]]) -> Scored:
+        """Every party's part of the current generation for these requests' customers, the label party's own rows
+        from its store or as given with a request: one round trip to each follower."""
         started = time.monotonic()
         generation = self.generation  # once: every part of this batch comes from this step
+        ids = [cid for segment, _ in segments for cid in segment]
         request = CutRequest(generation.run_id, generation.step, tuple(ids))
         futures = {key: self._pool.submit(self._cut, link, request, started) for key, link in self.links.items()}
         rows = self.store.lookup(ids)
+        offset = 0
+        for segment, given in segments:
+            if given is not None:  # fresher than the store: the request's own
+                end = offset + len(segment)
+                rows.ids[offset:end], rows.vals[offset:end] = given
+                rows.found[offset:end] = True
+            offset += len(segment)
         own = generation.part.cut(rows.ids, rows.vals)
         answers: dict[str, CutAnswer] = {}
         failure: Unavailable | None = None

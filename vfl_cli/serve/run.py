@@ -85,6 +85,7 @@ def serve_leader(ctx: PartyContext, run_dir: Path, store_dir: Path, step: int | 
     from vfl_cli.checkpoint import CheckpointStore
     from vfl_cli.serve.api import create_api
     from vfl_cli.serve.model import ServedPart
+    from vfl_cli.serve.rows import RowEncoder
     from vfl_cli.serve.telemetry import ServeTelemetry
 
     job, serve = ctx.job, ctx.job.serve
@@ -105,7 +106,8 @@ def serve_leader(ctx: PartyContext, run_dir: Path, store_dir: Path, step: int | 
     scorer = Scorer(ctx, run_dir, store, first, telemetry)
     context = api_ssl_context(job, ctx.role, bool(serve.clients), token is None) if job.tls.enabled else None
     host, port = serve.listen.rsplit(":", 1)
-    server = ServerThread(create_api(job, scorer, telemetry, token), host.strip("[]"), int(port), context,
+    encoder = RowEncoder(store_dir, job.table_schema(ctx.role)) if ctx.spec.columns else None
+    server = ServerThread(create_api(job, scorer, telemetry, token, encoder), host.strip("[]"), int(port), context,
                           read_timeout_s=job.transport.read_timeout_s,
                           max_unauthenticated=job.transport.max_unauthenticated)
     server.start()
