@@ -4,6 +4,7 @@ of the follower's return; a reload fails no request and no response mixes two st
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -118,7 +119,7 @@ def test_a_reload_under_load_fails_nothing_and_mixes_no_steps(
     job, job_path, expected = trained
     ids = ids_of(expected)
     newest = np.array([expected[cid][0] for cid in ids])  # vfl infer uses the newest checkpoint (no validation)
-    for _ in served(job, job_path, "--step", str(FIRST_STEP)):
+    for processes in served(job, job_path, "--step", str(FIRST_STEP)):
         with api_client(job) as client:
             first = client.post("/v1/predict", json={"ids": ids}).json()
             assert first["model"]["step"] == FIRST_STEP
@@ -130,6 +131,13 @@ def test_a_reload_under_load_fails_nothing_and_mixes_no_steps(
             newest_step = reloaded.json()["model"]["step"]
             wait_healthy(job)
             metrics = client.get("/metrics").text
+        leader = processes["leader"]
+        leader.process.send_signal(signal.SIGHUP)  # the operator's way: the selected (here the newest) again
+        deadline = time.monotonic() + 20
+        while not any("reloaded: serving run" in line for line in leader.lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(f"reloaded: serving run {first['model']['run'][:8]} step {newest_step}" in line
+                   for line in leader.lines)
     old = scores_at(job, ids, FIRST_STEP)  # every party's step-7 part, composed without a server
     assert np.abs(np.array([entry["probability"] for entry in first["predictions"]]) - old).max() <= 1e-6
     assert newest_step > FIRST_STEP and np.abs(old - newest).max() > 1e-4  # the two steps score differently
