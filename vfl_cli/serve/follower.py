@@ -29,6 +29,8 @@ from starlette.concurrency import run_in_threadpool
 
 from vfl_cli.errors import CheckpointError, JobError, ProtocolError
 from vfl_cli.party import PartyContext
+from vfl_cli.privacy.cut_layer import CutLayerDefences
+from vfl_cli.protocol import BatchKey
 from vfl_cli.serve.feature_store import FeatureStore, Rows
 from vfl_cli.serve.model import ServedPart
 from vfl_cli.transport.codec import CutAnswer, CutRequest, Message, ModelMessage, decode, encode
@@ -36,6 +38,7 @@ from vfl_cli.transport.server import Refusal, answer_refusals, peer_sender, read
 
 log = logging.getLogger(__name__)
 
+SERVING_KEY = BatchKey("infer", 0, 0)  # what seeds the defences' generators (none is drawn from while serving)
 MODELS_HELD = 2  # the current step's model and the one before it (batches in flight during a reload)
 
 
@@ -47,6 +50,7 @@ class FollowerModels:
             raise JobError("vfl serve: this job adds noise to the followers' embeddings (privacy.embedding_dp or "
                            "embedding_rr), which serving does not do yet; serve a job without them")
         self.ctx, self.run_dir, self.backend = ctx, run_dir, backend
+        self.defences = CutLayerDefences(ctx.job.privacy, ctx.job.seed, party=ctx.role)
         self._held: OrderedDict[tuple[str, int], ServedPart] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -92,8 +96,11 @@ def answer_cut(models: FollowerModels, store: FeatureStore, request: CutRequest,
     if policy == "missing":
         for tensor in cut.values():
             tensor[~found] = 0.0  # the leader scores no id that lacks a part: send nothing computed for it
-    return CutAnswer(part.run_id, part.step, tuple(found.tolist()),
-                     {name: torch.from_numpy(np.ascontiguousarray(t)) for name, t in cut.items()})
+    # What leaves the follower passes its embedding defences as in `vfl infer` (quantisation, where the job has
+    # it; the noise defences are refused at start, see FollowerModels).
+    wire = models.defences.embeddings_out({name: torch.from_numpy(np.ascontiguousarray(t)) for name, t in cut.items()},
+                                          SERVING_KEY)
+    return CutAnswer(part.run_id, part.step, tuple(found.tolist()), wire)
 
 
 def create_follower_app(ctx: PartyContext, models: FollowerModels, store: FeatureStore) -> FastAPI:

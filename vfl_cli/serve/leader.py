@@ -29,6 +29,7 @@ import numpy as np
 
 from vfl_cli.errors import ProtocolError
 from vfl_cli.party import PartyContext
+from vfl_cli.privacy.cut_layer import CutLayerDefences
 from vfl_cli.serve.feature_store import FeatureStore
 from vfl_cli.serve.model import Cut, ServedPart
 from vfl_cli.serve.telemetry import ServeTelemetry
@@ -169,7 +170,7 @@ class Scorer:
             answer = answers[key]
             for i in np.flatnonzero(~np.array(answer.found, dtype=bool)):
                 missing.setdefault(int(i), []).append(key)
-            cuts.append({name: np.asarray(t, dtype=np.float32) for name, t in answer.tensors.items()})
+            cuts.append({name: t.numpy() for name, t in CutLayerDefences.received(answer.tensors).items()})
         predictions = generation.part.predict(cuts)
         return Scored(generation.run_id, generation.step, predictions, missing)
 
