@@ -60,11 +60,12 @@ def write_tables(directory: Path, parties: tuple[str, ...], task: str, n: int = 
         (directory / f"{key}.csv").write_text("\n".join(lines) + "\n")
 
 
-def serving_spec(tmp_path: Path, parties: tuple[str, ...], task: str, epochs: int = 2) -> dict[str, Any]:
+def serving_spec(tmp_path: Path, parties: tuple[str, ...], task: str, epochs: int = 2,
+                 valid_fraction: float = 0.0) -> dict[str, Any]:
     certs = tmp_path / "certs"
     spec: dict[str, Any] = {
         "name": f"serve-{task}", "seed": 4,
-        "data": {"dir": str(tmp_path / "data"), "threshold": 1},
+        "data": {"dir": str(tmp_path / "data"), "threshold": 1, "valid_fraction": valid_fraction},
         "parties": {key: {"name": key, "columns": COLUMNS[key], "listen": f"127.0.0.1:{free_port()}", "threads": 1,
                           "cert": str(certs / f"{key}.pem"), "key": str(certs / f"{key}.key")} for key in parties},
         "model": {"bottom": "mlp", "cut_dim": 4, "emb_dim": 4, "deep_layers": [8]},
@@ -80,10 +81,11 @@ def serving_spec(tmp_path: Path, parties: tuple[str, ...], task: str, epochs: in
     return spec
 
 
-def trained_job(tmp_path: Path, parties: tuple[str, ...], task: str, epochs: int = 2) -> tuple[JobSpec, Path]:
+def trained_job(tmp_path: Path, parties: tuple[str, ...], task: str, epochs: int = 2,
+                valid_fraction: float = 0.0) -> tuple[JobSpec, Path]:
     """Tables -> prep -> PSI -> training (in this process) -> certificates; the job and its file."""
     write_tables(tmp_path, parties, task)
-    spec = serving_spec(tmp_path, parties, task, epochs)
+    spec = serving_spec(tmp_path, parties, task, epochs, valid_fraction)
     job_path = tmp_path / "job.yaml"
     job_path.write_text(yaml.safe_dump(spec))
     job = parse_job(spec)

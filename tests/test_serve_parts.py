@@ -4,6 +4,7 @@ and `vfl serve`'s one-line refusals."""
 
 from __future__ import annotations
 
+from dataclasses import astuple
 from pathlib import Path
 
 import msgpack
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import run_vfl
-from tests.serving import TOKEN_ENV, serving_spec, trained_job
+from tests.serving import TOKEN_ENV, infer_scores, serving_spec, trained_job
 from vfl_cli.errors import ProtocolError
 from vfl_cli.job import JobSpec, parse_job
 from vfl_cli.party import PartyContext
@@ -117,3 +118,16 @@ def test_vfl_serve_refuses_in_one_line(two_party: tuple[JobSpec, Path], monkeypa
     code, err = run_vfl(monkeypatch, capsys, "serve", "--job", job_path, "--party", "follower1", "--store",
                         tmp_path / "nowhere")
     assert code == 3 and "Traceback" not in err
+
+
+def test_infer_of_a_carved_train_split_names_its_own_customers(tmp_path: Path) -> None:
+    """With a validation carve, `vfl infer --split train` scores the train part only; each row is named by its
+    own customer id (it once zipped the whole stored split's ids against fewer predictions, and crashed)."""
+    job, _ = trained_job(tmp_path, ("leader", "follower1"), "binary", epochs=1, valid_fraction=0.25)
+    scores = infer_scores(job, tmp_path, "train")
+    stored = [c.decode() for c in FeatureStore.open(job.data.dir / "leader").data.customer_ids("train").tolist()]
+    assert 0.6 * len(stored) < len(scores) < 0.9 * len(stored) and set(scores) < set(stored)
+    ids = sorted(scores)[:20]
+    parts = {key: ServedPart.load(job, key, job.train.run_dir) for key in job.keys}
+    cuts = [parts[key].cut(*astuple(FeatureStore.open(job.data.dir / key).lookup(ids))[:2]) for key in job.keys]
+    assert np.abs(parts["leader"].predict(cuts) - [scores[cid][0] for cid in ids]).max() <= 1e-6

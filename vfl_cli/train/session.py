@@ -195,8 +195,16 @@ def infer_session(run: PartyRun, run_dir: Path, split: str, out: Path | None) ->
     load_agreed_model(run, run_dir, "infer", {"split": split})
     result = forward_split(run, split, "infer", 0)
     if result is not None and out is not None:
-        write_predictions(out, result, run.task, run.data.customer_ids(split))
+        write_predictions(out, result, run.task, view_customer_ids(run, split))
     return result
+
+
+def view_customer_ids(run: PartyRun, split: str) -> np.ndarray | None:
+    """The customer ids of the rows the run uses as `split` (with a validation carve, "train" and "valid" are
+    parts of the stored train split), or None where the data has none."""
+    view = run.view(split)
+    ids = run.data.customer_ids("train" if split == "valid" else split)
+    return ids if ids is None or view.rows is None else ids[view.rows]
 
 
 def write_predictions(out: Path, result: EvalResult, task: Task, customer_ids: np.ndarray | None = None) -> None:
