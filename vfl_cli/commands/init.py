@@ -23,7 +23,7 @@ import yaml
 
 from vfl_cli.console import console
 from vfl_cli.errors import JobError
-from vfl_cli.init_job import Draft, Party, follower_arg, plan_job, training_defaults, vocab_threshold
+from vfl_cli.init_job import Draft, Party, follower_arg, free_ports, plan_job, training_defaults, vocab_threshold
 from vfl_cli.job import parse_job
 
 
@@ -238,6 +238,10 @@ def render_job(draft: Draft, commands: Sequence[str]) -> str:
         f"  run_dir: {runs}/train  # checkpoints and metrics.jsonl",
         "tls:",
         f"  ca: {runs}/certs/ca.pem  # made by vfl certs",
+        f"serve:  # vfl serve: the {lead.key}'s API for its applications (README: serving)",
+        f"  listen: \"127.0.0.1:{free_ports(1)[0]}\"  # HTTPS with the {lead.key}'s certificate "
+        "(free when written)",
+        "  token_env: VFL_SERVE_TOKEN  # callers send `Authorization: Bearer <token>`; set it where it serves",
     ]
     return "\n".join(lines) + "\n"
 
