@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= jobs/smoke.yaml
 
-.PHONY: install test test-all lint demo smoke-test smoke-test-3 soak audit precision-auc bench bench-prep bench-train bench-psi bench-quality sample-auc clean
+.PHONY: install test test-all lint demo smoke-test smoke-test-3 soak audit precision-auc bench bench-prep bench-train bench-psi bench-quality bench-serve sample-auc clean
 
 install: $(STAMP)
 
@@ -63,6 +63,13 @@ bench-prep: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python -m benchmarks.train
+
+# Not in CI (~9 min; the first run also writes the 1M-customer stores, ~1 min): `vfl serve` at the reference model
+# size, 1,000,000 customers per party, leader and follower as two processes over mutual TLS; a closed-loop client at
+# concurrency 1/16/64 x 1/100 ids per request, 20 s each, torch and onnxruntime, beside the in-process floor; p50/p95/
+# p99, predictions/s, peak RSS per party and the targets. Work dir runs/bench-serve (reused; --rebuild redoes it).
+bench-serve: $(STAMP)
+	$(BIN)/python -m benchmarks.serve
 
 # Not in CI: vfl on FATE's own vertically split tables (../shared/data/fate), 5 seeds of a stratified 80/20 split,
 # from `vfl init` to `vfl infer` on the held-out rows, against central, leader-only and scikit-learn (docs/quality.md).
