@@ -103,6 +103,7 @@ def test_a_follower_killed_under_load_fails_fast_and_recovers(
             back = processes["follower2"].wait_serving()
             time.sleep(2.5)
         outcomes = load.outcomes
+        wait_healthy(job, timeout_s=5)
     answered = [o for o in outcomes if o.status == 200]
     assert all(np.abs(np.array(o.scores) - right).max() <= 1e-6 for o in answered)  # never a wrong score
     outage = [o for o in outcomes if killed + 0.2 < o.at < back]

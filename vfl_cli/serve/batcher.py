@@ -6,7 +6,9 @@ Batching by backpressure: a request that finds a free slot (`serve.batches_in_fl
 is alone, so an idle server adds no wait. While every slot is busy, requests queue; when a slot frees, the
 queued requests go together, up to `serve.max_batch` ids. `serve.max_wait_ms` lets a batch that is not full
 wait that long for more, but only while another batch is running (on an idle server it would only add latency).
-A request never straddles two batches; one that does not fit waits for the next.
+A request never straddles two batches; one that does not fit waits for the next. A request whose caller gave up
+(`serve.timeout_ms`) while it queued is dropped unscored, so an overloaded server sheds work instead of
+scoring answers nobody waits for.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class MicroBatcher(Generic[R]):
             first = carried or await self._queue.get()
             carried = None
             await self._free.acquire()  # while every slot is busy, more requests queue up behind `first`
+            if first.done.done():  # its caller gave up (timed out) while it queued: score nothing for it
+                self._free.release()
+                continue
             batch, size = [first], len(first.ids)
             deadline = asyncio.get_running_loop().time() + self._max_wait_s
             while size < self._max_batch:
@@ -66,6 +71,8 @@ class MicroBatcher(Generic[R]):
                         item = self._queue.get_nowait()
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
+                if item.done.done():  # abandoned while queued
+                    continue
                 if size + len(item.ids) > self._max_batch:
                     carried = item
                     break

@@ -132,8 +132,12 @@ def create_follower_app(ctx: PartyContext, models: FollowerModels, store: Featur
     async def cut(request: Request, name: str = from_leader) -> Response:
         message = await read(request, CutRequest)
         assert isinstance(message, CutRequest)
-        await run_in_threadpool(held, (message.run_id, message.step))
-        answer = await run_in_threadpool(answer_cut, models, store, message, policy)
+
+        def compute() -> CutAnswer:  # one hop to a worker thread per request: the model's step, then its cut
+            held((message.run_id, message.step))
+            return answer_cut(models, store, message, policy)
+
+        answer = await run_in_threadpool(compute)
         return Response(encode(answer, fingerprint), media_type="application/msgpack")
 
     @router.post("/serve/load")

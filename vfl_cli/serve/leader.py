@@ -214,8 +214,20 @@ class Scorer:
                 break
             time.sleep(0.2)
 
-    def _load(self, key: str, run_id: str, step: int) -> None:
-        answer = self.links[key].call("/v1/serve/load", ModelMessage(run_id, step), max(self.timeout_s, 30.0))
+    def probe(self) -> None:
+        """Ask each follower that failed last time whether it holds this generation again (for /healthz, so that
+        health recovers without traffic too)."""
+        generation = self.generation
+        for key, state in list(self.followers_ready.items()):
+            if state != "ok":
+                try:
+                    self._load(key, generation.run_id, generation.step, self.timeout_s)
+                except Unavailable as exc:
+                    self.followers_ready[key] = str(exc)
+
+    def _load(self, key: str, run_id: str, step: int, timeout_s: float = 30.0) -> None:
+        # Loading a checkpoint may take a while the first time: a longer budget than a batch's.
+        answer = self.links[key].call("/v1/serve/load", ModelMessage(run_id, step), max(self.timeout_s, timeout_s))
         if not isinstance(answer, ModelMessage) or (answer.run_id, answer.step) != (run_id, step):
             raise Unavailable(f"the {key} holds another model than run {run_id[:8]} step {step}")
         self.followers_ready[key] = "ok"

@@ -77,11 +77,16 @@ class _Torch:
 
 
 class _Onnx:
-    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # errors only: serving logs are ours
+        # The party's thread budget, like torch's (`parties.<key>.threads`; default all cores), one pool per
+        # session, and no spinning: idle sessions must not burn the cores the HTTP server and the peers need.
+        options.intra_op_num_threads = threads or 0
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         graphs = manifest["graphs"]
         self.sessions = {name: onnxruntime.InferenceSession(str(directory / graph["file"]), options,
                                                             providers=["CPUExecutionProvider"])
@@ -97,7 +102,7 @@ class _Onnx:
         manifest_path = out / role / "manifest.json"
         if not manifest_path.exists():  # exported once per step; the export checks itself against torch
             export_party(job, role, run_dir, out, at)
-        return cls(out / role, json.loads(manifest_path.read_text()))
+        return cls(out / role, json.loads(manifest_path.read_text()), job.party(role).threads)
 
     def cut(self, ids: np.ndarray, vals: np.ndarray) -> Cut:
         got = self.sessions["bottom"].run(None, {"ids": ids, "vals": vals})
