@@ -104,6 +104,9 @@ def serve_leader(ctx: PartyContext, run_dir: Path, store_dir: Path, step: int | 
     first = ServedPart.load(job, ctx.role, run_dir, at, serve.backend)
     telemetry = ServeTelemetry()
     scorer = Scorer(ctx, run_dir, store, first, telemetry)
+    if not job.tls.enabled:
+        log.warning("tls.enabled is false: the API and the followers' answers travel unencrypted (plain HTTP), "
+                    "and the bearer token with them")
     context = api_ssl_context(job, ctx.role, bool(serve.clients), token is None) if job.tls.enabled else None
     host, port = serve.listen.rsplit(":", 1)
     encoder = RowEncoder(store_dir, job.table_schema(ctx.role)) if ctx.spec.columns else None
