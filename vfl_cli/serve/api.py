@@ -82,7 +82,7 @@ def create_api(job: JobSpec, scorer: Scorer, telemetry: ServeTelemetry, token: s
     serve = job.serve
     limit, max_batch, timeout_s = job.transport.max_body_bytes, serve.max_batch, serve.timeout_ms / 1000
     clients = set(serve.clients)
-    task = scorer.generation.part.task
+    task = scorer.generation.task
     assert task is not None
     batcher: MicroBatcher[Scored] = MicroBatcher(scorer.score, max_batch, serve.max_wait_ms / 1000,
                                                  serve.batches_in_flight, telemetry.batch.observe)
@@ -166,10 +166,9 @@ def create_api(job: JobSpec, scorer: Scorer, telemetry: ServeTelemetry, token: s
     @router.get("/healthz")
     async def healthz() -> dict[str, Any]:
         """Whether every follower answers (no authentication)."""
-        if any(state != "ok" for state in scorer.followers_ready.values()):
+        if not scorer.ready:
             await asyncio.get_running_loop().run_in_executor(None, scorer.probe)
-        ready = all(state == "ok" for state in scorer.followers_ready.values())
-        return {"status": "ok" if ready else "unavailable", "role": scorer.ctx.role,
+        return {"status": "ok" if scorer.ready else "unavailable", "role": scorer.ctx.role,
                 "model": {"run": scorer.generation.run_id, "step": scorer.generation.step},
                 "followers": dict(scorer.followers_ready)}
 

@@ -3,8 +3,8 @@ and `Scorer.reload()` moves every party to a new checkpoint.
 
 One batch = one round trip to each follower, all at once (a thread each), over the same mutually
 authenticated channel as training: the follower's certificate must carry its party name, ours is checked by
-it. The batch takes the current `Generation` (run, step, the leader's part) once, asks every follower for that
-step, and refuses any answer of another step: a response never mixes two steps.
+it. The batch takes the current generation (the leader's `ServedPart`: its run, step and model) once, asks
+every follower for that step, and refuses any answer of another step: a response never mixes two steps.
 
 A follower that cannot answer within the request's budget (down, slow, another model) makes the batch fail
 with `Unavailable` (the API answers 503 + Retry-After); the next batch tries it again, so serving resumes by
@@ -16,7 +16,6 @@ hold.
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -30,11 +29,12 @@ import numpy as np
 from vfl_cli.errors import ProtocolError
 from vfl_cli.party import PartyContext
 from vfl_cli.privacy.cut_layer import CutLayerDefences
+from vfl_cli.protocol import check_cut_tensors
 from vfl_cli.serve.feature_store import FeatureStore
 from vfl_cli.serve.model import Cut, ServedPart
 from vfl_cli.serve.telemetry import ServeTelemetry
-from vfl_cli.transport.codec import CutAnswer, CutRequest, ModelMessage, decode, encode
-from vfl_cli.transport.server import SENDER_HEADER
+from vfl_cli.transport.codec import MAX_IDS, CutAnswer, CutRequest, ModelMessage, decode, encode
+from vfl_cli.transport.https_grid import peer_client, refusal_reason
 from vfl_cli.transport.tls import client_ssl_context
 
 log = logging.getLogger(__name__)
@@ -43,23 +43,11 @@ log = logging.getLogger(__name__)
 Given = tuple[np.ndarray, np.ndarray]  # the label party's own rows given in a request: ids int64, vals float32
 
 
+CONNECT_LOAD_S = 30.0  # a follower's first load of a checkpoint may take a while: a longer budget than a batch's
+
+
 class Unavailable(Exception):
     """A batch that cannot be scored now (a follower down, slow or serving another model): 503."""
-
-
-@dataclass(frozen=True)
-class Generation:
-    """The model every party serves: its run and step, and the leader's part of it."""
-
-    part: ServedPart
-
-    @property
-    def run_id(self) -> str:
-        return self.part.run_id
-
-    @property
-    def step(self) -> int:
-        return self.part.step
 
 
 @dataclass(frozen=True)
@@ -83,12 +71,7 @@ class FollowerLink:
         scheme = "https" if ctx.job.tls.enabled else "http"
         self.url = f"{scheme}://{follower_address(ctx, key)}"
         self._fingerprint = ctx.job.fingerprint()
-        transport = httpx.HTTPTransport(
-            verify=verify, limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # see HttpsGrid: no 40 ms Nagle waits
-        )
-        self.client = httpx.Client(base_url=self.url, transport=transport, trust_env=False,
-                                   headers={"content-type": "application/msgpack", SENDER_HEADER: ctx.name})
+        self.client = peer_client(self.url, verify, ctx.name, connections)
 
     def call(self, path: str, message: CutRequest | ModelMessage, timeout_s: float) -> CutAnswer | ModelMessage:
         """POST one message and decode the answer; Unavailable with the reason for anything short of an answer."""
@@ -100,11 +83,7 @@ class FollowerLink:
         except httpx.TransportError as exc:
             raise Unavailable(f"the {self.key} at {self.url} cannot be reached ({type(exc).__name__})") from exc
         if response.status_code != 200:
-            try:
-                reason = str(response.json().get("error"))[:300]
-            except (ValueError, AttributeError):
-                reason = response.reason_phrase
-            raise Unavailable(f"the {self.key} refused: {reason} (HTTP {response.status_code})")
+            raise Unavailable(f"the {self.key} refused: {refusal_reason(response)} (HTTP {response.status_code})")
         try:
             _, answer = decode(response.content)
         except ProtocolError as exc:
@@ -126,7 +105,7 @@ class Scorer:
         self.ctx, self.run_dir, self.store = ctx, run_dir, store
         self.timeout_s = job.serve.timeout_ms / 1000
         self.backend = job.serve.backend
-        self.generation = Generation(first)
+        self.generation = first  # the model every party serves now: the leader's part, its run and step
         in_flight = job.serve.batches_in_flight
         verify: ssl.SSLContext | bool = client_ssl_context(job, ctx.role) if job.tls.enabled else False
         self.links = {key: FollowerLink(ctx, key, verify, in_flight + 1) for key in ctx.followers}
@@ -154,7 +133,7 @@ class Scorer:
                 rows.ids[offset:end], rows.vals[offset:end] = given
                 rows.found[offset:end] = True
             offset += len(segment)
-        own = generation.part.cut(rows.ids, rows.vals)
+        own = generation.cut(rows.ids, rows.vals)
         answers: dict[str, CutAnswer] = {}
         failure: Unavailable | None = None
         for key, future in futures.items():
@@ -171,7 +150,7 @@ class Scorer:
             for i in np.flatnonzero(~np.array(answer.found, dtype=bool)):
                 missing.setdefault(int(i), []).append(key)
             cuts.append({name: t.numpy() for name, t in CutLayerDefences.received(answer.tensors).items()})
-        predictions = generation.part.predict(cuts)
+        predictions = generation.predict(cuts)
         return Scored(generation.run_id, generation.step, predictions, missing)
 
     def _cut(self, link: FollowerLink, request: CutRequest, started: float) -> CutAnswer:
@@ -188,10 +167,13 @@ class Scorer:
         if not isinstance(answer, CutAnswer) or (answer.run_id, answer.step) != (request.run_id, request.step):
             raise Unavailable(f"the {link.key} answered for another model than run {request.run_id[:8]} "
                               f"step {request.step}")
-        widths = self.ctx.job.cut_widths(link.key)
-        shapes = {name: tuple(t.shape) for name, t in answer.tensors.items()}
-        if shapes != {name: (len(request.ids), width) for name, width in widths.items()}:
-            raise Unavailable(f"the {link.key} answered tensors {shapes}, not its cut of {len(request.ids)} rows")
+        job = self.ctx.job
+        try:  # what an embeddings message must be in training, for as many rows as were asked for
+            check_cut_tensors(answer.tensors, job.cut_widths(link.key), MAX_IDS, job.privacy.quantize.embeddings)
+            if len(answer.found) != len(request.ids):
+                raise ProtocolError(f"{len(answer.found)} rows for {len(request.ids)} ids")
+        except ProtocolError as exc:
+            raise Unavailable(f"the {link.key} answered a cut that is not its cut of these ids: {exc}") from exc
         self.followers_ready[link.key] = "ok"
         return answer
 
@@ -202,37 +184,34 @@ class Scorer:
         has or `wait_s` passes; a follower that cannot is reported in `followers_ready`, not fatal: serving
         answers 503 until it can."""
         deadline = time.monotonic() + wait_s
-        pending = set(self.links)
-        while pending:
-            for key in sorted(pending):
-                try:
-                    self._load(key, self.generation.run_id, self.generation.step)
-                    pending.discard(key)
-                except Unavailable as exc:
-                    self.followers_ready[key] = str(exc)
-            if not pending or time.monotonic() > deadline:
-                break
+        self.probe(CONNECT_LOAD_S)
+        while not self.ready and time.monotonic() <= deadline:
             time.sleep(0.2)
+            self.probe(CONNECT_LOAD_S)
 
-    def probe(self) -> None:
-        """Ask each follower that failed last time whether it holds this generation again (for /healthz, so that
-        health recovers without traffic too)."""
+    def probe(self, timeout_s: float | None = None) -> None:
+        """Ask each follower not known to hold this generation (not contacted yet, or failed last time) whether it
+        does now; /healthz calls it too, so that health recovers without traffic."""
         generation = self.generation
         for key, state in list(self.followers_ready.items()):
             if state != "ok":
                 try:
-                    self._load(key, generation.run_id, generation.step, self.timeout_s)
+                    self._load(key, generation.run_id, generation.step, timeout_s or self.timeout_s)
                 except Unavailable as exc:
                     self.followers_ready[key] = str(exc)
 
-    def _load(self, key: str, run_id: str, step: int, timeout_s: float = 30.0) -> None:
-        # Loading a checkpoint may take a while the first time: a longer budget than a batch's.
+    @property
+    def ready(self) -> bool:
+        """Whether every follower answered for the current generation last time."""
+        return all(state == "ok" for state in self.followers_ready.values())
+
+    def _load(self, key: str, run_id: str, step: int, timeout_s: float = CONNECT_LOAD_S) -> None:
         answer = self.links[key].call("/v1/serve/load", ModelMessage(run_id, step), max(self.timeout_s, timeout_s))
         if not isinstance(answer, ModelMessage) or (answer.run_id, answer.step) != (run_id, step):
             raise Unavailable(f"the {key} holds another model than run {run_id[:8]} step {step}")
         self.followers_ready[key] = "ok"
 
-    def reload(self, at: tuple[str, int] | None = None) -> Generation:
+    def reload(self, at: tuple[str, int] | None = None) -> ServedPart:
         """Load the selected checkpoint (or run `at[0]` step `at[1]`) here and at every follower, then serve it.
         Unavailable (and the old model served on) when a follower cannot load it."""
         with self._reloading:
@@ -240,7 +219,7 @@ class Scorer:
             futures = [self._pool.submit(self._load, key, part.run_id, part.step) for key in self.links]
             for future in futures:
                 future.result()
-            self.generation = Generation(part)  # one assignment: each batch sees the old or the new, whole
+            self.generation = part  # one assignment: each batch sees the old or the new, whole
             self.telemetry.step.set(part.step)
             log.warning("serving run %s step %s", part.run_id[:8], part.step)
             return self.generation

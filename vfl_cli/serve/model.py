@@ -19,6 +19,7 @@ import torch
 
 from vfl_cli.job import JobSpec
 from vfl_cli.task import Task
+from vfl_cli.train.parties import PartyModel
 from vfl_cli.trained import load_party
 
 Cut = dict[str, np.ndarray]  # cut tensor name -> float32 [B, width]
@@ -61,7 +62,7 @@ class ServedPart:
 
 
 class _Torch:
-    def __init__(self, party: Any) -> None:
+    def __init__(self, party: PartyModel) -> None:
         self.party = party
 
     def cut(self, ids: np.ndarray, vals: np.ndarray) -> Cut:

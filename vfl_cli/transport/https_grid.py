@@ -75,22 +75,29 @@ class _Channel:
         self.key, self.spec, self.name = key, spec, spec.name
         self.url = f"{scheme}://{spec.connect_to}"
         self.seq: dict[Kind, int] = dict.fromkeys(KINDS, 0)
-        transport = httpx.HTTPTransport(
-            verify=verify,
-            # The peer's server closes connections idle for read_timeout_s: let ours go well before that,
-            # so that a request never races the server's close.
-            limits=httpx.Limits(max_connections=4, max_keepalive_connections=2, keepalive_expiry=read_timeout_s / 2),
-            # h11 writes headers and body separately; without TCP_NODELAY, Nagle's algorithm meets the
-            # server's delayed ACK and every request waits ~40 ms.
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        )
-        self.client = httpx.Client(
-            base_url=self.url,
-            transport=transport,
-            # Who sends, for a server without TLS (debugging only); with TLS the certificate says it.
-            headers={"content-type": "application/msgpack", SENDER_HEADER: me},
-            trust_env=False,  # a proxy from the environment must never see (or break) peer traffic
-        )
+        # The peer's server closes connections idle for read_timeout_s: let ours go well before that, so that a
+        # request never races the server's close.
+        self.client = peer_client(self.url, verify, me, 4, keepalive=2, keepalive_expiry_s=read_timeout_s / 2)
+
+
+def peer_client(url: str, verify: ssl.SSLContext | bool, me: str, connections: int, keepalive: int | None = None,
+                keepalive_expiry_s: float = 5.0) -> httpx.Client:
+    """A keep-alive msgpack client to one peer's server at `url` (training's channel, serving's follower link)."""
+    transport = httpx.HTTPTransport(
+        verify=verify,
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=keepalive or connections,
+                            keepalive_expiry=keepalive_expiry_s),
+        # h11 writes headers and body separately; without TCP_NODELAY, Nagle's algorithm meets the server's
+        # delayed ACK and every request waits ~40 ms.
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+    )
+    return httpx.Client(
+        base_url=url,
+        transport=transport,
+        # Who sends, for a server without TLS (debugging only); with TLS the certificate says it.
+        headers={"content-type": "application/msgpack", SENDER_HEADER: me},
+        trust_env=False,  # a proxy from the environment must never see (or break) peer traffic
+    )
 
 
 class HttpsGrid(Grid):
@@ -277,7 +284,7 @@ class HttpsGrid(Grid):
             else:
                 if response.status_code < 400:
                     return response
-                reason = _reason(response)
+                reason = refusal_reason(response)
                 if response.status_code < 500:
                     raise PeerRefused(
                         f"{channel.name} refused {what}: {reason} (HTTP {response.status_code})"
@@ -335,7 +342,7 @@ def _retry_after(response: httpx.Response) -> float:
         return 1.0
 
 
-def _reason(response: httpx.Response) -> str:
+def refusal_reason(response: httpx.Response) -> str:
     """The `{"error": reason}` of a refusal, made safe for a terminal."""
     try:
         reason = response.json().get("error")
