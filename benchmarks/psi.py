@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.train import free_port
+from benchmarks.train import free_port, reaped
 
 VFL = [sys.executable, "-m", "vfl_cli.app"]
 BASE = Path("runs/bench-psi")
@@ -106,21 +106,13 @@ def three_party(n: int, overlap: float) -> None:
                                        stderr=subprocess.STDOUT, text=True) for key in reversed(THREE)}
     peak_gib, outputs, ended = {}, {}, {}
     try:
-        while len(ended) < len(processes):  # each process's own end time and peak RSS, as it ends
-            for key, process in processes.items():
-                if key in ended:
-                    continue
-                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-                if pid == 0:
-                    continue
-                ended[key] = time.perf_counter() - started
-                process.returncode = os.waitstatus_to_exitcode(status)
-                peak_gib[key] = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
-                logs[key].seek(0)
-                outputs[key] = logs[key].read()
-                if process.returncode != 0:
-                    sys.exit(f"bench-psi: the {key} failed: {outputs[key].strip()[-500:]}")
-            time.sleep(0.1)
+        for key, peak in reaped(processes, poll_s=0.1):  # each process's own end time and peak RSS, as it ends
+            ended[key] = time.perf_counter() - started
+            peak_gib[key] = peak / 2**30
+            logs[key].seek(0)
+            outputs[key] = logs[key].read()
+            if processes[key].returncode != 0:
+                sys.exit(f"bench-psi: the {key} failed: {outputs[key].strip()[-500:]}")
     finally:
         for process in processes.values():
             if process.returncode is None:

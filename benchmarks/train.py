@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -58,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -369,23 +370,37 @@ def start_party(role: str, job_path: Path, workdir: Path, flag: str = "--role",
     return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def wait_all(processes: dict[str, subprocess.Popen[bytes]], deadline: float) -> dict[str, int]:
-    """Reap both parties with wait4; the first failure or the deadline kills the other. Returns peak RSS."""
-    rss: dict[str, int] = {}
-    while len(rss) < len(processes):
-        for role, process in processes.items():
-            if role in rss:
+def reaped(processes: dict[str, subprocess.Popen[Any]], deadline: float = math.inf,
+           poll_s: float = 0.2) -> Iterator[tuple[str, int]]:
+    """Each process as it ends (its returncode set), with its peak RSS in bytes (wait4's, so measured to the end);
+    TimeoutError once `deadline` (monotonic) passes with any still running."""
+    done: set[str] = set()
+    while len(done) < len(processes):
+        for key, process in processes.items():
+            if key in done:
                 continue
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid == 0:
                 continue
+            done.add(key)
             process.returncode = os.waitstatus_to_exitcode(status)
-            rss[role] = usage.ru_maxrss * 1024
-            if process.returncode != 0:
-                raise RuntimeError(f"the {role} exited with code {process.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"two-party run still going after {TWO_PARTY_DEADLINE_S:g} s")
-        time.sleep(0.2)
+            yield key, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+        if len(done) < len(processes):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{', '.join(sorted(set(processes) - done))} still running at the deadline")
+            time.sleep(poll_s)
+
+
+def wait_all(processes: dict[str, subprocess.Popen[bytes]], deadline: float) -> dict[str, int]:
+    """Reap every party; the first failure or the deadline raises (the caller kills the others). Peak RSS by key."""
+    rss: dict[str, int] = {}
+    try:
+        for role, peak in reaped(processes, deadline):
+            rss[role] = peak
+            if processes[role].returncode != 0:
+                raise RuntimeError(f"the {role} exited with code {processes[role].returncode}")
+    except TimeoutError as exc:
+        raise RuntimeError(f"two-party run still going after {TWO_PARTY_DEADLINE_S:g} s") from exc
     return rss
 
 
