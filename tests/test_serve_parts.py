@@ -64,10 +64,10 @@ def test_a_customer_the_follower_lacks_is_said_or_scored_as_unknown(two_party: t
     part = models.load()
     known = [cid.decode() for cid in store.data.customer_ids("test").tolist()[:3]]
     request = CutRequest(part.run_id, part.step, (*known, "nobody", "c99999"))
-    missing = answer_cut(models, store, request, "missing")
+    missing = answer_cut(part, models.defences, store, request, "missing")
     assert missing.found == (True, True, True, False, False)
     assert not missing.tensors["cut"][3:].any() and missing.tensors["cut"][:3].abs().sum() > 0
-    imputed = answer_cut(models, store, request, "default_row")
+    imputed = answer_cut(part, models.defences, store, request, "default_row")
     assert imputed.found == (True,) * 5  # the follower does not say
     ids, vals = unknown_rows(store)
     alone = part.cut(ids[None], vals[None])["cut"][0]

@@ -82,10 +82,10 @@ def unknown_rows(store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
     return ids, vals
 
 
-def answer_cut(models: FollowerModels, store: FeatureStore, request: CutRequest, policy: str) -> CutAnswer:
-    """This follower's cut of the requested customers (zeros where not held, with `found` false), or under
-    `default_row` the unknown customer's cut for them, every `found` true."""
-    part = models.load((request.run_id, request.step))
+def answer_cut(part: ServedPart, defences: CutLayerDefences, store: FeatureStore, request: CutRequest,
+               policy: str) -> CutAnswer:
+    """This follower's cut of the requested customers by `part` (the model of the request's step): zeros where not
+    held, with `found` false, or under `default_row` the unknown customer's cut for them, every `found` true."""
     rows: Rows = store.lookup(request.ids)
     found = rows.found
     if policy == "default_row" and not found.all():
@@ -98,7 +98,7 @@ def answer_cut(models: FollowerModels, store: FeatureStore, request: CutRequest,
             tensor[~found] = 0.0  # the leader scores no id that lacks a part: send nothing computed for it
     # What leaves the follower passes its embedding defences as in `vfl infer` (quantisation, where the job has
     # it; the noise defences are refused at start, see FollowerModels).
-    wire = models.defences.embeddings_out({name: torch.from_numpy(np.ascontiguousarray(t)) for name, t in cut.items()},
+    wire = defences.embeddings_out({name: torch.from_numpy(np.ascontiguousarray(t)) for name, t in cut.items()},
                                           SERVING_KEY)
     return CutAnswer(part.run_id, part.step, tuple(found.tolist()), wire)
 
@@ -134,8 +134,7 @@ def create_follower_app(ctx: PartyContext, models: FollowerModels, store: Featur
         assert isinstance(message, CutRequest)
 
         def compute() -> CutAnswer:  # one hop to a worker thread per request: the model's step, then its cut
-            held((message.run_id, message.step))
-            return answer_cut(models, store, message, policy)
+            return answer_cut(held((message.run_id, message.step)), models.defences, store, message, policy)
 
         answer = await run_in_threadpool(compute)
         return Response(encode(answer, fingerprint), media_type="application/msgpack")
