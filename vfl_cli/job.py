@@ -51,6 +51,12 @@ class PartySpec(_Spec):
     address: str | None = None  # host:port its peers connect to; default `listen` (differs behind NAT or a proxy)
     threads: PositiveInt | None = None  # torch intra-op threads; None = all cores (set it when parties share a machine)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when this party has one, else cpu
+    # the CPU matmul kernels of its linear layers: auto = the faster of MKL and oneDNN, measured at start on this
+    # machine (`vfl_cli.model.kernels`); a local choice (summation order only), not in the fingerprint
+    gemm: Literal["auto", "mkl", "onednn"] = "auto"
+    # worker processes, each with its shard of every batch, paired with the same rank at every party (listen port
+    # + rank); `vfl train` starts them itself, or reads RANK/WORLD_SIZE under torchrun; not in the fingerprint
+    workers: PositiveInt = 1
     cert: Path | None = None  # PEM certificate signed by tls.ca, with CN = name
     key: Path | None = None  # PEM private key of `cert`
     key_password_env: str | None = None  # name of the environment variable holding the key's password
@@ -234,6 +240,9 @@ class PsiSpec(_Spec):
 
     min_intersection: PositiveInt = 100  # fewer common ids is refused: a wrong file, or a peer probing for ids
     batch_size: PositiveInt = 50_000  # ids per message and per blinding batch (bounds memory)
+    # threads for the curve arithmetic (rbcl releases the GIL); None = the party's `threads`, else 1. Local, so
+    # not in the fingerprint
+    threads: PositiveInt | None = None
 
 
 class JobSpec(_Spec):
@@ -269,6 +278,12 @@ class JobSpec(_Spec):
         names = [p.name for p in self.parties.values()]
         if len(set(names)) != len(names):
             raise ValueError("parties: every party needs a name of its own")
+        workers = {p.workers for p in self.parties.values()}
+        if len(workers) > 1:  # worker i of every party pairs with worker i of each peer
+            raise ValueError("parties: every party needs the same number of workers (worker i pairs with worker i); "
+                             + ", ".join(f"{key} has {p.workers}" for key, p in self.parties.items()))
+        if self.leader.workers > self.train.batch_size:
+            raise ValueError(f"parties: {self.leader.workers} workers need train.batch_size >= {self.leader.workers}")
         criteo = [(key, p) for key, p in self.parties.items() if p.preset == "criteo"]
         seen: dict[str, str] = {}
         for key, party in criteo:  # one Criteo file holds them all
@@ -361,7 +376,7 @@ class JobSpec(_Spec):
                      # named only when not the default, so jobs from before the setting keep their fingerprint
                      **({"dense": self.data.dense} if self.data.dense not in (None, "max") else {}),
                      **({"valid_split": self.data.valid_split} if self.data.valid_split != "random" else {})},
-            "psi": self.psi.model_dump(mode="json"),
+            "psi": self.psi.model_dump(mode="json", exclude={"threads"}),
             "model": self.model.shared(),
             "train": self.train.model_dump(mode="json", exclude={"run_dir", "log_every", "tensorboard"}),
             "privacy": self.privacy.model_dump(mode="json"),
