@@ -7,7 +7,8 @@
     │   ├── PeerUnreachable   no connection within the configured timeout
     │   ├── PeerTimeout       connected, but the expected message did not come in time
     │   ├── PeerRefused       the peer answered 4xx: it refused what we sent
-    │   └── PeerAborted       the peer told us it stopped
+    │   ├── PeerAborted       the peer told us it stopped
+    │   └── WorkerLost        another worker of this party stopped (`parties.<key>.workers`)
     ├── ProtocolError (5)     a message that breaks the protocol, or a handshake mismatch
     ├── CheckpointError (6)   a checkpoint that is missing, corrupt or from another job
     └── TlsError (7)          certificates or keys that cannot be loaded or made
@@ -21,7 +22,7 @@ from __future__ import annotations
 from data_prep.errors import DataError, VflError
 
 __all__ = ["VflError", "JobError", "DataError", "PeerError", "PeerUnreachable", "PeerTimeout", "PeerRefused",
-           "PeerAborted", "ProtocolError", "CheckpointError", "TlsError"]
+           "PeerAborted", "WorkerLost", "ProtocolError", "CheckpointError", "TlsError"]
 
 
 class JobError(VflError):
@@ -45,6 +46,10 @@ class PeerRefused(PeerError):
 
 
 class PeerAborted(PeerError):
+    pass
+
+
+class WorkerLost(PeerError):
     pass
 
 

@@ -284,6 +284,8 @@ class JobSpec(_Spec):
                              + ", ".join(f"{key} has {p.workers}" for key, p in self.parties.items()))
         if self.leader.workers > self.train.batch_size:
             raise ValueError(f"parties: {self.leader.workers} workers need train.batch_size >= {self.leader.workers}")
+        if self.leader.workers > 1:
+            _worker_ports_apart(self.parties, self.leader.workers)
         criteo = [(key, p) for key, p in self.parties.items() if p.preset == "criteo"]
         seen: dict[str, str] = {}
         for key, party in criteo:  # one Criteo file holds them all
@@ -382,6 +384,19 @@ class JobSpec(_Spec):
             "privacy": self.privacy.model_dump(mode="json"),
         }
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _worker_ports_apart(parties: dict[str, PartySpec], workers: int) -> None:
+    """Worker i of a party listens on its port + i: on one host, no two parties' port ranges may overlap."""
+    taken: dict[tuple[str, int], str] = {}
+    for key, party in parties.items():
+        if party.port + workers - 1 > 65535:
+            raise ValueError(f"parties.{key}.listen: {workers} workers need ports up to {party.port + workers - 1}")
+        for port in range(party.port, party.port + workers):
+            other = taken.setdefault((party.host, port), key)
+            if other != key:
+                raise ValueError(f"parties: with {workers} workers each, {other} and {key} both listen on {party.host}:"
+                                 f"{port} (worker i listens on the listen port + i); space their ports {workers} apart")
 
 
 def _describe(err: Any) -> str:

@@ -10,7 +10,7 @@ rebuild its own view of the job.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vfl_cli.job import JobSpec, PartySpec
 from vfl_cli.protocol import RECEIVES, Kind, Side
@@ -30,6 +30,14 @@ class PartyContext:
         """The context of party `role`; JobError for a party the job does not have."""
         spec = job.party(role)
         return cls(job, role, spec, {key: job.parties[key] for key in job.peers_of(role)})
+
+    def for_worker(self, rank: int) -> PartyContext:
+        """The context of worker `rank` of a party of several: it listens on `listen` port + rank and talks to
+        worker `rank` of each peer, at their ports + rank (`vfl_cli.train.workers`). Rank 0 is this context."""
+        if rank == 0:
+            return self
+        return replace(self, spec=worker_spec(self.spec, rank),
+                       peers={key: worker_spec(peer, rank) for key, peer in self.peers.items()})
 
     @property
     def name(self) -> str:
@@ -70,3 +78,13 @@ class PartyContext:
     def peer_key(self, name: str) -> str | None:
         """The key of my peer named `name` (its certificate's CN), or None when no peer of mine has that name."""
         return next((key for key, peer in self.peers.items() if peer.name == name), None)
+
+
+def worker_spec(spec: PartySpec, rank: int) -> PartySpec:
+    """`spec` with its listen and connect ports moved up by `rank`."""
+    def moved(host_port: str) -> str:
+        host, port = host_port.rsplit(":", 1)
+        return f"{host}:{int(port) + rank}"
+
+    return spec.model_copy(update={"listen": moved(spec.listen),
+                                   "address": None if spec.address is None else moved(spec.address)})

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from vfl_cli.party import PartyContext
     from vfl_cli.telemetry import Telemetry
     from vfl_cli.train.loop import EvalResult, PartyRun
+    from vfl_cli.train.workers import Workers
     from vfl_cli.transport.https_grid import HttpsGrid
 
 # torch, the model and the transport load inside the commands that use them, so that `vfl prep`,
@@ -80,9 +82,9 @@ def pick_party(spec: JobSpec, role: str | None, party: str | None) -> str | None
 
 
 @contextmanager
-def connected(ctx: PartyContext) -> Iterator[HttpsGrid]:
-    """This party's HTTPS grid, and the metrics listener when the job names one; on any failure here, tell the
-    peers before leaving."""
+def connected(ctx: PartyContext, main: bool = True) -> Iterator[HttpsGrid]:
+    """This party's HTTPS grid, and the metrics listener when the job names one (`main`: the party's first worker,
+    which alone has one and prints); on any failure here, tell the peers before leaving."""
     from vfl_cli.telemetry import Telemetry, start_metrics_server
     from vfl_cli.train.session import set_threads
     from vfl_cli.transport.https_grid import HttpsGrid
@@ -91,9 +93,10 @@ def connected(ctx: PartyContext) -> Iterator[HttpsGrid]:
     set_threads(ctx.spec.threads)
     telemetry = Telemetry(role)
     grid = HttpsGrid(ctx, telemetry)
-    console.print(f"{role} listening on {ctx.spec.listen}")
+    if main:
+        console.print(f"{role} listening on {ctx.spec.listen}")
     try:
-        metrics = start_metrics_server(job, role, telemetry, lambda: _health(telemetry))
+        metrics = start_metrics_server(job, role, telemetry, lambda: _health(telemetry)) if main else None
     except BaseException:
         grid.close()
         raise
@@ -120,13 +123,19 @@ def waiting_for_peer(ctx: PartyContext) -> Status:
     return console.status(f"waiting for {peers} (up to {ctx.job.transport.connect_timeout_s:g} s)")
 
 
-def _networked(ctx: PartyContext, session: Callable[[PartyRun], T]) -> tuple[T, Grid]:
+def _networked(ctx: PartyContext, session: Callable[[PartyRun], T], workers: Workers | None = None) -> tuple[T, Grid]:
+    """Run `session` for this party (worker `workers.rank` of it, on its own ports) over HTTPS; only the party's
+    first worker shows the spinner, the progress and the listening line."""
+    from vfl_cli.reporter import SilentReporter
     from vfl_cli.train.session import open_run
 
-    waiting = waiting_for_peer(ctx)
-    with connected(ctx) as grid, waiting:
+    main = workers is None or workers.is_main
+    ctx = ctx if workers is None else ctx.for_worker(workers.rank)
+    waiting: AbstractContextManager[Status | None] = waiting_for_peer(ctx) if main else nullcontext()
+    with connected(ctx, main) as grid, waiting as status:
         # The spinner runs through the handshake; the reporter stops it when the first batch starts.
-        return session(open_run(ctx, grid, RichReporter(waiting=waiting), grid.telemetry)), grid
+        reporter = RichReporter(waiting=status) if status is not None else SilentReporter()
+        return session(open_run(ctx, grid, reporter, grid.telemetry, workers)), grid
 
 
 def _print_result(label: str, result: EvalResult) -> None:
@@ -156,12 +165,20 @@ def train(
     from vfl_cli.party import PartyContext
     from vfl_cli.train.baseline import train_baseline
     from vfl_cli.train.session import local_threads, run_local, set_threads, train_session
+    from vfl_cli.train.workers import launched_worker
 
     spec = load_job(job)
     key = pick_party(spec, role.value if role else None, party)
     label = key or (role.value if role else "")
     started = time.perf_counter()
     grid = None
+    workers = spec.parties[key].workers if key is not None else 1
+    if key is not None and workers > 1 and not launched_worker():  # start this party's workers, each this command
+        from vfl_cli.train.launcher import launch
+
+        console.print(f"{key}: starting {workers} workers (worker i listens on {spec.parties[key].listen} + i)")
+        raise typer.Exit(launch(["train", "--job", str(job), "--party", key, *(["--restart"] if restart else [])],
+                                workers))
     if role in (RunRole.central, RunRole.leader_only):
         outcome = train_baseline(spec, role.value, RichReporter(), restart)
     elif key is None:
@@ -169,7 +186,14 @@ def train(
         outcome = run_local(spec, lambda run: train_session(run, restart),
                             {spec.label_party: RichReporter()})[spec.label_party]
     else:
-        outcome, grid = _networked(PartyContext.of(spec, key), lambda run: train_session(run, restart))
+        ctx = PartyContext.of(spec, key)
+        worker = _join_workers(ctx)
+        try:
+            outcome, grid = _networked(ctx, lambda run: train_session(run, restart), worker)
+        finally:
+            worker.close()
+        if not worker.is_main:  # the party's first worker reports for it
+            return
     results = outcome.epochs  # (a resumed session said so on the console when it began)
     rows = [(e, speed, r.scores if r else None) for e, speed, r in results]
     validating = spec.data.valid_fraction > 0
@@ -185,6 +209,21 @@ def train(
     if grid is not None:
         typer.echo(_traffic(grid, label))
     typer.echo(f"checkpoint: {spec.train.run_dir}  ({time.perf_counter() - started:,.1f} s)")
+
+
+def _join_workers(ctx: PartyContext) -> Workers:
+    """This process's place among the party's workers (a party of one outside torchrun and `vfl train`'s own
+    launch). A worker stops on SIGTERM as on Ctrl-C: it tells its peers first."""
+    from vfl_cli.train.parties import pick_device
+    from vfl_cli.train.workers import join_workers, launched_worker
+
+    if launched_worker():
+        signal.signal(signal.SIGTERM, _interrupt)
+    return join_workers(ctx.spec.workers, pick_device(ctx.spec.device))
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def evaluate(

@@ -25,15 +25,28 @@ class Batch:
     def __len__(self) -> int:
         return int(self.sample_ids.shape[0])
 
+    def part(self, rows: slice) -> Batch:
+        """Rows `rows` of this batch (a worker's shard)."""
+        return Batch(self.ids[rows], self.vals[rows], None if self.labels is None else self.labels[rows],
+                     self.sample_ids[rows])
+
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
             return self
         return Batch(
-            ids=self.ids.to(device, non_blocking=True),
-            vals=self.vals.to(device, non_blocking=True),
-            labels=None if self.labels is None else self.labels.to(device, non_blocking=True),
+            ids=to_device(self.ids, device),
+            vals=to_device(self.vals, device),
+            labels=None if self.labels is None else to_device(self.labels, device),
             sample_ids=self.sample_ids,
         )
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; to a GPU from pinned host memory, without blocking (the copy overlaps the host's work
+    until a kernel needs it)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 VALID_STREAM = 0x0A11D  # the validation carve's own random stream, apart from the batch order's (seed, epoch)

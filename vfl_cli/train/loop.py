@@ -15,6 +15,10 @@ wait is the slowest follower's, not their sum. The leader sends the followers' g
 backpropagates through its own bottom, so the bottoms' backward passes run at the same time on every party.
 Each follower's defences draw from their own stream (`CutLayerDefences.party`).
 
+A party of several workers (`vfl_cli.train.workers`) runs this loop in every worker, each on its shard of every
+batch, paired with the same worker of each peer; the workers sum their gradients before each optimiser step, and
+rank 0 alone checkpoints, logs and evaluates.
+
 All parties checkpoint at the same global steps (every `train.checkpoint_every` steps, and at each epoch
 end after its test evaluation), so a resumed run finds a step both hold; see `vfl_cli.checkpoint`.
 """
@@ -50,11 +54,13 @@ from vfl_cli.train.batches import (
     checkpoint_due,
     iterate,
     steps_per_epoch,
+    to_device,
     view_of,
 )
 from vfl_cli.train.metrics_log import MetricsLog
 from vfl_cli.train.parties import PartyModel
 from vfl_cli.train.selection import choose, stopped_before
+from vfl_cli.train.workers import Workers
 
 
 def job_carve(job: JobSpec, train_rows: int) -> Carve | None:
@@ -101,6 +107,7 @@ class PartyRun:
     run_dir: Path  # <train.run_dir>/<role>
     telemetry: Telemetry  # counters for /metrics (steps, samples, step latency, test AUC, resumes)
     waited_s: float = 0.0  # the leader's time waiting for the followers' cuts in training, since the last log line
+    workers: Workers = field(default_factory=Workers)  # this process's place among the party's workers
 
     @property
     def is_leader(self) -> bool:
@@ -120,7 +127,9 @@ class PartyRun:
         """The defences of each follower's cut, by its key: the leader's for every follower, a follower's own."""
         classes = self.party.task.width if self.party.task is not None and self.party.task.width > 1 else 2
         followers = self.context.followers if self.is_leader else (self.role,)
-        return {f: CutLayerDefences(self.job.privacy, self.job.seed, classes, f) for f in followers}
+        # Worker i > 0 draws from streams of its own: its shard's rows are other customers than rank 0's.
+        stream = "" if self.workers.is_main else f"/worker{self.workers.rank}"
+        return {f: CutLayerDefences(self.job.privacy, self.job.seed, classes, f + stream) for f in followers}
 
     @property
     def own_defences(self) -> CutLayerDefences:
@@ -160,7 +169,8 @@ class PartyRun:
         return MetricsLog(self.run_dir, self.role, self.job.train.tensorboard)
 
     def write_metrics(self, record: dict) -> None:
-        self.metrics_log.write(record)
+        if self.workers.is_main:  # the party's one log
+            self.metrics_log.write(record)
 
 
 def _received(tensors: WireTensors, key: BatchKey, rows: int, widths: dict[str, int],
@@ -170,7 +180,7 @@ def _received(tensors: WireTensors, key: BatchKey, rows: int, widths: dict[str, 
         if name not in floats or floats[name].shape != (rows, width):
             got = {n: tuple(t.shape) for n, t in floats.items()}
             raise ProtocolError(f"{key}: peer sent {got}, expected {name} of shape ({rows}, {width})")
-    return {name: floats[name].to(device) for name in widths}
+    return {name: to_device(floats[name], device) for name in widths}
 
 
 def follower_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> None:
@@ -181,6 +191,7 @@ def follower_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> None:
                       party.device)
     party.zero_grad()
     torch.autograd.backward(list(cut.values()), [grads[name] for name in cut])  # L2: Adam's weight decay
+    run.workers.sum_gradients(party.optimizers)
     party.step()
 
 
@@ -194,8 +205,9 @@ def gather_cuts(run: PartyRun, key: BatchKey, rows: int) -> dict[str, dict[str, 
     return cuts
 
 
-def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> float:
-    """One step at the leader; returns the batch's loss."""
+def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey, batch_rows: int | None = None) -> float:
+    """One step at the leader on `batch` (this worker's shard of a batch of `batch_rows`, by default all of it);
+    returns the whole batch's loss."""
     party = run.party
     assert party.top is not None and batch.labels is not None
     labels = run.own_defences.training_labels(batch.labels, batch.sample_ids)  # the true ones unless label_dp
@@ -208,15 +220,26 @@ def leader_train_step(run: PartyRun, batch: Batch, key: BatchKey) -> float:
             t.requires_grad_()
     party.zero_grad()
     loss = run.task.loss(party.top([own_cut, *theirs.values()]), labels)
-    loss.backward()
+    share = len(batch) / batch_rows if batch_rows else 1.0  # the workers' gradients sum to the whole batch's
+    (loss * share if share != 1.0 else loss).backward()
     grads = {f: {name: t.grad for name, t in cut.items()} for f, cut in theirs.items()}
     assert all(g is not None for cut in grads.values() for g in cut.values())
     run.grid.send_each("gradients", key, {f: run.defences[f].gradients_out(g, labels, key)  # type: ignore[arg-type]
                                           for f, g in grads.items()})
     if own:
         torch.autograd.backward(list(own.values()), [own_cut[name].grad for name in own])  # L2: Adam's decay
+    whole = run.workers.sum_gradients(party.optimizers, loss.item() * share)
     party.step()
-    return loss.item()
+    return whole
+
+
+def idle_step(run: PartyRun) -> float:
+    """A worker whose shard of a batch is empty (a last batch of fewer rows than workers) adds nothing to the sum,
+    and steps with the others; its peers' workers of the same rank idle too."""
+    run.party.zero_grad()
+    whole = run.workers.sum_gradients(run.party.optimizers)
+    run.party.step()
+    return whole
 
 
 def deep_loss(run: PartyRun, loss: float) -> float:
@@ -226,6 +249,8 @@ def deep_loss(run: PartyRun, loss: float) -> float:
 
 
 def save_checkpoint(run: PartyRun, run_id: str, step: int) -> None:
+    if not run.workers.is_main:  # rank 0 writes the party's one state (every worker holds it after the all-reduce)
+        return
     at = Position.at(step, run.steps_per_epoch)
     run.checkpoints.save(run_id, step, at.epoch, at.epoch_step, run.party.state_dict())
 
@@ -242,17 +267,20 @@ def train_epoch(run: PartyRun, run_id: str, epoch: int, start: int = 0) -> float
     for step, batch in enumerate(batches, start=start):
         key = BatchKey("train", epoch, step)
         step_started = time.perf_counter()
-        batch = batch.to(run.party.device)
-        if run.is_leader:
-            loss = leader_train_step(run, batch, key)
+        rows = len(batch)
+        batch = (batch.part(run.workers.shard(rows)) if run.workers.many else batch).to(run.party.device)
+        if not len(batch):
+            loss = idle_step(run)
+        elif run.is_leader:
+            loss = leader_train_step(run, batch, key, rows)
         else:
             follower_train_step(run, batch, key)
-        samples += len(batch)
-        run.telemetry.step_done(time.perf_counter() - step_started, len(batch))
+        samples += rows  # the party's rate: every worker's shard
+        run.telemetry.step_done(time.perf_counter() - step_started, rows)
         done = epoch * total + step + 1  # global steps done, the name of the state we now hold
         if checkpoint_due(done, total, job.train.checkpoint_every):
             save_checkpoint(run, run_id, done)
-        run.reporter.advance(len(batch))
+        run.reporter.advance(rows)
         if run.is_leader and ((step + 1) % job.train.log_every == 0 or step + 1 == total):
             with_l2 = deep_loss(run, loss)
             run.reporter.log(log_line(epoch, step + 1, total, loss, with_l2))
@@ -308,13 +336,13 @@ def train(run: PartyRun, run_id: str, start: Position) -> Iterator[tuple[int, fl
     """Train from `start` to the last epoch (or an early stop); after each epoch, score the validation split
     (the test split when there is none), checkpoint, and with validation agree on the best epoch so far.
     Yields (epoch, train samples/s, that epoch's result at the leader) as each epoch ends."""
-    scored = "valid" if run.validating else "test"
-    if run.validating and stopped_before(run.checkpoints, run.job, run_id, start):
+    scored, main = "valid" if run.validating else "test", run.workers.is_main
+    if run.validating and run.workers.broadcast_flag(main and stopped_before(run.checkpoints, run.job, run_id, start)):
         return
     for epoch in range(start.epoch, run.job.train.epochs):
         started = time.perf_counter()
         samples_per_s = train_epoch(run, run_id, epoch, start.epoch_step if epoch == start.epoch else 0)
-        result = forward_split(run, scored, "eval", epoch)
+        result = forward_split(run, scored, "eval", epoch) if main else None  # rank 0 evaluates for the party
         step = (epoch + 1) * run.steps_per_epoch
         save_checkpoint(run, run_id, step)
         record = {"event": "epoch", "epoch": epoch, "train_samples_per_s": samples_per_s,
@@ -323,7 +351,8 @@ def train(run: PartyRun, run_id: str, start: Position) -> Iterator[tuple[int, fl
             record |= {"metric": result.primary, **{f"{scored}_{name}": v for name, v in result.scores.items()}}
             run.telemetry.evaluated(result.scores)
         run.write_metrics(record)
-        stop = run.validating and select(run, run_id, epoch, step, result)
+        # The other workers wait here for rank 0's evaluation and selection.
+        stop = run.validating and run.workers.broadcast_flag(main and select(run, run_id, epoch, step, result))
         yield epoch, samples_per_s, result
         if stop:
             run.reporter.log(f"early stop after epoch {epoch}: no better validation score since the best epoch")

@@ -46,12 +46,14 @@ from vfl_cli.train.loop import (
     train,
 )
 from vfl_cli.train.parties import build_party, pick_device
+from vfl_cli.train.workers import Workers
 
 T = TypeVar("T")
 
 
 def open_run(
-    ctx: PartyContext, grid: Grid, reporter: Reporter | None = None, telemetry: Telemetry | None = None
+    ctx: PartyContext, grid: Grid, reporter: Reporter | None = None, telemetry: Telemetry | None = None,
+    workers: Workers | None = None,
 ) -> PartyRun:
     job, role, spec = ctx.job, ctx.role, ctx.spec
     data = open_party(job.data.dir, role)
@@ -62,9 +64,11 @@ def open_run(
     if ctx.is_leader and data.meta.has_labels and (data.meta.task or "binary") != spec.task:
         raise DataError(f"{data.dir}: prepared for a {data.meta.task} label, but the job's task is {spec.task}")
     task = leader_task(job, data) if ctx.is_leader else None
-    party = build_party(job, role, data.meta, pick_device(spec.device), task)
+    workers = workers or Workers()
+    device = workers.device if workers.device.type == "cuda" else pick_device(spec.device)  # a worker's own GPU
+    party = build_party(job, role, data.meta, device, task)
     run = PartyRun(job, role, data, party, grid, reporter or SilentReporter(), job.train.run_dir / role,
-                   telemetry or Telemetry(role))
+                   telemetry or Telemetry(role), workers=workers)
     run.context = ctx  # the cached view: the same object the caller built, not a second one
     return run
 
@@ -143,14 +147,19 @@ def train_session(run: PartyRun, restart: bool = False) -> TrainOutcome:
     Our Hello offers the run in run.json and the checkpoints held for it; --restart offers a new run. The
     leader answers with the agreement over every follower's Hello (`agreed_hello`)."""
     require_labels(run)
+    if not run.workers.is_main:
+        return worker_session(run)
     run.metrics_log  # noqa: B018 - opened first: a missing optional package stops before the peer is contacted
     store = run.checkpoints
     recorded = None if restart else store.run_id()
     held = store.steps(recorded) if recorded else ()
-    leader, followers = handshake(run, "train", recorded or new_run_id(), held,
+    leader, followers = handshake(run, "train", recorded or new_run_id(), held, run.workers.hello_extra(),
                                   answer=lambda mine, theirs: agreed_hello(mine, list(theirs.values())))
     agreed = agree(leader, *followers)
     start = roll_back(run, agreed, held)
+    if run.workers.many:  # the other workers start where rank 0 does
+        held_bytes = (store.directory / file_name(agreed.step)).read_bytes() if agreed.step > 0 else None
+        run.workers.broadcast_start(agreed.run_id, agreed.step, held_bytes)
     if agreed.resumed:
         run.reporter.log(f"resumed run {agreed.run_id} at {start}")
         run.telemetry.resumed(start.step)
@@ -161,6 +170,21 @@ def train_session(run: PartyRun, restart: bool = False) -> TrainOutcome:
     epochs = list(train(run, agreed.run_id, start))
     final = final_test(run) if run.validating else None
     return TrainOutcome(agreed.run_id, start, agreed.resumed, epochs, final)
+
+
+def worker_session(run: PartyRun) -> TrainOutcome:
+    """Worker i > 0 of a party: start where rank 0 agreed with the peers (its checkpoint, sent as bytes, read as
+    rank 0 reads it), shake hands with worker i of each peer over this worker's own channel, and train its shards.
+    The Hellos carry the agreed start, so paired workers that disagree stop here."""
+    run_id, step, held = run.workers.broadcast_start("", 0, None)
+    if held is not None:
+        with tempfile.TemporaryDirectory(prefix="vfl-worker-") as temp:
+            path = Path(temp) / file_name(step)
+            path.write_bytes(held)
+            restore(run, CheckpointStore(Path(temp), run.job.fingerprint()).load(run_id, step), path)
+    handshake(run, "train", run_id, (step,) if step else (), run.workers.hello_extra() | {"start": f"{run_id}@{step}"})
+    start = Position.at(step, run.steps_per_epoch)
+    return TrainOutcome(run_id, start, step > 0, list(train(run, run_id, start)))
 
 
 def load_agreed_model(run: PartyRun, run_dir: Path, command: str, extra: dict[str, str]) -> None:
