@@ -10,6 +10,10 @@ operators into buckets:
     L2 term · Adam · FTRL · other autograd/elementwise · data (reading the batch) · outside torch (Python, wire)
 
     python -m benchmarks.profile_step [--steps 4] [--role leader|follower] [--threads 1] [--precision bf16]
+                                      [--gemm auto|mkl|onednn]
+
+`--gemm` sets the party's `parties.<key>.gemm` (`vfl_cli.model.kernels`): mkl is torch's own F.linear, onednn
+the oneDNN linear (`OneDnnLinearFunction` forward, `OneDnnLinearFunctionBackward` backward; both in GEMM).
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ from vfl_cli.reporter import SilentReporter
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import iterate
 from vfl_cli.train.loop import PartyRun, follower_train_step, leader_train_step
-from vfl_cli.train.parties import build_party
+from vfl_cli.train.parties import build_party, gemm_choice
 
 BUCKETS = (
-    ("GEMM", ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul")),
+    ("GEMM", ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise",
+              "OneDnnLinearFunction")),
     ("ReLU", ("aten::relu", "aten::relu_")),
     ("embedding gather", ("aten::embedding", "aten::index_select", "aten::embedding_bag")),
     ("embedding backward", ("aten::embedding_backward", "aten::embedding_dense_backward",
@@ -47,7 +52,7 @@ BUCKETS = (
 
 
 BACKWARD_BUCKETS = (  # autograd runs each backward node as a top-level "evaluate_function: <Node>" event
-    ("GEMM", ("AddmmBackward", "MmBackward")),
+    ("GEMM", ("AddmmBackward", "MmBackward", "OneDnnLinearFunctionBackward")),
     ("embedding backward", ("EmbeddingBackward", "EmbeddingBagBackward")),
     ("L2 term", ("SumBackward", "PowBackward", "MulBackward0", "SquareBackward")),
     ("ReLU backward", ("ReluBackward", "ThresholdBackward")),
@@ -73,6 +78,8 @@ def main() -> None:
     parser.add_argument("--role", choices=("leader", "follower"), default="leader")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--gemm", choices=("auto", "mkl", "onednn"), default="auto",
+                        help="the party's GEMM path (parties.<key>.gemm; default auto)")
     parser.add_argument("--top", type=int, default=0, help="also list the N largest top-level operators")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,10 +88,13 @@ def main() -> None:
         workdir = Path(tmp)
         job = load_job(write_job(workdir, "profile", None))
         job = job.model_copy(update={"train": job.train.model_copy(update={"precision": args.precision})})
+        parties = {key: party.model_copy(update={"gemm": args.gemm}) for key, party in job.parties.items()}
+        job = job.model_copy(update={"parties": parties})
         warmup = 2
         write_data(job, train_rows=(warmup + args.steps) * job.train.batch_size)
         data = open_party(job.data.dir, args.role)
         party = build_party(job, args.role, data.meta, torch.device("cpu"))
+        choice = gemm_choice(args.role)
         other = "follower" if args.role == "leader" else "leader"
         grids = LocalGrid.star("leader", ("follower",), 60)
         mine, theirs = grids[args.role], grids[other]
@@ -140,6 +150,8 @@ def main() -> None:
         step_s = sum(wall) / steps
         print(f"{args.role}, {args.precision}, {args.threads} thread(s), batch {batch_size}, {steps} profiled steps: "
               f"{step_s:.3f} s per step (profiled; the profiler adds a little)")
+        if choice is not None:
+            print(choice.describe())
         print(f"{'bucket':<22} {'s/step':>7} {'share':>6}")
         accounted = 0.0
         for bucket, seconds in sorted(totals.items(), key=lambda item: -item[1]):

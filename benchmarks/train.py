@@ -37,6 +37,11 @@ Every row runs in its own child process, so each peak RSS (`os.wait4` rusage `ru
 Samples/s count only the timed steps: the clock starts at the end of the last warm-up step and stops at the
 end of the last timed step, so warm-up, the checkpoint and the end-of-epoch eval are excluded in every row.
 
+GEMM: before the rows, both GEMM paths (`vfl_cli.model.kernels`: torch's F.linear = mkl, and onednn) are timed
+once at the leader's first layer ([batch, fields x emb_dim] x [.., first width]), 1 thread, fp32 and bf16; each
+row's `gemm GFLOP/s` column names its path (`auto>PATH`: the parties' `gemm: auto`, with this run's pick) and
+that path's figure.
+
 Data: synthetic prepared arrays written straight in the store format (`data_prep.store`) under a temp dir
 in runs/bench/: per field, ids drawn Zipf-like within the field's slice of a 200,000-id vocabulary per
 party, vals 1.0 for categorical fields and uniform for dense ones, labels from a planted rule on both
@@ -104,6 +109,48 @@ class Row:
     note: str = ""
     followers: int | None = None  # the star rows: how many followers share the two-party follower's columns
     cut_wait_s: float | None = None  # the star rows: the leader's mean `cut_wait_s` over the timed steps
+    gemm: str = ""  # the GEMM path of its dense layers and its GFLOP/s at the first layer (`gemm_figures`)
+
+
+# ------------------------------------------------------------------------------------------- GEMM paths
+
+
+def first_layer(job: JobSpec) -> tuple[int, int, int]:
+    """The leader's first dense layer: batch rows x its input width (fields x emb_dim) -> the first MLP width."""
+    return job.train.batch_size, len(job.leader.fields) * job.model.emb_dim, job.model.deep_layers[0]
+
+
+def gemm_figures(job: JobSpec) -> dict[str, Any]:
+    """Both GEMM paths' GFLOP/s (forward + backward of one layer, 1 thread, best of 2) at the first layer's
+    shape in fp32 and bf16, measured once per run, and the path `gemm: auto` picks from its own short timing."""
+    import torch
+
+    from vfl_cli.model.kernels import choose_gemm, gemm_gflops
+
+    shape = first_layer(job)
+    figures: dict[str, Any] = {"shape": list(shape), "threads": 1}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        figures[precision] = {path: gemm_gflops(path, shape, dtype, reps=2, threads=1).step
+                              for path in ("mkl", "onednn")}
+        figures[precision]["auto"] = choose_gemm("auto", shape, 1, precision == "bf16").path
+    return figures
+
+
+def gemm_label(figures: dict[str, Any], precision: str, setting: str) -> str:
+    """What a row ran: `mkl` (torch's own F.linear, the in-process rows) or `auto>PATH` (the parties, with the
+    pick this run's timing gives), and that path's GFLOP/s at the first layer."""
+    path = figures[precision]["auto"] if setting == "auto" else setting
+    name = f"auto>{path}" if setting == "auto" else path
+    return f"{name} {figures[precision][path]:.0f}"
+
+
+def print_gemm_header(figures: dict[str, Any]) -> None:
+    rows, d_in, d_out = figures["shape"]
+    cells = "; ".join(f"{precision} mkl {figures[precision]['mkl']:.0f}, onednn {figures[precision]['onednn']:.0f} "
+                      f"(auto picks {figures[precision]['auto']})" for precision in ("fp32", "bf16"))
+    print(f"GEMM at the first layer [{rows}, {d_in}] x [{d_in}, {d_out}], 1 thread, forward + backward, GFLOP/s: "
+          f"{cells}. The plain and joint rows run torch's F.linear (mkl); the parties run `gemm: auto` and time it "
+          f"themselves at start (`vfl -v` logs the pick), so the gemm column shows this run's pick.", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -590,18 +637,19 @@ def plain_base(rows: list[Row]) -> float | None:
 def print_table(rows: list[Row], batch_size: int) -> None:
     base = plain_base(rows)
     header = (f"{'row':<24} {'samples/s':>9} {'x plain':>7} {'s/step':>6} {'median/s':>8} {'1st step':>8}  "
-              f"{'kB/step f>l / l>f':<17} {'peak RSS GiB':<16} note")
+              f"{'kB/step f>l / l>f':<17} {'peak RSS GiB':<16} {'gemm GFLOP/s':<16} note")
     print("\n" + header + "\n" + "-" * len(header))
     for row in rows:
         if row.samples_per_s is None:
-            print(f"{row.name:<24} {'-':>9} {'-':>7} {'-':>6} {'-':>8} {'-':>8}  {'-':<17} {'-':<16} {row.note}")
+            print(f"{row.name:<24} {'-':>9} {'-':>7} {'-':>6} {'-':>8} {'-':>8}  {'-':<17} {'-':<16} {'-':<16} "
+                  f"{row.note}")
             continue
         ratio = f"{row.samples_per_s / base:.2f}x" if base else "-"
         step = batch_size / row.samples_per_s
         median = f"{row.median_samples_per_s:,.0f}" if row.median_samples_per_s else "-"
         first = f"{row.first_step_s:.2f} s" if row.first_step_s is not None else "-"
         print(f"{row.name:<24} {row.samples_per_s:>9,.0f} {ratio:>7} {step:>6.2f} {median:>8} {first:>8}  "
-              f"{fmt_bytes(row):<17} {fmt_rss(row.peak_rss):<16} {row.note}")
+              f"{fmt_bytes(row):<17} {fmt_rss(row.peak_rss):<16} {row.gemm or '-':<16} {row.note}")
     print(f"anchor (issue 10, measured outside this project): {MINDSPORE}")
     notes = {row.bytes_note for row in rows if row.bytes_note}
     for note in sorted(notes):
@@ -613,18 +661,18 @@ def print_star_table(rows: list[Row], reference: Row | None, batch_size: int) ->
     base = reference.samples_per_s if reference is not None else None
     header = (f"{'row':<24} {'samples/s':>9} {'x 2-party':>9} {'s/step':>6} {'median/s':>8} {'1st step':>8} "
               f"{'wait ms/step':>12} {'wait %':>6}  {'kB/step f>l / l>f':<17} {'leader RSS':>10} "
-              f"{'max f RSS':>9}  note")
+              f"{'max f RSS':>9}  {'gemm GFLOP/s':<16} note")
     print("\n" + header + "\n" + "-" * len(header))
     if reference is not None and reference.samples_per_s is not None:
         print(f"{reference.name:<24} {reference.samples_per_s:>9,.0f} {'1.00x':>9} "
               f"{batch_size / reference.samples_per_s:>6.2f} {reference.median_samples_per_s or 0:>8,.0f} "
               f"{reference.first_step_s or 0:>6.2f} s {'-':>12} {'-':>6}  {fmt_bytes(reference):<17} "
               f"{reference.peak_rss.get('leader', 0) / GIB:>10.2f} {reference.peak_rss.get('follower', 0) / GIB:>9.2f}"
-              f"  the two-party row (--role leader|follower), same run")
+              f"  {reference.gemm or '-':<16} the two-party row (--role leader|follower), same run")
     for row in rows:
         if row.samples_per_s is None:
             print(f"{row.name:<24} {'-':>9} {'-':>9} {'-':>6} {'-':>8} {'-':>8} {'-':>12} {'-':>6}  {'-':<17} "
-                  f"{'-':>10} {'-':>9}  {row.note}")
+                  f"{'-':>10} {'-':>9}  {'-':<16} {row.note}")
             continue
         ratio = f"{row.samples_per_s / base:.2f}x" if base else "-"
         step = batch_size / row.samples_per_s
@@ -633,7 +681,7 @@ def print_star_table(rows: list[Row], reference: Row | None, batch_size: int) ->
         print(f"{row.name:<24} {row.samples_per_s:>9,.0f} {ratio:>9} {step:>6.2f} "
               f"{row.median_samples_per_s or 0:>8,.0f} {row.first_step_s or 0:>6.2f} s {wait * 1e3:>12,.1f} "
               f"{wait / step:>6.1%}  {fmt_bytes(row):<17} {row.peak_rss.get('leader', 0) / GIB:>10.2f} "
-              f"{max(followers, default=0) / GIB:>9.2f}  {row.note}")
+              f"{max(followers, default=0) / GIB:>9.2f}  {row.gemm or '-':<16} {row.note}")
     print(f"star rows: the two-party follower's 19 fields divided between k followers (same data, same total "
           f"vocabulary), every process threads: 1, all on this machine's {os.cpu_count()} cores: with 2 followers "
           f"3 processes and with 3 followers 4 processes share them. wait = the leader's mean cut_wait_s over the "
@@ -729,7 +777,7 @@ PLAIN_FP32, PLAIN_BF16 = "plain torch fp32", "plain torch bf16"
 TWO_PARTY_FP32, TWO_PARTY_BF16 = "two-party HTTPS fp32", "two-party HTTPS bf16"
 
 
-def bench(args: argparse.Namespace, workdir: Path) -> list[Row]:
+def bench(args: argparse.Namespace, workdir: Path, figures: dict[str, Any]) -> list[Row]:
     """The rows, each in its own process(es), one after the other; the first is the yardstick."""
     data_job = load_job(write_job(workdir, "data", None))
     batch = data_job.train.batch_size
@@ -745,6 +793,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[Row]:
         rate, median = rates(result["step_ends"], args.warmup, args.steps, batch)
         first = result["step_ends"][0] - result["start"]
         rows.append(Row(name, rate, first, median, peak_rss={"process": rss}, note=note))
+        rows[-1].gemm = gemm_label(figures, precision, "auto" if kind == "local" else "mkl")
         print(f"{name}: {rate:,.0f} samples/s, peak RSS {rss / GIB:.2f} GiB", flush=True)
     two_party_rows = ((TWO_PARTY_FP32, "fp32", None), (TWO_PARTY_BF16, "bf16", None),
                       (f"two-party fp32 {QUANTIZED_BITS}-bit", "fp32", QUANTIZED_BITS))
@@ -756,6 +805,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[Row]:
             continue
         try:
             rows.append(two_party(name, workdir, args.warmup, args.steps, batch, precision, bits))
+            rows[-1].gemm = gemm_label(figures, precision, "auto")
             print(f"{name}: {rows[-1].samples_per_s:,.0f} samples/s", flush=True)
         except Exception as exc:  # still print and save the rows we have; main exits non-zero
             print(f"{name} failed: {exc}", file=sys.stderr)
@@ -766,6 +816,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> list[Row]:
             continue
         try:
             rows.append(star(k, data_job, workdir, args.warmup, args.steps, batch))
+            rows[-1].gemm = gemm_label(figures, "fp32", "auto")
             print(f"{star_name(k)}: {rows[-1].samples_per_s:,.0f} samples/s, leader wait "
                   f"{(rows[-1].cut_wait_s or 0) * 1e3:,.0f} ms/step", flush=True)
         except Exception as exc:
@@ -783,19 +834,22 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()  # the machine is shared: a busy one makes every row slower and noisier
     if load_before[0] > 0.5:
         print(f"warning: 1-min load average {load_before[0]:.2f} before the run; figures may be low", flush=True)
+    job = load_job(REFERENCE_JOB)
+    figures = gemm_figures(job)  # before the rows, in this process: the machine as the rows will find it
+    print_gemm_header(figures)
     workdir = Path(tempfile.mkdtemp(prefix="train-", dir=BENCH_DIR))
     try:
-        rows = bench(args, workdir)
+        rows = bench(args, workdir, figures)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    job = load_job(REFERENCE_JOB)
     config = {"batch_size": job.train.batch_size, "emb_dim": job.model.emb_dim,
               "deep_layers": list(job.model.deep_layers), "vocab_per_party": VOCAB_PER_PARTY,
               "fields": {role: len(job.party(role).fields) for role in ROLES},
               "warmup_steps": args.warmup, "timed_steps": args.steps, "cores": os.cpu_count(),
               "only": args.only, "follower_counts": list(args.followers),
-              "load_average_before": load_before, "load_average_after": os.getloadavg()}
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "gemm_gflops": figures}
+    print_gemm_header(figures)
     print_table([r for r in rows if r.followers is None], job.train.batch_size)
     star_rows = [r for r in rows if r.followers is not None]
     if star_rows:

@@ -16,6 +16,7 @@ from data_prep.store import PartyMeta
 from vfl_cli.errors import CheckpointError
 from vfl_cli.job import JobSpec
 from vfl_cli.model.build import Bottom, bottom_parameters, build_bottom, build_top
+from vfl_cli.model.kernels import GemmChoice, choose_gemm, use_gemm
 from vfl_cli.model.optimizers import build_optimizers
 from vfl_cli.model.top import Top
 from vfl_cli.task import Task
@@ -102,11 +103,34 @@ def build_party(job: JobSpec, role: str, meta: PartyMeta, device: torch.device, 
         bottom = bottom.to(device)
     if top is not None:
         top = top.to(device)
+    bf16 = use_bf16(job.train.precision, device)
+    if device.type == "cpu":
+        _gemm_choices[role] = choice = party_gemm(job, role, bottom, top, bf16)
+        for module in (bottom, top):
+            if module is not None:
+                use_gemm(module, choice.path)
     wide, deep, tables = bottom_parameters(bottom)
     optimizers = build_optimizers(wide, deep + ([] if top is None else list(top.parameters())),
                                   job.train.wide_optimizer, job.train.deep_optimizer, job.train.l2_coef, tables)
-    return PartyModel(role, bottom, top, task if leader else None, optimizers, device,
-                      use_bf16(job.train.precision, device))
+    return PartyModel(role, bottom, top, task if leader else None, optimizers, device, bf16)
+
+
+_gemm_choices: dict[str, GemmChoice] = {}  # by party key: the last choice `build_party` made in this process
+
+
+def party_gemm(job: JobSpec, role: str, bottom: Bottom | None, top: Top | None, bf16: bool) -> GemmChoice:
+    """`parties.<role>.gemm` resolved at the party's first dense layer (its bottom's, else the top's): a batch
+    shard's rows (batch_size / workers) x its input width -> its first width, on this process's torch threads."""
+    first = next((m for module in (bottom, top) if module is not None for m in module.modules()
+                  if isinstance(m, torch.nn.Linear)), None)
+    rows = job.train.batch_size // job.parties[role].workers
+    shape = (rows, 0, 0) if first is None else (rows, first.in_features, first.out_features)
+    return choose_gemm(job.parties[role].gemm, shape, torch.get_num_threads(), bf16 and bottom is not None)
+
+
+def gemm_choice(role: str) -> GemmChoice | None:
+    """The GEMM path `build_party` chose for `role` in this process (None: not built here, or not on CPU)."""
+    return _gemm_choices.get(role)
 
 
 def bf16_autocast(enabled: bool, device: torch.device) -> AbstractContextManager[Any]:
