@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= jobs/smoke.yaml
 
-.PHONY: install test test-all lint demo smoke-test smoke-test-3 soak audit precision-auc bench bench-prep bench-train bench-psi bench-quality bench-serve sample-auc clean
+.PHONY: install test test-all lint demo smoke-test smoke-test-3 smoke-test-workers soak audit precision-auc bench bench-prep bench-train bench-psi bench-quality bench-serve sample-auc clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ smoke-test: $(STAMP)
 # The same on a three-party job (the follower's columns divided between two followers), asserting the same for every party.
 smoke-test-3: $(STAMP)
 	$(BIN)/python scripts/demo.py jobs/smoke3.yaml --check
+
+# The two-party smoke flow with two worker processes per party (each `vfl train` starts its own; gloo inside a
+# party), asserting the same as smoke-test, the AUC against one process per party to 1e-5.
+smoke-test-workers: $(STAMP)
+	$(BIN)/python scripts/demo.py jobs/smoke.yaml --check --workers 2
 
 # Not in CI (minutes): two parties through a fault-injecting proxy, a kill -9 mid-run, then a resume;
 # prints what the run survived and checks the final AUC against a run without network.

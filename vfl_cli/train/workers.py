@@ -134,7 +134,8 @@ class Workers:
         try:
             yield
         except (RuntimeError, dist.DistError) as exc:
-            reason = re.sub(r"^\[[^]]*\]\s*", "", (str(exc).splitlines() or [type(exc).__name__])[0])  # gloo's file:line
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            reason = re.sub(r"^\[[^]]*\]\s*", "", first)  # without gloo's [file:line]
             reason = reason.split(". This is typically")[0][:160]
             raise WorkerLost(f"worker {self.rank} of {self.size}: another worker of this party stopped during "
                              f"{what} ({reason})") from exc
