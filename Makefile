@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 JOB    ?= jobs/smoke.yaml
 
-.PHONY: install test test-all lint demo smoke-test smoke-test-3 smoke-test-workers soak audit precision-auc bench bench-prep bench-train bench-psi bench-quality bench-serve sample-auc clean
+.PHONY: install test test-all lint demo smoke-test smoke-test-3 smoke-test-workers soak audit precision-auc bench bench-prep bench-train bench-psi bench-quality bench-serve bench-gpu sample-auc clean
 
 install: $(STAMP)
 
@@ -68,6 +68,11 @@ bench-prep: $(STAMP)
 
 bench-train: $(STAMP)
 	$(BIN)/python -m benchmarks.train
+
+# On a machine with CUDA (not in CI): the same rows with every party on the GPU (the 2-worker row needs 2 GPUs, one per
+# worker, NCCL inside a party); prints what bench-train prints.
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.train --device cuda
 
 # Not in CI (~9 min; the first run also writes the 1M-customer stores, ~1 min): `vfl serve` at the reference model
 # size, 1,000,000 customers per party, leader and follower as two processes over mutual TLS; a closed-loop client at

@@ -233,9 +233,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """A port p with p .. p + count - 1 all free on 127.0.0.1 (worker i of a party listens on its port + i)."""
+    while True:
+        base = free_port()
+        try:
+            for port in range(base + 1, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        if base + count <= 65536:
+            return base
+
+
 def write_job(workdir: Path, row: str, certs: Path | None, privacy: dict[str, Any] | None = None,
-              precision: str = "fp32") -> Path:
-    """jobs/criteo.yaml with this run's paths: one epoch, a step record every step, fresh loopback ports."""
+              precision: str = "fp32", workers: int = 1, device: str = "cpu") -> Path:
+    """jobs/criteo.yaml with this run's paths: one epoch, a step record every step, fresh loopback ports (`workers`
+    free ports from each party's), on `device`."""
     spec: dict[str, Any] = yaml.safe_load(REFERENCE_JOB.read_text())
     if privacy is not None:
         spec["privacy"] = privacy
@@ -244,7 +259,8 @@ def write_job(workdir: Path, row: str, certs: Path | None, privacy: dict[str, An
     spec["transport"] |= {"timeout_s": 300, "connect_timeout_s": 120}
     for role in ROLES:
         party = spec["parties"][role]
-        party["listen"] = f"127.0.0.1:{free_port()}"
+        party["listen"] = f"127.0.0.1:{free_ports(workers)}"
+        party["workers"], party["device"] = workers, device
         party.pop("key_password_env", None)  # dev keys without a password: nothing secret in a benchmark
         party["cert"], party["key"] = str((certs or workdir) / f"{role}.pem"), str((certs or workdir) / f"{role}.key")
     spec["tls"]["ca"] = str((certs or workdir) / "ca.pem")
@@ -314,11 +330,13 @@ def joint_torch(job: JobSpec, warmup: int, steps: int, plain: bool) -> dict[str,
     from vfl_cli.model.ftrl import Ftrl
     from vfl_cli.model.optimizers import build_optimizers
     from vfl_cli.train.batches import iterate
+    from vfl_cli.train.parties import pick_device
 
     torch.set_num_threads(2)
+    device = pick_device(job.leader.device)  # cuda under make bench-gpu
     data = {role: open_party(job.data.dir, role) for role in ROLES}
     model = SplitModel.build(job.model, job.seed, {role: (data[role].meta.vocab_size, data[role].meta.kinds)
-                                                   for role in ROLES})
+                                                   for role in ROLES}).to(device)
     ftrl, adam = job.train.wide_optimizer, job.train.deep_optimizer
     if plain:
         optimizers = [
@@ -334,8 +352,9 @@ def joint_torch(job: JobSpec, warmup: int, steps: int, plain: bool) -> dict[str,
     start = time.perf_counter()
     step_ends: list[float] = []
     for leader, follower in zip(*batches, strict=True):
+        leader, follower = leader.to(device), follower.to(device)
         assert leader.labels is not None
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+        with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             if plain:
                 logits = plain_forward(model, leader, follower).float()  # (B,)
             else:
@@ -494,12 +513,13 @@ def traffic_per_step(workdir: Path, train_steps: int, batch_size: int) -> tuple[
 
 
 def two_party(name: str, workdir: Path, warmup: int, steps: int, batch_size: int, precision: str = "fp32",
-              bits: int | None = None) -> Row:
-    """Two `vfl train` processes over mutual TLS; with `bits`, both cut-layer tensors travel quantised."""
+              bits: int | None = None, workers: int = 1, device: str = "cpu") -> Row:
+    """Two `vfl train` commands over mutual TLS; with `bits`, both cut-layer tensors travel quantised; with
+    `workers`, each command starts that many worker processes (peak RSS: the largest of them)."""
     certs = workdir / "certs"
-    row = f"two-party-{precision}" + ("" if bits is None else f"-q{bits}")
+    row = f"two-party-{precision}" + ("" if bits is None else f"-q{bits}") + ("" if workers == 1 else f"-w{workers}")
     privacy = None if bits is None else {"quantize": {"embeddings": bits, "gradients": bits}}
-    job_path = write_job(workdir, row, certs, privacy, precision)
+    job_path = write_job(workdir, row, certs, privacy, precision, workers, device)
     if not (certs / "ca.pem").exists():
         make_certs(job_path, certs)
     rss = run_parties(ROLES, job_path, workdir, "--role", "")
@@ -507,7 +527,9 @@ def two_party(name: str, workdir: Path, warmup: int, steps: int, batch_size: int
     start, times = step_times(job.train.run_dir / "leader" / "metrics.jsonl")
     per_step, note = traffic_per_step(workdir, len(times), batch_size)
     rate, median = rates(times, warmup, steps, batch_size)
-    what = "2 processes, 1 thread each, mutual TLS" + ("" if bits is None else f", cut layer in {bits} bits")
+    what = ("2 processes, 1 thread each, mutual TLS" if workers == 1 else
+            f"2 parties x {workers} worker processes, 1 thread each, gloo inside a party, mutual TLS between pairs")
+    what += "" if bits is None else f", cut layer in {bits} bits"
     return Row(name, rate, times[0] - start, median, rss, per_step, bytes_note=note, note=what)
 
 
@@ -750,6 +772,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--followers", default=",".join(map(str, FOLLOWER_COUNTS)),
                         help="follower counts of the star rows, comma-separated (default 1,2,3)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (data, jobs, logs) in runs/bench/")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where every row computes (make bench-gpu: cuda; the W=2 row then needs 2 GPUs)")
     # Internal: one in-process row in a child process, so that its peak RSS is its own.
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)
@@ -775,11 +799,18 @@ def worker_main(args: argparse.Namespace) -> None:
 
 PLAIN_FP32, PLAIN_BF16 = "plain torch fp32", "plain torch bf16"
 TWO_PARTY_FP32, TWO_PARTY_BF16 = "two-party HTTPS fp32", "two-party HTTPS bf16"
+TWO_PARTY_W2 = "two-party HTTPS fp32, 2 workers each"
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def bench(args: argparse.Namespace, workdir: Path, figures: dict[str, Any]) -> list[Row]:
     """The rows, each in its own process(es), one after the other; the first is the yardstick."""
-    data_job = load_job(write_job(workdir, "data", None))
+    data_job = load_job(write_job(workdir, "data", None, device=args.device))
     batch = data_job.train.batch_size
     write_data(data_job, train_rows=(args.warmup + args.steps) * batch)
     rows: list[Row] = []
@@ -788,23 +819,28 @@ def bench(args: argparse.Namespace, workdir: Path, figures: dict[str, Any]) -> l
                   ("joint torch fp32, tuned", "joint", "fp32", "1 process, 2 threads, vfl's kernels and optimiser"),
                   ("local fp32", "local", "fp32", "1 process, both parties, 1 torch thread each"))
     for name, kind, precision, note in in_process if not args.only else ():
-        job_path = write_job(workdir, f"{kind}-{precision}", None, precision=precision)
+        job_path = write_job(workdir, f"{kind}-{precision}", None, precision=precision, device=args.device)
         result, rss = run_worker(kind, job_path, args.warmup, args.steps, workdir)
         rate, median = rates(result["step_ends"], args.warmup, args.steps, batch)
         first = result["step_ends"][0] - result["start"]
         rows.append(Row(name, rate, first, median, peak_rss={"process": rss}, note=note))
         rows[-1].gemm = gemm_label(figures, precision, "auto" if kind == "local" else "mkl")
         print(f"{name}: {rate:,.0f} samples/s, peak RSS {rss / GIB:.2f} GiB", flush=True)
-    two_party_rows = ((TWO_PARTY_FP32, "fp32", None), (TWO_PARTY_BF16, "bf16", None),
-                      (f"two-party fp32 {QUANTIZED_BITS}-bit", "fp32", QUANTIZED_BITS))
+    two_party_rows = ((TWO_PARTY_FP32, "fp32", None, 1), (TWO_PARTY_BF16, "bf16", None, 1),
+                      (f"two-party fp32 {QUANTIZED_BITS}-bit", "fp32", QUANTIZED_BITS, 1),
+                      (TWO_PARTY_W2, "fp32", None, 2))
     if args.only == "followers":
         two_party_rows = two_party_rows[:1]  # the star rows' reference, measured in the same run
-    for name, precision, bits in two_party_rows:
+    for name, precision, bits, workers in two_party_rows:
         if args.skip_two_party:
             rows.append(Row(name, note="skipped (--skip-two-party)"))
             continue
+        if args.device == "cuda" and workers > gpu_count():
+            rows.append(Row(name, note=f"skipped ({workers} workers need {workers} GPUs)"))
+            continue
         try:
-            rows.append(two_party(name, workdir, args.warmup, args.steps, batch, precision, bits))
+            rows.append(two_party(name, workdir, args.warmup, args.steps, batch, precision, bits, workers,
+                                  args.device))
             rows[-1].gemm = gemm_label(figures, precision, "auto")
             print(f"{name}: {rows[-1].samples_per_s:,.0f} samples/s", flush=True)
         except Exception as exc:  # still print and save the rows we have; main exits non-zero
