@@ -183,3 +183,20 @@ def test_workers_are_checked_at_load(tmp_path: Path) -> None:
         parse_job(uneven)
     spec["parties"]["follower"]["listen"] = "127.0.0.1:30010"
     assert parse_job(with_workers(spec, 2)).fingerprint() == parse_job(spec).fingerprint()
+
+
+def test_workers_on_other_machines_are_reached_at_their_addresses(tmp_path: Path) -> None:
+    from vfl_cli.party import PartyContext
+
+    spec = with_workers(tls_job(tmp_path), 2)
+    spec["parties"]["leader"].update(listen="0.0.0.0:18701", worker_addresses=["10.0.0.1:18701", "10.0.0.2:18701"])
+    spec["parties"]["follower"]["listen"] = "127.0.0.1:18801"
+    job = parse_job(spec)
+    leader1 = PartyContext.of(job, "leader").for_worker(1)
+    assert (leader1.spec.listen, leader1.spec.connect_to) == ("0.0.0.0:18701", "10.0.0.2:18701")
+    assert leader1.peers["follower"].connect_to == "127.0.0.1:18802"
+    follower1 = PartyContext.of(job, "follower").for_worker(1)
+    assert follower1.peers["leader"].connect_to == "10.0.0.2:18701"
+    spec["parties"]["leader"]["worker_addresses"] = ["10.0.0.1:18701"]
+    with pytest.raises(JobError, match="1 given for 2 workers"):
+        parse_job(spec)

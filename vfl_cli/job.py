@@ -57,6 +57,9 @@ class PartySpec(_Spec):
     # worker processes, each with its shard of every batch, paired with the same rank at every party (listen port
     # + rank); `vfl train` starts them itself, or reads RANK/WORLD_SIZE under torchrun; not in the fingerprint
     workers: PositiveInt = 1
+    # where its peers reach each worker, by rank, when the workers are on several machines (torchrun); worker i then
+    # listens on `listen`'s host at this entry's port. Default: `address` (else `listen`) with its port + i
+    worker_addresses: list[str] | None = None
     cert: Path | None = None  # PEM certificate signed by tls.ca, with CN = name
     key: Path | None = None  # PEM private key of `cert`
     key_password_env: str | None = None  # name of the environment variable holding the key's password
@@ -99,6 +102,17 @@ class PartySpec(_Spec):
     @classmethod
     def _host_port(cls, listen: str | None) -> str | None:
         return None if listen is None else host_port(listen)
+
+    @field_validator("worker_addresses")
+    @classmethod
+    def _host_ports(cls, addresses: list[str] | None) -> list[str] | None:
+        return None if addresses is None else [host_port(a) for a in addresses]
+
+    @model_validator(mode="after")
+    def _one_address_per_worker(self) -> PartySpec:
+        if self.worker_addresses is not None and len(self.worker_addresses) != self.workers:
+            raise ValueError(f"worker_addresses: {len(self.worker_addresses)} given for {self.workers} workers")
+        return self
 
     @property
     def connect_to(self) -> str:
@@ -390,6 +404,8 @@ def _worker_ports_apart(parties: dict[str, PartySpec], workers: int) -> None:
     """Worker i of a party listens on its port + i: on one host, no two parties' port ranges may overlap."""
     taken: dict[tuple[str, int], str] = {}
     for key, party in parties.items():
+        if party.worker_addresses is not None:  # placed by hand, on machines of their own
+            continue
         if party.port + workers - 1 > 65535:
             raise ValueError(f"parties.{key}.listen: {workers} workers need ports up to {party.port + workers - 1}")
         for port in range(party.port, party.port + workers):

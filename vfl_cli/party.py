@@ -33,8 +33,10 @@ class PartyContext:
 
     def for_worker(self, rank: int) -> PartyContext:
         """The context of worker `rank` of a party of several: it listens on `listen` port + rank and talks to
-        worker `rank` of each peer, at their ports + rank (`vfl_cli.train.workers`). Rank 0 is this context."""
-        if rank == 0:
+        worker `rank` of each peer, at their ports + rank, or where `worker_addresses` put them
+        (`vfl_cli.train.workers`). Rank 0 without `worker_addresses` is this context."""
+        if rank == 0 and self.spec.worker_addresses is None and all(
+                p.worker_addresses is None for p in self.peers.values()):
             return self
         return replace(self, spec=worker_spec(self.spec, rank),
                        peers={key: worker_spec(peer, rank) for key, peer in self.peers.items()})
@@ -81,10 +83,15 @@ class PartyContext:
 
 
 def worker_spec(spec: PartySpec, rank: int) -> PartySpec:
-    """`spec` with its listen and connect ports moved up by `rank`."""
-    def moved(host_port: str) -> str:
-        host, port = host_port.rsplit(":", 1)
-        return f"{host}:{int(port) + rank}"
+    """Worker `rank` of party `spec`: at `worker_addresses[rank]` (listening on that port), else with its listen and
+    connect ports moved up by `rank`."""
+    def moved(host_port: str, port: int | None = None) -> str:
+        host, own = host_port.rsplit(":", 1)
+        return f"{host}:{int(own) + rank if port is None else port}"
 
+    if spec.worker_addresses is not None:
+        address = spec.worker_addresses[rank]
+        return spec.model_copy(update={"listen": moved(spec.listen, int(address.rsplit(":", 1)[1])),
+                                       "address": address})
     return spec.model_copy(update={"listen": moved(spec.listen),
                                    "address": None if spec.address is None else moved(spec.address)})
