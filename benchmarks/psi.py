@@ -1,9 +1,10 @@
 """`make bench-psi`: the private set intersection of N x N customer ids with 50% overlap, leader and follower
 as two `vfl psi` processes over mutual TLS on 127.0.0.1 (one thread each: both share this 2-core machine);
 then the same for three parties: a leader and two followers, N ids each, three `vfl psi --party KEY`
-processes over mutual TLS.
+processes over mutual TLS; then one party alone, on `psi.threads` 1 and then 2.
 
-    python -m benchmarks.psi [--ids 1000000] [--overlap 0.5] [--only two|three] [--ids3 N]
+    python -m benchmarks.psi [--ids 1000000] [--overlap 0.5] [--only two|three|alone] [--ids3 N]
+                             [--psi-threads 1 2]
 
 Each party's table has its ids and one field (the PSI reads only the ids). Prints wall time, ids/s per party
 (its ids blinded + the peer's reblinded, per second of the run) and each process's peak RSS; target: <= 120 s
@@ -17,6 +18,15 @@ set. The leader runs one pairwise PSI per follower, all at once (a thread each).
 tables' ids per second of wall time, and per party its own ids plus every peer's per second of its run), peak
 RSS per process, and checks the common-set size every party prints (and its digest, the same at all three)
 against numpy's intersection of the three id sets.
+
+The one-party row (`--only alone`, no processes, no network): one party's whole share of the PSI compute over N x
+N ids with the cores to itself, as `vfl_cli.psi.session` drives a `PsiParty`: hash its N ids to the group and
+blind them, validate and reblind the peer's N blinded points, validate its own N returned, intersect; once per
+`--psi-threads` (`psi.threads`), one after the other, nothing else running. The peer's work is kept out of the
+timing: its scalar is 1, so its blinded points are its ids' points (hashed once, before the timing) and its
+reblinding of ours is the identity; the intersection (checked against the overlap) is the same either way.
+Prints seconds, ids/s (own + peer's, per second), CPU seconds per wall second, and the speed-up over the first
+thread count (target: >= 1.8x on 2 threads for 1M x 1M).
 """
 
 from __future__ import annotations
@@ -33,7 +43,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks.psi_crypto import TAG, as_ids
 from benchmarks.train import free_port, reaped
+from vfl_cli.job import PsiSpec
+from vfl_cli.psi import PsiParty
+from vfl_cli.psi.group import hash_to_group
 
 VFL = [sys.executable, "-m", "vfl_cli.app"]
 BASE = Path("runs/bench-psi")
@@ -150,14 +164,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ids", type=int, default=1_000_000)
     parser.add_argument("--overlap", type=float, default=0.5)
-    parser.add_argument("--only", choices=("two", "three"), help="run only the two-party or the three-party row")
+    parser.add_argument("--only", choices=("two", "three", "alone"),
+                        help="run only the two-party, the three-party or the one-party (psi.threads) row")
     parser.add_argument("--ids3", type=int, help="ids per party in the three-party row (default: --ids)")
+    parser.add_argument("--psi-threads", type=int, nargs="+", default=[1, 2],
+                        help="psi.threads of the one-party row, run one after the other (default: 1 2)")
     args = parser.parse_args()
     os.environ["VFL_NO_PROGRESS"] = "1"
-    if args.only != "three":
+    if args.only in (None, "two"):
         two_party(args)
-    if args.only != "two":
+    if args.only in (None, "three"):
         three_party(args.ids3 or args.ids, args.overlap)
+    if args.only in (None, "alone"):
+        one_party(args.ids, args.overlap, args.psi_threads)
+
+
+def one_party(n: int, overlap: float, thread_counts: list[int], batch_size: int = PsiSpec().batch_size) -> None:
+    """One party's PSI compute over n x n ids, alone, once per thread count (see the module's docstring)."""
+    shared = int(n * overlap)
+    universe = np.random.default_rng(0).permutation(2 * n - shared)
+    mine, theirs = as_ids(universe[:n]), as_ids(universe[n - shared :])
+    print(f"\nbench-psi one party alone: {n:,} own ids x {n:,} of the peer's, {shared:,} shared, "
+          f"batch {batch_size:,}, {os.cpu_count()} cores; hashing the peer's ids (untimed)", flush=True)
+    peer_points = [hash_to_group(TAG, theirs[i : i + batch_size].tolist(), max(thread_counts))
+                   for i in range(0, n, batch_size)]
+    first = None
+    for threads in thread_counts:
+        load = os.getloadavg()[0]
+        wall, cpu = time.perf_counter(), time.process_time()
+        party = PsiParty("leader", mine, TAG, threads=threads)  # as psi_session builds it, psi.threads threads
+        own, kept = party.blinded_batches(batch_size), []
+        for points in peer_points:  # the rounds of `_rounds`: my batch out, the peer's reblinded, mine back
+            blinded = next(own)
+            kept.append(party.reblind(points))
+            party.add_my_double_blinded(blinded)  # the peer's scalar is 1: its reblinding is the identity
+        found = party.intersect(kept, peer_size=n)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if found.size != shared:
+            sys.exit(f"bench-psi: one party found {found.size:,} common ids, expected {shared:,}")
+        first = first or wall
+        print(f"psi.threads {threads}: {wall:6.1f} s, {2 * n / wall:,.0f} ids/s (own + peer's), "
+              f"{cpu / wall:.2f} CPU s per wall s, {first / wall:.2f}x the first"
+              f"{' (target >= 1.8x on 2 threads)' if threads == 2 else ''}; {found.size:,} in common; "
+              f"load average {load:.2f} before", flush=True)
 
 
 def two_party(args: argparse.Namespace) -> None:

@@ -69,4 +69,5 @@ def _summary(role: str, outcome: PsiOutcome) -> str:
         written = " and ".join(f"{rows:,} {name}" for name, rows in outcome.rows.items()) + " rows"
     peers = ", ".join(f"{size:,} at the {key}" for key, size in outcome.peer_sizes.items())
     return (f"{role}: {outcome.size:,} customers in common, of {outcome.my_size:,} here and {peers}; "
-            f"wrote {written} to {outcome.data_dir} (common-set digest {outcome.digest[:16]})")
+            f"wrote {written} to {outcome.data_dir} (common-set digest {outcome.digest[:16]}; "
+            f"PSI on {outcome.threads} thread{'s' if outcome.threads > 1 else ''})")

@@ -53,6 +53,7 @@ class PsiOutcome:
     digest: str  # of the common set: the same at every party
     data_dir: Path  # where the aligned data went: <data.dir>/<role>, or <out>/<role>
     rows: dict[str, int]  # split -> rows written
+    threads: int = 1  # threads this party's curve arithmetic ran on (`psi_threads`)
 
 
 def _announced(role: str) -> str:
@@ -90,6 +91,12 @@ def open_own_table(job: JobSpec, role: Role, table: Path | None = None) -> Table
     return data
 
 
+def psi_threads(ctx: PartyContext) -> int:
+    """Threads for this party's curve arithmetic: `psi.threads`, else the party's `threads`, else 1 (rbcl releases
+    the GIL, so each thread is a core; with several followers the leader runs this many per pair)."""
+    return ctx.job.psi.threads or ctx.spec.threads or 1
+
+
 def psi_session(
     ctx: PartyContext,
     grid: Grid,
@@ -111,9 +118,10 @@ def psi_session(
     for key, size in peer_sizes.items():
         check_peer_size(key, size, job.psi.min_intersection)
     reporter.begin(f"{role} psi", sum(len(ids) + size for size in peer_sizes.values()))
+    threads = psi_threads(ctx)
 
     def pair(key: str) -> Intersection:
-        party = PsiParty(role, ids, tag, threads=ctx.spec.threads or 1, peer=key)  # a fresh scalar per pair
+        party = PsiParty(role, ids, tag, threads=threads, peer=key)  # a fresh scalar per pair
         kept = _rounds(party, grid, key, peer_sizes[key], job.psi.batch_size, reporter)
         found = party.intersect(kept, peer_size=peer_sizes[key])
         check_min_intersection(found, job.psi.min_intersection)
@@ -134,7 +142,7 @@ def psi_session(
     target = out or job.data.dir
     aligned = write_aligned(data, rows, target, job.seed, None if out else job.data.test_fraction, summary)
     return PsiOutcome(len(rows), len(ids), peer_sizes, summary["pairwise"], digest, target / role,
-                      {name: split.rows for name, split in aligned.splits.items()})
+                      {name: split.rows for name, split in aligned.splits.items()}, threads)
 
 
 def _each_peer(grid: Grid, peers: tuple[str, ...], work: Callable[[str], Intersection]) -> dict[str, Intersection]:
