@@ -132,7 +132,7 @@ def kill_one_worker(spec: dict[str, Any], job: Path, victim: str, rank: int, ste
     return last_logged_step(run_dir)
 
 
-@pytest.mark.parametrize("rerun_workers", [WORKERS, 1])
+@pytest.mark.parametrize("rerun_workers", [pytest.param(WORKERS, marks=pytest.mark.slow), 1])  # CI: W=2 -> W=1
 def test_a_killed_worker_stops_both_parties_and_the_rerun_resumes(
     paired: tuple[dict[str, Any], Path, float, dict[int, float]], rerun_workers: int
 ) -> None:
