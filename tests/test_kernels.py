@@ -144,7 +144,7 @@ def test_auto_keeps_the_default_on_a_small_model_without_timing(
     def no_timing(*args: object, **kwargs: object) -> None:
         raise AssertionError("auto timed a layer too small to matter")
 
-    monkeypatch.setattr(kernels, "gemm_gflops", no_timing)
+    monkeypatch.setattr(kernels, "_step_seconds", no_timing)
     party = build_party(gemm_job(tmp_path, "auto"), "leader", open_party(tmp_path / "data", "leader").meta,
                         torch.device("cpu"))
     choice = gemm_choice("leader")

@@ -106,8 +106,10 @@ def test_a_follower_killed_under_load_fails_fast_and_recovers(
         wait_healthy(job, timeout_s=5)
     answered = [o for o in outcomes if o.status == 200]
     assert all(np.abs(np.array(o.scores) - right).max() <= 1e-6 for o in answered)  # never a wrong score
-    outage = [o for o in outcomes if killed + 0.2 < o.at < back]
-    assert outage and all(o.status == 503 and o.retry_after for o in outage)
+    # requests sent during the outage (one sent before the kill may still be answered from a cut already fetched)
+    outage = [o for o in outcomes if killed + 0.2 < o.at - o.seconds and o.at < back]
+    assert outage
+    assert all(o.status == 503 and o.retry_after for o in outage), [o for o in outage if o.status != 503][:3]
     budget = job.serve.timeout_ms / 1000
     assert max(o.seconds for o in outage) <= budget + 0.5
     recovered = min(o.at for o in answered if o.at > back)

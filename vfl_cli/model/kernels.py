@@ -2,9 +2,9 @@
 ("onednn": `torch.ops.mkldnn._linear_pointwise` for the forward and both matmuls of the backward), chosen per
 machine from `parties.<key>.gemm` (auto | mkl | onednn).
 
-    choose_gemm   the path: "mkl" / "onednn" as set; "auto" times both at the party's first layer's shape for a
-                  moment (~0.3 s, cached per process) and keeps the faster, or keeps "mkl" without timing when the
-                  layer is too small to matter (< MIN_TIMED_GFLOP per step)
+    choose_gemm   the path: "mkl" / "onednn" as set; "auto" times both at the party's first layer's own shape
+                  at start (~1 s in bf16, ~2 s in fp32 at the reference shape; cached per process) and keeps the
+                  faster, or keeps "mkl" without timing when the layer is too small to matter (< MIN_TIMED_GFLOP)
     use_gemm      puts a built bottom's or top's `nn.Linear` layers on that path, in place: same parameters,
                   same `state_dict` keys, so checkpoints load whichever path wrote them
     gemm_gflops   a path's GFLOP/s at a shape, forward and backward (the benchmarks print it)
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal
@@ -37,8 +39,10 @@ GemmSetting = Literal["auto", "mkl", "onednn"]
 Shape = tuple[int, int, int]  # (rows, in_features, out_features) of one linear layer's step
 DEFAULT_PATH: GemmPath = "mkl"  # torch's F.linear, what an unset machine has always run
 MIN_TIMED_GFLOP = 0.5  # below this per step (forward + backward) the choice cannot matter: keep the default
-TIMED_GFLOP = 2.0  # each timed matmul does about this much work: ~13 ms at 150 GFLOP/s (fewer rows, same widths)
-TIME_BOX_S = 0.4  # "auto" stops timing after this much (both paths), whatever it has
+WARM_ROWS = 512  # "auto" warms each path up at this many rows (oneDNN builds its primitives) before timing
+STEP_BUDGET_S = 0.25  # "auto" times as many of the layer's rows as one step of about this long allows
+TIME_BOX_S = 1.5  # "auto" times another pair of steps (mkl, onednn) only while it fits in this; one pair always
+MAX_PAIRS = 3
 MARGIN = 1.05  # oneDNN must beat MKL by 5% to be chosen: closer than that is noise on a busy machine
 
 
@@ -123,38 +127,52 @@ class GemmSpeed:
     step: float  # forward and backward together
 
 
-def gemm_gflops(path: GemmPath, shape: Shape, dtype: torch.dtype = torch.float32, reps: int = 3,
-                threads: int | None = None, time_box_s: float = float("inf")) -> GemmSpeed:
-    """Times `reps` forward+backward passes of one linear layer at `shape` on `path` (after one untimed), on
-    `threads` torch threads (else the current number), stopping early once `time_box_s` has passed."""
-    rows, d_in, d_out = shape
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(rows, d_in, generator=generator).to(dtype).requires_grad_()
-        weight = (torch.randn(d_out, d_in, generator=generator) * d_in ** -0.5).to(dtype).requires_grad_()
-        bias = torch.zeros(d_out, dtype=dtype, requires_grad=True)
-        grad = torch.randn(rows, d_out, generator=generator).to(dtype)
-        linear = onednn_linear if path == "onednn" else F.linear
-        forward_s = backward_s = step_s = float("inf")
-        started = time.perf_counter()
-        for rep in range(reps + 1):
-            t0 = time.perf_counter()
-            y = linear(x, weight, bias)
-            t1 = time.perf_counter()
-            y.backward(grad)
-            t2 = time.perf_counter()
-            x.grad = weight.grad = bias.grad = None
-            if rep:  # the first is a warm-up (oneDNN builds its primitives there)
-                forward_s, backward_s, step_s = min(forward_s, t1 - t0), min(backward_s, t2 - t1), min(step_s, t2 - t0)
-            if rep and t2 - started > time_box_s:
-                break
+        yield
     finally:
         torch.set_num_threads(before)
+
+
+def _operands(shape: Shape, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, weight, bias (all requiring grad) and the output's gradient for one layer at `shape`, fixed seed."""
+    rows, d_in, d_out = shape
+    generator = torch.Generator().manual_seed(0)
+    x = torch.empty(rows, d_in).uniform_(-1, 1, generator=generator).to(dtype).requires_grad_()
+    weight = torch.empty(d_out, d_in).uniform_(-d_in ** -0.5, d_in ** -0.5, generator=generator)
+    bias = torch.zeros(d_out, dtype=dtype, requires_grad=True)
+    grad = torch.empty(rows, d_out).uniform_(-1, 1, generator=generator).to(dtype)
+    return x, weight.to(dtype).requires_grad_(), bias, grad
+
+
+def _step_seconds(path: GemmPath, operands: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[float, float]:
+    """One forward and one backward of the layer on `path`: their seconds."""
+    x, weight, bias, grad = operands
+    linear = onednn_linear if path == "onednn" else F.linear
+    t0 = time.perf_counter()
+    y = linear(x, weight, bias)
+    t1 = time.perf_counter()
+    y.backward(grad)
+    t2 = time.perf_counter()
+    x.grad = weight.grad = bias.grad = None
+    return t1 - t0, t2 - t1
+
+
+def gemm_gflops(path: GemmPath, shape: Shape, dtype: torch.dtype = torch.float32, reps: int = 3,
+                threads: int | None = None) -> GemmSpeed:
+    """Times `reps` forward+backward passes of one linear layer at `shape` on `path` (after one untimed), on
+    `threads` torch threads (else the current number); the best of each."""
+    with _torch_threads(threads):
+        operands = _operands(shape, dtype)
+        _step_seconds(path, operands)  # warm-up: oneDNN builds its primitives here
+        forward_s, backward_s = (min(times) for times in zip(*(_step_seconds(path, operands) for _ in range(reps)),
+                                                              strict=True))
     flop = step_gflop(shape) / 3  # one matmul
-    return GemmSpeed(flop / forward_s, 2 * flop / backward_s, 3 * flop / step_s)
+    return GemmSpeed(flop / forward_s, 2 * flop / backward_s, 3 * flop / (forward_s + backward_s))
 
 
 @dataclass(frozen=True)
@@ -168,6 +186,7 @@ class GemmChoice:
     bf16: bool
     mkl_gflops: float | None = None
     onednn_gflops: float | None = None
+    timed_rows: int | None = None  # how many of the layer's rows "auto" timed
 
     def describe(self) -> str:
         rows, d_in, d_out = self.shape
@@ -177,8 +196,8 @@ class GemmChoice:
         if self.mkl_gflops is None or self.onednn_gflops is None:
             return (f"gemm: {self.path} (auto: first layer {at} is {step_gflop(self.shape):.2f} GFLOP per step, "
                     f"under {MIN_TIMED_GFLOP}: not timed, the default kept)")
-        return (f"gemm: {self.path} (auto, timed at {at}: mkl {self.mkl_gflops:.1f} GFLOP/s, "
-                f"onednn {self.onednn_gflops:.1f} GFLOP/s)")
+        return (f"gemm: {self.path} (auto, first layer {at}, timed on {self.timed_rows} of its rows: mkl "
+                f"{self.mkl_gflops:.1f} GFLOP/s, onednn {self.onednn_gflops:.1f} GFLOP/s)")
 
 
 def choose_gemm(setting: GemmSetting, shape: Shape, threads: int, bf16: bool = False) -> GemmChoice:
@@ -196,11 +215,30 @@ def choose_gemm(setting: GemmSetting, shape: Shape, threads: int, bf16: bool = F
 
 @cache
 def _timed_choice(shape: Shape, threads: int, bf16: bool) -> GemmChoice:
+    """Both paths timed on as many of the layer's rows as one step of about STEP_BUDGET_S allows (the reference
+    layer's 16,000 rows whole in bf16): with too few rows the operands sit in cache and the winner can change
+    (bf16 on AMX: even at 610 rows, oneDNN 1.15x at 16,000; docs/kernels.md). Each path is warmed up at
+    WARM_ROWS, which also gives the rows/s the budget is cut by; then mkl and onednn run alternately on the same
+    operands, best of up to MAX_PAIRS pairs while the next pair fits in TIME_BOX_S."""
     rows, d_in, d_out = shape
-    timed_rows = max(1, min(rows, round(TIMED_GFLOP * 1e9 / (2 * d_in * d_out))))  # the same layer, fewer rows
     dtype = torch.bfloat16 if bf16 else torch.float32
-    budget = TIME_BOX_S / 2
-    mkl = gemm_gflops("mkl", (timed_rows, d_in, d_out), dtype, threads=threads, time_box_s=budget).step
-    onednn = gemm_gflops("onednn", (timed_rows, d_in, d_out), dtype, threads=threads, time_box_s=budget).step
+    best: dict[GemmPath, float] = {"mkl": float("inf"), "onednn": float("inf")}
+    with _torch_threads(threads):
+        warm = _operands((min(rows, WARM_ROWS), d_in, d_out), dtype)
+        for warmed in best:
+            _step_seconds(warmed, warm)
+        warm_s = min(sum(_step_seconds(path, warm)) for path in best)
+        timed_rows = max(1, min(rows, round(STEP_BUDGET_S / warm_s * min(rows, WARM_ROWS))))
+        operands = _operands((timed_rows, d_in, d_out), dtype)
+        started = time.perf_counter()
+        for _ in range(MAX_PAIRS):
+            pair_started = time.perf_counter()
+            for timed in best:
+                best[timed] = min(best[timed], sum(_step_seconds(timed, operands)))
+            pair_s = time.perf_counter() - pair_started
+            if time.perf_counter() - started + pair_s > TIME_BOX_S:
+                break
+    gflop = step_gflop((timed_rows, d_in, d_out))
+    mkl, onednn = gflop / best["mkl"], gflop / best["onednn"]
     path: GemmPath = "onednn" if onednn > MARGIN * mkl else DEFAULT_PATH
-    return GemmChoice(path, "auto", shape, threads, bf16, mkl, onednn)
+    return GemmChoice(path, "auto", shape, threads, bf16, mkl, onednn, timed_rows)
