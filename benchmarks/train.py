@@ -39,8 +39,8 @@ end of the last timed step, so warm-up, the checkpoint and the end-of-epoch eval
 
 GEMM: before the rows, both GEMM paths (`vfl_cli.model.kernels`: torch's F.linear = mkl, and onednn) are timed
 once at the leader's first layer ([batch, fields x emb_dim] x [.., first width]), 1 thread, fp32 and bf16; each
-row's `gemm GFLOP/s` column names its path (`auto>PATH`: the parties' `gemm: auto`, with this run's pick) and
-that path's figure.
+row's `gemm GFLOP/s` column names its path (`auto>PATH`: the parties' `gemm: auto`, with the path each party
+picked, from the `gemm` of its metrics.jsonl start record) and that path's figure.
 
 Data: synthetic prepared arrays written straight in the store format (`data_prep.store`) under a temp dir
 in runs/bench/: per field, ids drawn Zipf-like within the field's slice of a 200,000-id vocabulary per
@@ -110,6 +110,7 @@ class Row:
     followers: int | None = None  # the star rows: how many followers share the two-party follower's columns
     cut_wait_s: float | None = None  # the star rows: the leader's mean `cut_wait_s` over the timed steps
     gemm: str = ""  # the GEMM path of its dense layers and its GFLOP/s at the first layer (`gemm_figures`)
+    gemm_picks: dict[str, str] = field(default_factory=dict)  # each party's `gemm: auto` pick, from its metrics
 
 
 # ------------------------------------------------------------------------------------------- GEMM paths
@@ -136,12 +137,27 @@ def gemm_figures(job: JobSpec) -> dict[str, Any]:
     return figures
 
 
-def gemm_label(figures: dict[str, Any], precision: str, setting: str) -> str:
-    """What a row ran: `mkl` (torch's own F.linear, the in-process rows) or `auto>PATH` (the parties, with the
-    pick this run's timing gives), and that path's GFLOP/s at the first layer."""
-    path = figures[precision]["auto"] if setting == "auto" else setting
-    name = f"auto>{path}" if setting == "auto" else path
-    return f"{name} {figures[precision][path]:.0f}"
+def gemm_label(figures: dict[str, Any], precision: str, setting: str, picks: dict[str, str] | None = None) -> str:
+    """What a row ran: `mkl` (torch's own F.linear, the in-process rows) or `auto>PATH` (the parties' `gemm: auto`:
+    each party's pick from its metrics.jsonl, `auto>KEY PATH, ...` where they differ; without picks, this
+    process's own pick), and that path's GFLOP/s at the leader's first layer."""
+    if setting != "auto":
+        return f"{setting} {figures[precision][setting]:.0f}"
+    paths = sorted(set((picks or {}).values())) or [figures[precision]["auto"]]
+    if len(paths) == 1:
+        return f"auto>{paths[0]} {figures[precision][paths[0]]:.0f}"
+    return "auto>" + ", ".join(f"{key} {path}" for key, path in sorted((picks or {}).items()))
+
+
+def gemm_picks(run_dir: Path) -> dict[str, str]:
+    """Each party's GEMM path as its training start (or resume) record in <run_dir>/<key>/metrics.jsonl says."""
+    picks: dict[str, str] = {}
+    for metrics in sorted(run_dir.glob("*/metrics.jsonl")):
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("event") in ("start", "resume") and "gemm" in record:
+                picks[metrics.parent.name] = record["gemm"]
+    return picks
 
 
 def print_gemm_header(figures: dict[str, Any]) -> None:
@@ -150,7 +166,8 @@ def print_gemm_header(figures: dict[str, Any]) -> None:
                       f"(auto picks {figures[precision]['auto']})" for precision in ("fp32", "bf16"))
     print(f"GEMM at the first layer [{rows}, {d_in}] x [{d_in}, {d_out}], 1 thread, forward + backward, GFLOP/s: "
           f"{cells}. The plain and joint rows run torch's F.linear (mkl); the parties run `gemm: auto` and time it "
-          f"themselves at start (`vfl -v` logs the pick), so the gemm column shows this run's pick.", flush=True)
+          f"themselves at start; the gemm column shows each party's pick (its metrics.jsonl start record).",
+          flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -530,7 +547,8 @@ def two_party(name: str, workdir: Path, warmup: int, steps: int, batch_size: int
     what = ("2 processes, 1 thread each, mutual TLS" if workers == 1 else
             f"2 parties x {workers} worker processes, 1 thread each, gloo inside a party, mutual TLS between pairs")
     what += "" if bits is None else f", cut layer in {bits} bits"
-    return Row(name, rate, times[0] - start, median, rss, per_step, bytes_note=note, note=what)
+    return Row(name, rate, times[0] - start, median, rss, per_step, bytes_note=note, note=what,
+               gemm_picks=gemm_picks(job.train.run_dir))
 
 
 # ------------------------------------------------------------------------------------ star rows (k followers)
@@ -634,7 +652,7 @@ def star(k: int, two_party_job: JobSpec, workdir: Path, warmup: int, steps: int,
             f"{len(job.leader.fields)} at the leader")
     return Row(star_name(k), rate, times[0] - start, median, rss, per_step,
                bytes_note="measured: msgpack request bodies of the whole run / train steps" if per_step else "",
-               note=note, followers=k, cut_wait_s=float(np.mean(waits)))
+               note=note, followers=k, cut_wait_s=float(np.mean(waits)), gemm_picks=gemm_picks(job.train.run_dir))
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -823,8 +841,9 @@ def bench(args: argparse.Namespace, workdir: Path, figures: dict[str, Any]) -> l
         result, rss = run_worker(kind, job_path, args.warmup, args.steps, workdir)
         rate, median = rates(result["step_ends"], args.warmup, args.steps, batch)
         first = result["step_ends"][0] - result["start"]
+        picks = gemm_picks(load_job(job_path).train.run_dir) if kind == "local" else None
         rows.append(Row(name, rate, first, median, peak_rss={"process": rss}, note=note))
-        rows[-1].gemm = gemm_label(figures, precision, "auto" if kind == "local" else "mkl")
+        rows[-1].gemm = gemm_label(figures, precision, "auto" if kind == "local" else "mkl", picks)
         print(f"{name}: {rate:,.0f} samples/s, peak RSS {rss / GIB:.2f} GiB", flush=True)
     two_party_rows = ((TWO_PARTY_FP32, "fp32", None, 1), (TWO_PARTY_BF16, "bf16", None, 1),
                       (f"two-party fp32 {QUANTIZED_BITS}-bit", "fp32", QUANTIZED_BITS, 1),
@@ -841,7 +860,7 @@ def bench(args: argparse.Namespace, workdir: Path, figures: dict[str, Any]) -> l
         try:
             rows.append(two_party(name, workdir, args.warmup, args.steps, batch, precision, bits, workers,
                                   args.device))
-            rows[-1].gemm = gemm_label(figures, precision, "auto")
+            rows[-1].gemm = gemm_label(figures, precision, "auto", rows[-1].gemm_picks)
             print(f"{name}: {rows[-1].samples_per_s:,.0f} samples/s", flush=True)
         except Exception as exc:  # still print and save the rows we have; main exits non-zero
             print(f"{name} failed: {exc}", file=sys.stderr)
@@ -852,7 +871,7 @@ def bench(args: argparse.Namespace, workdir: Path, figures: dict[str, Any]) -> l
             continue
         try:
             rows.append(star(k, data_job, workdir, args.warmup, args.steps, batch))
-            rows[-1].gemm = gemm_label(figures, "fp32", "auto")
+            rows[-1].gemm = gemm_label(figures, "fp32", "auto", rows[-1].gemm_picks)
             print(f"{star_name(k)}: {rows[-1].samples_per_s:,.0f} samples/s, leader wait "
                   f"{(rows[-1].cut_wait_s or 0) * 1e3:,.0f} ms/step", flush=True)
         except Exception as exc:

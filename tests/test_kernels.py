@@ -5,6 +5,7 @@ paths; `gemm` is a local setting."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,10 @@ def test_split_training_on_onednn_equals_joint_training_on_mkl(tmp_path: Path) -
     assert len(split) == 20
     assert np.allclose(split, joint, atol=1e-6, rtol=0)
     assert split[-1] < split[0]
+    for role in ("leader", "follower"):  # each party's start record says which path it ran (bench-train reads it)
+        records = [json.loads(line) for line in (job.train.run_dir / role / "metrics.jsonl").read_text().splitlines()]
+        start = next(r for r in records if r["event"] == "start")
+        assert start["gemm"] == "onednn" and "set in the job" in start["gemm_detail"]
 
 
 def test_checkpoints_load_across_paths(tmp_path: Path) -> None:

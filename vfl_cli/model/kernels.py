@@ -217,7 +217,7 @@ def choose_gemm(setting: GemmSetting, shape: Shape, threads: int, bf16: bool = F
 def _timed_choice(shape: Shape, threads: int, bf16: bool) -> GemmChoice:
     """Both paths timed on as many of the layer's rows as one step of about STEP_BUDGET_S allows (the reference
     layer's 16,000 rows whole in bf16): with too few rows the operands sit in cache and the winner can change
-    (bf16 on AMX: even at 610 rows, oneDNN 1.15x at 16,000; docs/kernels.md). Each path is warmed up at
+    (bf16 on AMX: even at 610 rows, oneDNN 1.15x faster at 16,000; docs/kernels.md). Each path is warmed up at
     WARM_ROWS, which also gives the rows/s the budget is cut by; then mkl and onednn run alternately on the same
     operands, best of up to MAX_PAIRS pairs while the next pair fits in TIME_BOX_S."""
     rows, d_in, d_out = shape

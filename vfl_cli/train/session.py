@@ -45,7 +45,7 @@ from vfl_cli.train.loop import (
     job_carve,
     train,
 )
-from vfl_cli.train.parties import build_party, pick_device
+from vfl_cli.train.parties import build_party, gemm_choice, pick_device
 from vfl_cli.train.workers import Workers
 
 T = TypeVar("T")
@@ -160,13 +160,15 @@ def train_session(run: PartyRun, restart: bool = False) -> TrainOutcome:
     if run.workers.many:  # the other workers start where rank 0 does
         held_bytes = (store.directory / file_name(agreed.step)).read_bytes() if agreed.step > 0 else None
         run.workers.broadcast_start(agreed.run_id, agreed.step, held_bytes)
+    choice = gemm_choice(run.role)
+    gemm = {} if choice is None else {"gemm": choice.path, "gemm_detail": choice.describe()}  # the CPU GEMM it runs
     if agreed.resumed:
         run.reporter.log(f"resumed run {agreed.run_id} at {start}")
         run.telemetry.resumed(start.step)
         run.write_metrics({"event": "resume", "run_id": agreed.run_id, "step": start.step, "epoch": start.epoch,
-                           "epoch_step": start.epoch_step})
+                           "epoch_step": start.epoch_step, **gemm})
     else:
-        run.write_metrics({"event": "start", "run_id": agreed.run_id})
+        run.write_metrics({"event": "start", "run_id": agreed.run_id, **gemm})
     epochs = list(train(run, agreed.run_id, start))
     final = final_test(run) if run.validating else None
     return TrainOutcome(agreed.run_id, start, agreed.resumed, epochs, final)
