@@ -36,7 +36,7 @@ from vfl_cli.reporter import SilentReporter
 from vfl_cli.telemetry import Telemetry
 from vfl_cli.train.batches import iterate
 from vfl_cli.train.loop import PartyRun, follower_train_step, leader_train_step
-from vfl_cli.train.parties import build_party, gemm_choice
+from vfl_cli.train.parties import build_party
 
 BUCKETS = (
     ("GEMM", ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "mkldnn::_linear_pointwise",
@@ -94,7 +94,7 @@ def main() -> None:
         write_data(job, train_rows=(warmup + args.steps) * job.train.batch_size)
         data = open_party(job.data.dir, args.role)
         party = build_party(job, args.role, data.meta, torch.device("cpu"))
-        choice = gemm_choice(args.role)
+        choice = party.gemm
         other = "follower" if args.role == "leader" else "leader"
         grids = LocalGrid.star("leader", ("follower",), 60)
         mine, theirs = grids[args.role], grids[other]

@@ -75,6 +75,7 @@ import yaml
 from data_prep.schema import PartySchema
 from data_prep.store import PartyMeta, write_meta, write_split
 from vfl_cli.job import JobSpec, load_job
+from vfl_cli.report.records import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "runs" / "bench"
@@ -151,13 +152,8 @@ def gemm_label(figures: dict[str, Any], precision: str, setting: str, picks: dic
 
 def gemm_picks(run_dir: Path) -> dict[str, str]:
     """Each party's GEMM path as its training start (or resume) record in <run_dir>/<key>/metrics.jsonl says."""
-    picks: dict[str, str] = {}
-    for metrics in sorted(run_dir.glob("*/metrics.jsonl")):
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            if record.get("event") in ("start", "resume") and "gemm" in record:
-                picks[metrics.parent.name] = record["gemm"]
-    return picks
+    return {metrics.parent.name: record["gemm"] for metrics in sorted(run_dir.glob("*/metrics.jsonl"))
+            for record in read_records(metrics) if record.get("event") in ("start", "resume") and "gemm" in record}
 
 
 def print_gemm_header(figures: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@ paths; `gemm` is a local setting."""
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,9 @@ from tests.conftest import job_dict, write_planted_data
 from tests.test_train_local import joint_losses, leader_losses
 from vfl_cli.job import JobSpec, parse_job
 from vfl_cli.model import kernels
-from vfl_cli.model.kernels import OneDnnLinear, choose_gemm, gemm_gflops, onednn_linear, use_gemm
-from vfl_cli.train.parties import build_party, cpu_has_bf16, gemm_choice
+from vfl_cli.model.kernels import GemmChoice, OneDnnLinear, choose_gemm, gemm_gflops, onednn_linear, use_gemm
+from vfl_cli.report.records import read_records
+from vfl_cli.train.parties import build_party, cpu_has_bf16
 from vfl_cli.train.session import run_local, train_session
 
 
@@ -82,7 +82,7 @@ def gemm_job(tmp_path: Path, gemm: str, **train: Any) -> JobSpec:
     return parse_job(spec)
 
 
-def leader_step(job: JobSpec) -> dict[str, torch.Tensor]:
+def leader_step(job: JobSpec) -> tuple[dict[str, torch.Tensor], GemmChoice | None]:
     """One leader step (its bottom, the top over its cut and a fixed follower cut, backward, both optimisers):
     every parameter afterwards."""
     meta = open_party(job.data.dir, "leader").meta
@@ -101,14 +101,14 @@ def leader_step(job: JobSpec) -> dict[str, torch.Tensor]:
     F.binary_cross_entropy_with_logits(logits[:, 0], labels).backward()
     party.step()
     return {f"bottom.{k}": v for k, v in party.bottom.state_dict().items()} | {
-        f"top.{k}": v for k, v in party.top.state_dict().items()}
+        f"top.{k}": v for k, v in party.top.state_dict().items()}, party.gemm
 
 
 def test_a_party_step_on_onednn_equals_the_step_on_mkl(tmp_path: Path) -> None:
-    mkl = leader_step(gemm_job(tmp_path, "mkl"))
-    assert gemm_choice("leader") is not None and gemm_choice("leader").path == "mkl"  # type: ignore[union-attr]
-    onednn = leader_step(gemm_job(tmp_path, "onednn"))
-    assert gemm_choice("leader").path == "onednn"  # type: ignore[union-attr]
+    mkl, mkl_choice = leader_step(gemm_job(tmp_path, "mkl"))
+    assert mkl_choice is not None and mkl_choice.path == "mkl"
+    onednn, onednn_choice = leader_step(gemm_job(tmp_path, "onednn"))
+    assert onednn_choice is not None and onednn_choice.path == "onednn"
     assert mkl.keys() == onednn.keys()
     for key in mkl:
         torch.testing.assert_close(onednn[key], mkl[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -123,8 +123,7 @@ def test_split_training_on_onednn_equals_joint_training_on_mkl(tmp_path: Path) -
     assert np.allclose(split, joint, atol=1e-6, rtol=0)
     assert split[-1] < split[0]
     for role in ("leader", "follower"):  # each party's start record says which path it ran (bench-train reads it)
-        records = [json.loads(line) for line in (job.train.run_dir / role / "metrics.jsonl").read_text().splitlines()]
-        start = next(r for r in records if r["event"] == "start")
+        start = next(r for r in read_records(job.train.run_dir / role / "metrics.jsonl") if r["event"] == "start")
         assert start["gemm"] == "onednn" and "set in the job" in start["gemm_detail"]
 
 
@@ -152,7 +151,7 @@ def test_auto_keeps_the_default_on_a_small_model_without_timing(
     monkeypatch.setattr(kernels, "_step_seconds", no_timing)
     party = build_party(gemm_job(tmp_path, "auto"), "leader", open_party(tmp_path / "data", "leader").meta,
                         torch.device("cpu"))
-    choice = gemm_choice("leader")
+    choice = party.gemm
     assert choice is not None and choice.path == kernels.DEFAULT_PATH and choice.mkl_gflops is None
     assert "not timed" in choice.describe()
     assert party.bottom is not None

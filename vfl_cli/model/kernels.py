@@ -3,7 +3,7 @@
 machine from `parties.<key>.gemm` (auto | mkl | onednn).
 
     choose_gemm   the path: "mkl" / "onednn" as set; "auto" times both at the party's first layer's own shape
-                  at start (~1 s in bf16, ~2 s in fp32 at the reference shape; cached per process) and keeps the
+                  at start (~2 s in bf16, ~1.5 s in fp32 at the reference shape; cached per process) and keeps the
                   faster, or keeps "mkl" without timing when the layer is too small to matter (< MIN_TIMED_GFLOP)
     use_gemm      puts a built bottom's or top's `nn.Linear` layers on that path, in place: same parameters,
                   same `state_dict` keys, so checkpoints load whichever path wrote them

@@ -39,6 +39,7 @@ class PartyModel:
     optimizers: list[torch.optim.Optimizer]
     device: torch.device
     bf16: bool = False  # run the bottom under bfloat16 autocast (`train.precision: bf16`, where supported)
+    gemm: GemmChoice | None = None  # the CPU GEMM path of its dense layers and why (None on CUDA)
 
     def bottom_forward(self, ids: Tensor, vals: Tensor) -> dict[str, Tensor]:
         """This party's cut outputs, float32 whatever the precision ({} without a bottom)."""
@@ -104,18 +105,14 @@ def build_party(job: JobSpec, role: str, meta: PartyMeta, device: torch.device, 
     if top is not None:
         top = top.to(device)
     bf16 = use_bf16(job.train.precision, device)
-    if device.type == "cpu":
-        _gemm_choices[role] = choice = party_gemm(job, role, bottom, top, bf16)
-        for module in (bottom, top):
-            if module is not None:
-                use_gemm(module, choice.path)
+    gemm = party_gemm(job, role, bottom, top, bf16) if device.type == "cpu" else None
+    for module in (bottom, top):
+        if module is not None and gemm is not None:
+            use_gemm(module, gemm.path)
     wide, deep, tables = bottom_parameters(bottom)
     optimizers = build_optimizers(wide, deep + ([] if top is None else list(top.parameters())),
                                   job.train.wide_optimizer, job.train.deep_optimizer, job.train.l2_coef, tables)
-    return PartyModel(role, bottom, top, task if leader else None, optimizers, device, bf16)
-
-
-_gemm_choices: dict[str, GemmChoice] = {}  # by party key: the last choice `build_party` made in this process
+    return PartyModel(role, bottom, top, task if leader else None, optimizers, device, bf16, gemm)
 
 
 def party_gemm(job: JobSpec, role: str, bottom: Bottom | None, top: Top | None, bf16: bool) -> GemmChoice:
@@ -126,11 +123,6 @@ def party_gemm(job: JobSpec, role: str, bottom: Bottom | None, top: Top | None, 
     rows = job.train.batch_size // job.parties[role].workers
     shape = (rows, 0, 0) if first is None else (rows, first.in_features, first.out_features)
     return choose_gemm(job.parties[role].gemm, shape, torch.get_num_threads(), bf16 and bottom is not None)
-
-
-def gemm_choice(role: str) -> GemmChoice | None:
-    """The GEMM path `build_party` chose for `role` in this process (None: not built here, or not on CPU)."""
-    return _gemm_choices.get(role)
 
 
 def bf16_autocast(enabled: bool, device: torch.device) -> AbstractContextManager[Any]:

@@ -45,7 +45,7 @@ from vfl_cli.train.loop import (
     job_carve,
     train,
 )
-from vfl_cli.train.parties import build_party, gemm_choice, pick_device
+from vfl_cli.train.parties import build_party, pick_device
 from vfl_cli.train.workers import Workers
 
 T = TypeVar("T")
@@ -160,7 +160,7 @@ def train_session(run: PartyRun, restart: bool = False) -> TrainOutcome:
     if run.workers.many:  # the other workers start where rank 0 does
         held_bytes = (store.directory / file_name(agreed.step)).read_bytes() if agreed.step > 0 else None
         run.workers.broadcast_start(agreed.run_id, agreed.step, held_bytes)
-    choice = gemm_choice(run.role)
+    choice = run.party.gemm
     gemm = {} if choice is None else {"gemm": choice.path, "gemm_detail": choice.describe()}  # the CPU GEMM it runs
     if agreed.resumed:
         run.reporter.log(f"resumed run {agreed.run_id} at {start}")
