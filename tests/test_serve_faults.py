@@ -99,6 +99,7 @@ def test_a_follower_killed_under_load_fails_fast_and_recovers(
             processes["follower2"].kill()
             killed = time.monotonic()
             time.sleep(2.0)
+            restarting = time.monotonic()
             processes["follower2"] = Served(job_path, "follower2")
             back = processes["follower2"].wait_serving()
             time.sleep(2.5)
@@ -106,10 +107,14 @@ def test_a_follower_killed_under_load_fails_fast_and_recovers(
         wait_healthy(job, timeout_s=5)
     answered = [o for o in outcomes if o.status == 200]
     assert all(np.abs(np.array(o.scores) - right).max() <= 1e-6 for o in answered)  # never a wrong score
-    # requests sent during the outage (one sent before the kill may still be answered from a cut already fetched)
-    outage = [o for o in outcomes if killed + 0.2 < o.at - o.seconds and o.at < back]
+    outage = [o for o in outcomes if killed + 0.2 < o.at < back]
     assert outage
-    assert all(o.status == 503 and o.retry_after for o in outage), [o for o in outage if o.status != 503][:3]
+    # Refused while no follower2 runs. Once the new one runs it may answer a few ms before its "serving" line is
+    # read (`back`): that 200 is right (the scores are checked above), not a failure.
+    down = [o for o in outage if o.at < restarting]
+    assert down
+    assert all(o.status == 503 and o.retry_after for o in down), [o for o in down if o.status != 503][:3]
+    assert all(o.status == 200 or (o.status == 503 and o.retry_after) for o in outage if o.at >= restarting)
     budget = job.serve.timeout_ms / 1000
     assert max(o.seconds for o in outage) <= budget + 0.5
     recovered = min(o.at for o in answered if o.at > back)
