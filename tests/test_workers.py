@@ -47,10 +47,9 @@ def with_workers(spec: dict[str, Any], workers: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-def paired(tmp_path: Path) -> tuple[dict[str, Any], Path, float, dict[int, float]]:
-    """A two-party TLS job with two workers per party (2 epochs x 15 steps, a checkpoint every 4), its
-    certificates, and the test AUC and per-step losses of one worker per party (`--role local`, which equals two
-    processes to 1e-6: test_two_party)."""
+def paired_job(tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    """A two-party TLS job with two workers per party (2 epochs x 15 steps, a checkpoint every 4), its data and
+    certificates."""
     spec = tls_job(tmp_path, checkpoint_every=4)
     spec["transport"]["timeout_s"] = 5
     for party, port in zip(spec["parties"].values(), spaced_ports(2), strict=True):
@@ -60,6 +59,15 @@ def paired(tmp_path: Path) -> tuple[dict[str, Any], Path, float, dict[int, float
     job = write_job(tmp_path, spec)
     made = subprocess.run([*VFL, "certs", "--job", str(job)], capture_output=True, text=True, env=environment())
     assert made.returncode == 0, made.stderr
+    return spec, job
+
+
+@pytest.fixture
+def paired(paired_job: tuple[dict[str, Any], Path],
+           tmp_path: Path) -> tuple[dict[str, Any], Path, float, dict[int, float]]:
+    """`paired_job`, and the test AUC and per-step losses of one worker per party (`--role local`, which equals
+    two processes to 1e-6: test_two_party)."""
+    spec, job = paired_job
     reference = parse_job(with_workers({**spec, "train": {**spec["train"], "run_dir": str(tmp_path / "reference")}}, 1))
     run_local(reference, train_session)
     return spec, job, final_auc(reference.train.run_dir), losses(reference.train.run_dir)
@@ -153,9 +161,9 @@ def test_a_killed_worker_stops_both_parties_and_the_rerun_resumes(
 
 
 def test_parties_with_different_worker_counts_stop_at_the_handshake(
-    paired: tuple[dict[str, Any], Path, float, dict[int, float]], tmp_path: Path,
+    paired_job: tuple[dict[str, Any], Path], tmp_path: Path,
 ) -> None:
-    spec, job, _, _ = paired
+    spec, job = paired_job
     single = tmp_path / "single.yaml"
     single.write_text(yaml.safe_dump(with_workers(spec, 1)))  # the same job (fingerprint) with one worker each
     follower, leader = start("follower", single), start("leader", job)
